@@ -1,0 +1,37 @@
+"""gpucabac: slice-parallel DeepCABAC compression of neural-network weights.
+
+    >>> import numpy as np, gpucabac
+    >>> w = {"fc.weight": np.linspace(-0.1, 0.1, 600, dtype=np.float32).reshape(20, 30)}
+    >>> data = gpucabac.encode(w, qp=-32)
+    >>> out = gpucabac.decode(data)
+    >>> bool(np.array_equal(out["fc.weight"], gpucabac.quantize(w, qp=-32)["fc.weight"]))
+    True
+"""
+
+from .codec import (
+    DEFAULT_GT_FLAGS as DEFAULT_GT_FLAGS,
+    DEFAULT_QP as DEFAULT_QP,
+    DEFAULT_SLICE_SIZE as DEFAULT_SLICE_SIZE,
+    ContainerInfo as ContainerInfo,
+    TensorInfo as TensorInfo,
+    decode as decode,
+    encode as encode,
+    info as info,
+    load as load,
+    quantize as quantize,
+)
+from .errors import (
+    FormatError as FormatError,
+    GpucabacError as GpucabacError,
+    InputError as InputError,
+    ModelFileError as ModelFileError,
+)
+from .quantize import quantize_levels as quantize_levels, step_from_qp as step_from_qp
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_GT_FLAGS", "DEFAULT_QP", "DEFAULT_SLICE_SIZE", "ContainerInfo", "TensorInfo",
+    "decode", "encode", "info", "load", "quantize", "quantize_levels", "step_from_qp",
+    "FormatError", "GpucabacError", "InputError", "ModelFileError",
+]

@@ -1,0 +1,123 @@
+"""Binarization of integer levels and context selection (methods_spec §1.1, §1.3; DESIGN §2).
+
+A level q (under dependent quantization the coded level k, §3.5) becomes:
+  sig, sign (both context coded), up to N greater-than flags, then an order-0 Exp-Golomb remainder
+  of |q| - (N+1) with context-coded prefix bins and bypass suffix bins.
+
+Context layout of one tensor (a compact renumbering of NNC's, without TCA/HDSP/row skipping):
+
+  ====================  =================================  =========================
+  bins                  context index                      selected by
+  ====================  =================================  =========================
+  sig                   SIG + 3*s + nb                     DQ state s, neighbour nb
+  sign                  SIGN + nb                          neighbour nb
+  g_j (j = 1..N)        GT + 2*(j-1) + (q < 0)             flag position, own sign
+  EG prefix bin j       GT + 2*N + j   (j = 0..30)         position in the prefix
+  ====================  =================================  =========================
+
+nb is 0, 1, 2 for a previous level (in the slice) that is zero, negative, positive.
+
+Functions here are numba-compiled and called by the CPU engine; the CUDA kernels implement the
+same rules and are tested against them.
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+from .tables import DQ_NEXT_STATE, EG_PREFIX_BINS, MAX_ABS_LEVEL, MAX_GT_FLAGS
+
+# numba indexes global 2-D arrays far slower than 1-D ones.
+_DQ_NEXT = DQ_NEXT_STATE.ravel().copy()
+
+SIG = 0
+SIGN = 24
+GT = 27
+MAX_CONTEXTS = GT + 2 * MAX_GT_FLAGS + EG_PREFIX_BINS
+# Regular bins of one level at most: sig, sign, N flags, EG prefix.
+MAX_REGULAR_BINS = 2 + MAX_GT_FLAGS + EG_PREFIX_BINS
+
+
+def num_contexts(num_gt_flags: int) -> int:
+    return GT + 2 * num_gt_flags + EG_PREFIX_BINS
+
+
+def used_contexts(num_gt_flags: int, dq: bool) -> np.ndarray:
+    """Indices of the contexts a tensor can use; only these carry a signalled initialisation."""
+    sig = np.arange(SIG, SIG + (24 if dq else 3))
+    rest = np.arange(SIGN, num_contexts(num_gt_flags))
+    return np.concatenate([sig, rest]).astype(np.int32)
+
+
+@nb.njit(inline="always", cache=True)
+def neighbour_class(prev: int) -> int:
+    return 0 if prev == 0 else (1 if prev < 0 else 2)
+
+
+@nb.njit(inline="always", cache=True)
+def dq_coded_level(r: int, state: int) -> int:
+    """Reconstruction index r -> coded level k in `state` (§3.5); returns a value with
+    |k| > MAX_ABS_LEVEL when r is not on the state's quantizer (caller rejects it)."""
+    if r == 0:
+        return 0
+    qid = state & 1
+    t = r + qid if r > 0 else r - qid
+    if t & 1:
+        return MAX_ABS_LEVEL + 1
+    return t >> 1
+
+
+@nb.njit(inline="always", cache=True)
+def dq_reconstruction_index(k: int, state: int) -> int:
+    if k == 0:
+        return 0
+    qid = state & 1
+    return 2 * k - qid if k > 0 else 2 * k + qid
+
+
+@nb.njit(inline="always", cache=True)
+def dq_next_state(state: int, k: int) -> int:
+    return _DQ_NEXT[2 * state + (k & 1)]
+
+
+@nb.njit(inline="always", cache=True)
+def binarize_level(q, prev, dq_state, num_gt_flags, ctx_out, bin_out):
+    """Regular bins of level q as (context, value) pairs into ctx_out/bin_out.
+
+    Returns (number of regular bins, bypass suffix value, number of suffix bins). The bypass
+    suffix follows the regular bins (§1.1); |q| must be <= MAX_ABS_LEVEL.
+    """
+    nbc = neighbour_class(prev)
+    ctx_out[0] = SIG + 3 * dq_state + nbc
+    if q == 0:
+        bin_out[0] = 0
+        return 1, 0, 0
+    bin_out[0] = 1
+    ctx_out[1] = SIGN + nbc
+    bin_out[1] = 1 if q < 0 else 0
+    n = 2
+    a = q if q > 0 else -q
+    neg = 1 if q < 0 else 0
+    for j in range(1, num_gt_flags + 1):
+        ctx_out[n] = GT + 2 * (j - 1) + neg
+        g = 1 if a > j else 0
+        bin_out[n] = g
+        n += 1
+        if g == 0:
+            return n, 0, 0
+    # Order-0 Exp-Golomb remainder: m ones then a zero (contexts by position), m suffix bits.
+    rem = a - (num_gt_flags + 1)
+    eg = GT + 2 * num_gt_flags
+    base = 0
+    m = 0
+    while rem >= base + (1 << m):
+        ctx_out[n] = eg + m
+        bin_out[n] = 1
+        n += 1
+        base += 1 << m
+        m += 1
+    ctx_out[n] = eg + m
+    bin_out[n] = 0
+    n += 1
+    return n, rem - base, m

@@ -1,0 +1,381 @@
+"""The `gpucabac` command: encode, decode, info and demo.
+
+Every problem with the user's files or settings (a GpucabacError or OSError) ends the command with
+`gpucabac: error: ...` on stderr and exit code 1; click's own usage errors keep exit code 2.
+Progress bars go to stderr, and only on a terminal for work that takes more than a moment.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import click
+import numpy as np
+
+from . import io as gio
+from .errors import GpucabacError
+
+# Float dtypes whose reconstruction error the SNR measures (integer tensors are coded losslessly).
+_FLOAT_KINDS = "f"
+_PROGRESS_DELAY_S = 0.5
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gpucabac")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _api():
+    """The codec API, imported late so that `gpucabac --help` and `info` stay quick to start."""
+    import gpucabac
+
+    return gpucabac
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: one line, exit code 1
+
+
+class _Failure(click.ClickException):
+    exit_code = 1
+
+    def show(self, file=None) -> None:
+        click.echo(f"gpucabac: error: {self.format_message()}", err=True)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (GpucabacError, OSError) as e:
+            raise _Failure(_describe(e)) from e
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, GpucabacError):
+        return str(e)
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        return f"{e.filename}: {e.strerror}"
+    return str(e) or type(e).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Option types
+
+
+class _SliceSize(click.ParamType):
+    """A positive number of weights per slice, or 'whole' for one slice per tensor (None)."""
+
+    name = "S|whole"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int):
+            return value
+        if str(value).lower() == "whole":
+            return None
+        try:
+            size = int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number of weights nor 'whole'", param, ctx)
+        if size <= 0:
+            self.fail(f"{value!r} must be positive", param, ctx)
+        return size
+
+
+class _SmallStep(click.ParamType):
+    """The step for small tensors (biases, norms): a positive number or 'lossless'."""
+
+    name = "X|lossless"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, float):
+            return value
+        if str(value).lower() == "lossless":
+            return "lossless"
+        try:
+            step = float(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a step size nor 'lossless'", param, ctx)
+        if not (step > 0 and math.isfinite(step)):
+            self.fail(f"{value!r} must be a positive finite number", param, ctx)
+        return step
+
+
+def _model_output(ctx, param, value):
+    """-o of decode: check the extension before spending time on decoding."""
+    try:
+        gio.model_format(value)
+    except GpucabacError as e:
+        raise click.BadParameter(str(e), ctx, param) from e
+    return value
+
+
+def _threads_option(f):
+    return click.option(
+        "--threads", "-t", type=click.IntRange(min=1), default=None,
+        help="Worker threads (default: all cores).",
+    )(f)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+def _weights(tensors: Mapping[str, np.ndarray]) -> int:
+    return sum(int(t.size) for t in tensors.values())
+
+
+def _raw_bytes(tensors: Mapping[str, np.ndarray]) -> int:
+    return sum(int(t.nbytes) for t in tensors.values())
+
+
+def snr_db(original: Mapping[str, np.ndarray], reconstructed: Mapping[str, np.ndarray]) -> float:
+    """10·log10(Σw² / Σ(w−ŵ)²) over the float tensors, in float64; inf when lossless, nan if none."""
+    signal = noise = 0.0
+    seen = False
+    for name, w in original.items():
+        if w.dtype.kind not in _FLOAT_KINDS and w.dtype.name != "bfloat16":
+            continue
+        seen = True
+        w64 = np.asarray(w, dtype=np.float64)
+        err = w64 - np.asarray(reconstructed[name], dtype=np.float64)
+        signal += float(np.dot(w64.ravel(), w64.ravel()))
+        noise += float(np.dot(err.ravel(), err.ravel()))
+    if not seen:
+        return math.nan
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def _fmt_snr(snr: float) -> str:
+    if math.isnan(snr):
+        return "n/a"
+    if math.isinf(snr):
+        return "inf" if snr > 0 else "-inf"
+    return f"{snr:.2f}"
+
+
+def _rate(weights: int, seconds: float) -> float:
+    """Millions of weights per second."""
+    return weights / max(seconds, 1e-9) / 1e6
+
+
+@contextmanager
+def _progress(total: int, desc: str) -> Iterator[Callable[[int], None]]:
+    """A tqdm bar over weights on stderr, shown only on a terminal and after a short delay."""
+    from tqdm import tqdm
+
+    with tqdm(
+        total=total, desc=desc, unit="w", unit_scale=True, leave=False,
+        disable=None, delay=_PROGRESS_DELAY_S, dynamic_ncols=True,
+    ) as bar:
+        yield bar.update
+
+
+def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    out = [line(headers), line(["-" * w for w in widths])]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(version=_version(), prog_name="gpucabac")
+def main() -> None:
+    """Slice-parallel DeepCABAC coding of neural-network weights (.gcb files)."""
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=pathlib.Path),
+              help="The .gcb file to write (atomically).")
+@click.option("--qp", type=int, default=None, help="NNC quantization parameter: step = (1 + (QP mod k)/k) * 2^floor(QP/k), "
+                   "about 2^(QP/k), with k = 2^density [default: -32].")
+@click.option("--step", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Quantization step instead of --qp.")
+@click.option("--qp-density", type=click.IntRange(0, 7), default=2, show_default=True,
+              help="QPs per doubling of the step are 2^density.")
+@click.option("--dq/--no-dq", default=False, show_default=True, help="Dependent (trellis) quantization.")
+@click.option("--slice-size", type=_SliceSize(), default=None,
+              help="Weights per independently coded slice, or 'whole' for one slice per tensor "
+                   "[default: gpucabac.DEFAULT_SLICE_SIZE].")
+@click.option("--gt-flags", type=click.IntRange(min=0), default=11, show_default=True,
+              help="Greater-than flags before the Exp-Golomb remainder.")
+@click.option("--small-step", type=_SmallStep(), default=None,
+              help="Step for small tensors (biases, norms), or 'lossless'.")
+@_threads_option
+def encode(model, output, qp, step, qp_density, dq, slice_size, gt_flags, small_step, threads):
+    """Compress MODEL (a .safetensors/.npz/.pt file or a packaged model name) into a .gcb file."""
+    if qp is not None and step is not None:
+        raise click.UsageError("give --qp or --step, not both")
+    tensors = gio.read_model(model)
+    weights = _weights(tensors)
+    api = _api()
+    ctx = click.get_current_context()
+    if ctx.get_parameter_source("slice_size") == click.core.ParameterSource.DEFAULT:
+        slice_size = api.DEFAULT_SLICE_SIZE
+    settings = dict(step=step, qp=qp, qp_density=qp_density, dq=dq, slice_size=slice_size,
+                    num_gt_flags=gt_flags, small_step=small_step, threads=threads)
+
+    start = time.perf_counter()
+    with _progress(weights, "encode") as progress:
+        data = api.encode(tensors, **settings, progress=progress)
+    seconds = time.perf_counter() - start
+    gio.atomic_write_bytes(output, data)
+
+    expected = api.quantize(tensors, **settings)
+    click.echo(
+        f"{output}: {weights:,} weights in {len(tensors)} tensors -> {len(data):,} bytes, "
+        f"{8 * len(data) / max(weights, 1):.3f} bits/weight, "
+        f"ratio {_raw_bytes(tensors) / max(len(data), 1):.2f}x, "
+        f"SNR {_fmt_snr(snr_db(tensors, expected))} dB, "
+        f"{seconds:.2f} s ({_rate(weights, seconds):.2f} M weights/s)"
+    )
+
+
+@main.command()
+@click.argument("input", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path))
+@click.option("-o", "--output", required=True, callback=_model_output,
+              type=click.Path(dir_okay=False, path_type=pathlib.Path),
+              help="Model file to write: .safetensors, .npz, .pt or .pth.")
+@click.option("--names", default=None, help="Comma-separated tensor names to decode (default: all).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Dtype of decoded float tensors (default: each tensor's original dtype).")
+@_threads_option
+def decode(input, output, names, dtype, threads):
+    """Decode a .gcb file INPUT into a model file."""
+    api = _api()
+    info = api.info(input)  # reads the header only
+    selected = None if names is None else [n.strip() for n in names.split(",") if n.strip()]
+    if selected is not None:
+        known = {t.name for t in info.tensors}
+        missing = [n for n in selected if n not in known]
+        if missing:
+            raise _Failure(f"{input}: no tensor named {', '.join(map(repr, missing))}")
+    wanted = info.tensors if selected is None else [t for t in info.tensors if t.name in set(selected)]
+    total = sum(math.prod(t.shape) for t in wanted)
+
+    start = time.perf_counter()
+    with _progress(total, "decode") as progress:
+        # load reads only the selected tensors' bytes
+        tensors = api.load(input, selected, dtype=dtype, threads=threads, progress=progress)
+    seconds = time.perf_counter() - start
+    gio.write_model(output, tensors)
+    weights = _weights(tensors)
+    click.echo(
+        f"{output}: {len(tensors)} tensors, {weights:,} weights decoded in {seconds:.2f} s "
+        f"({_rate(weights, seconds):.2f} M weights/s)"
+    )
+
+
+@main.command()
+@click.argument("input", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path))
+def info(input):
+    """List the tensors of a .gcb file INPUT: coding mode, step, slices and size."""
+    meta = _api().info(input)  # reads the header only
+    rows = []
+    total_weights = total_coded = 0
+    for t in meta.tensors:
+        n = math.prod(t.shape)
+        coded = t.coded_bytes
+        total_weights += n
+        total_coded += coded
+        step = f"{t.step:.6g}" if t.mode in ("urq", "dq") else "-"
+        rows.append([
+            t.name, t.dtype, "x".join(map(str, t.shape)) or "scalar", t.mode, step,
+            str(t.num_slices), f"{coded:,}", f"{8 * coded / n:.3f}" if n else "-",
+        ])
+    headers = ["name", "dtype", "shape", "mode", "step", "slices", "bytes", "bits/weight"]
+    click.echo(_table(headers, rows, right={4, 5, 6, 7}))
+    click.echo(
+        f"{input}: format version {meta.version}, {len(meta.tensors)} tensors, {total_weights:,} weights, "
+        f"{meta.total_bytes:,} bytes in all ({total_coded:,} coded), "
+        f"{8 * meta.total_bytes / max(total_weights, 1):.3f} bits/weight"
+    )
+
+
+# The demo's settings: (label, encode keyword arguments). None for slice_size: one slice per tensor.
+def _demo_settings(default_slice_size: int) -> list[tuple[str, dict]]:
+    s = f"S={default_slice_size}"
+    return [
+        (f"URQ QP -32 {s}", dict(qp=-32, dq=False)),
+        (f"URQ QP -38 {s}", dict(qp=-38, dq=False)),
+        (f"DQ QP -36 {s}", dict(qp=-36, dq=True)),
+        (f"DQ QP -32 {s}", dict(qp=-32, dq=True)),
+        ("URQ QP -32 whole tensors", dict(qp=-32, dq=False, slice_size=None)),
+    ]
+
+
+def _mismatches(expected: Mapping[str, np.ndarray], decoded: Mapping[str, np.ndarray]) -> list[str]:
+    """Names whose decoded tensor is not exactly the quantizer's output (dtype, shape and values)."""
+    bad = [n for n in expected if n not in decoded]
+    bad += [n for n in decoded if n not in expected]
+    for name, want in expected.items():
+        got = decoded.get(name)
+        if got is None:
+            continue
+        if got.dtype != want.dtype or got.shape != want.shape or not np.array_equal(got, want):
+            bad.append(name)
+    return bad
+
+
+@main.command()
+@click.option("--model", default="minilm", show_default=True,
+              help="Packaged model name or model file to run the demo on.")
+@_threads_option
+def demo(model, threads):
+    """Encode and decode a real model at a few settings, verify every tensor, and report."""
+    api = _api()
+    tensors = gio.read_model(model)
+    weights = _weights(tensors)
+    raw = _raw_bytes(tensors)
+    click.echo(f"model {model}: {len(tensors)} tensors, {weights:,} weights, {raw:,} bytes")
+
+    rows, failed = [], []
+    for label, kwargs in _demo_settings(api.DEFAULT_SLICE_SIZE):
+        kwargs.setdefault("slice_size", api.DEFAULT_SLICE_SIZE)
+        start = time.perf_counter()
+        with _progress(weights, f"{label}: encode") as progress:
+            data = api.encode(tensors, **kwargs, threads=threads, progress=progress)
+        t_enc = time.perf_counter() - start
+        start = time.perf_counter()
+        with _progress(weights, f"{label}: decode") as progress:
+            decoded = api.decode(data, threads=threads, progress=progress)
+        t_dec = time.perf_counter() - start
+        expected = api.quantize(tensors, **kwargs, threads=threads)
+        bad = _mismatches(expected, decoded)
+        if bad:
+            failed.append(f"{label} ({len(bad)} tensors, first {bad[0]!r})")
+        rows.append([
+            label, f"{8 * len(data) / max(weights, 1):.3f}", f"{raw / max(len(data), 1):.2f}",
+            _fmt_snr(snr_db(tensors, decoded)), f"{_rate(weights, t_enc):.2f}",
+            f"{_rate(weights, t_dec):.2f}", "no" if bad else "yes",
+        ])
+    headers = ["setting", "bits/weight", "ratio", "SNR dB", "enc Mw/s", "dec Mw/s", "verified"]
+    click.echo(_table(headers, rows, right={1, 2, 3, 4, 5}))
+    if failed:
+        raise _Failure("decoded tensors differ from gpucabac.quantize for: " + "; ".join(failed))
+
+
+if __name__ == "__main__":
+    main(prog_name="gpucabac")

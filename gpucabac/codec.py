@@ -1,0 +1,395 @@
+"""The public encode / decode / info / quantize functions: tensors <-> container bytes.
+
+Pipeline per tensor: plan (mode and step) -> quantize -> choose context initialisation ->
+engine (slices coded in parallel) -> container. Decoding runs the same stages backwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+
+import ml_dtypes
+import numba
+import numpy as np
+
+from . import container, engine_cpu
+from .binarize import MAX_CONTEXTS, used_contexts
+from .container import FLOAT_DTYPES, ITEMSIZE, TensorRecord
+from .errors import FormatError, InputError
+from .quantize import dequantize, quantize_levels, step_from_qp
+from .tables import MAX_ABS_LEVEL, MAX_GT_FLAGS
+
+DEFAULT_QP = -32
+DEFAULT_SLICE_SIZE = 4096
+DEFAULT_GT_FLAGS = 11  # NNCodec 2 codes N = 11 greater-than flags (methods_spec §1.1)
+# Tensors of at most one dimension (biases, norms) get step / SMALL_STEP_DIVISOR by default:
+# they are a tiny share of the weights and sensitive, so fine steps cost little (DESIGN §4).
+SMALL_STEP_DIVISOR = 16
+# Slices are encoded in batches whose worst-case output fits this scratch budget.
+_SCRATCH_BYTES = 64 << 20
+
+Progress = Callable[[int], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    mode: str  # 'urq' | 'dq' | 'int' | 'raw'
+    step: float
+    slice_size: int
+    num_slices: int
+    num_gt_flags: int
+    coded_bytes: int  # payload bytes of all its slices
+    header_bytes: int  # bytes of its record in the tensor table
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * (self.coded_bytes + self.header_bytes) / max(1, self.numel)
+
+
+@dataclasses.dataclass(frozen=True)
+class ContainerInfo:
+    version: int
+    total_bytes: int
+    tensors: list[TensorInfo]
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    step: float
+    dq: bool
+    slice_size: int | None
+    num_gt_flags: int
+    small_step: float | str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    mode: str
+    step: float
+    slice_size: int
+    dtype: str
+
+
+def _settings(step, qp, qp_density, dq, slice_size, num_gt_flags, small_step) -> _Settings:
+    if step is not None and qp is not None:
+        raise InputError("give either step or qp, not both")
+    if step is None:
+        step = step_from_qp(DEFAULT_QP if qp is None else int(qp), qp_density)
+    step = float(step)
+    if not (math.isfinite(step) and step > 0) or not np.isfinite(np.float32(step)) or np.float32(step) == 0:
+        raise InputError(f"step must be a positive float32 number, got {step}")
+    if slice_size is not None and not 1 <= int(slice_size) <= 0xFFFFFFFF:
+        raise InputError(f"slice_size must be between 1 and 2**32-1 (or None for one slice per tensor), got {slice_size}")
+    if not 0 <= int(num_gt_flags) <= MAX_GT_FLAGS:
+        raise InputError(f"num_gt_flags must be in 0..{MAX_GT_FLAGS}, got {num_gt_flags}")
+    if isinstance(small_step, str) and small_step != "lossless":
+        raise InputError(f"small_step must be a number, 'lossless' or None, got {small_step!r}")
+    if small_step is not None and not isinstance(small_step, str):
+        small_step = float(small_step)
+        if not (math.isfinite(small_step) and small_step > 0):
+            raise InputError(f"small_step must be a positive number, got {small_step}")
+    return _Settings(step, bool(dq), None if slice_size is None else int(slice_size), int(num_gt_flags), small_step)
+
+
+def dtype_name(x: np.ndarray) -> str:
+    if x.dtype == ml_dtypes.bfloat16:
+        return "bfloat16"
+    name = x.dtype.name
+    if name not in ITEMSIZE:
+        raise InputError(f"unsupported dtype {x.dtype}; supported: {', '.join(ITEMSIZE)}")
+    return name
+
+
+def _numpy_dtype(name: str) -> np.dtype:
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def _plan(x: np.ndarray, s: _Settings) -> _Plan:
+    dtype = dtype_name(x)
+    n = x.size
+    if dtype in FLOAT_DTYPES:
+        step = s.step
+        if x.ndim <= 1:
+            if s.small_step == "lossless":
+                return _Plan("raw", 0.0, 0, dtype)
+            step = s.small_step if s.small_step is not None else s.step / SMALL_STEP_DIVISOR
+        mode = "dq" if s.dq else "urq"
+    else:
+        wide = x.astype(np.int64) if dtype != "uint64" else x
+        if n and (wide.max() > MAX_ABS_LEVEL or wide.min() < -MAX_ABS_LEVEL):
+            return _Plan("raw", 0.0, 0, dtype)
+        mode, step = "int", 1.0
+    size = n if s.slice_size is None else min(s.slice_size, n)
+    return _Plan(mode, float(np.float32(step)), max(1, size), dtype)
+
+
+def _levels(x: np.ndarray, plan: _Plan) -> np.ndarray:
+    if plan.mode == "int":
+        return np.ascontiguousarray(x, dtype=np.int64).reshape(-1).astype(np.int32)
+    return quantize_levels(x, plan.step, dq=plan.mode == "dq", slice_size=plan.slice_size)
+
+
+def _reconstruct(levels: np.ndarray, plan: _Plan, shape) -> np.ndarray:
+    if plan.mode == "int":
+        return levels.astype(_numpy_dtype(plan.dtype)).reshape(shape)
+    return dequantize(levels, plan.step, shape, _numpy_dtype(plan.dtype))
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    if n is None:
+        yield
+        return
+    if not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
+        raise InputError(f"threads must be in 1..{numba.config.NUMBA_NUM_THREADS}, got {n}")
+    old = numba.get_num_threads()
+    numba.set_num_threads(n)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(old)
+
+
+def _as_array(name, x) -> np.ndarray:
+    if not isinstance(name, str) or not name or len(name.encode("utf-8")) > 0xFFFF:
+        raise InputError(f"tensor names must be non-empty strings of at most 65535 bytes, got {name!r}")
+    a = np.asarray(x)
+    if a.ndim > container.MAX_NDIM:
+        raise InputError(f"tensor {name!r} has {a.ndim} dimensions, at most {container.MAX_NDIM} are supported")
+    return a
+
+
+# --- encoding ------------------------------------------------------------------------------------
+
+def choose_context_init(levels: np.ndarray, slice_size: int, dq: bool, num_gt_flags: int) -> np.ndarray:
+    """Per used context, the preset whose estimated cost over all the tensor's slices is least."""
+    ngroups = max(1, min(4 * numba.get_num_threads(), -(-levels.size // slice_size)))
+    cost = engine_cpu.preset_costs(levels, slice_size, dq, num_gt_flags, ngroups)
+    used = used_contexts(num_gt_flags, dq)
+    return np.argmin(cost[used], axis=1).astype(np.uint8)
+
+
+def encode_levels(levels: np.ndarray, slice_size: int, dq: bool, num_gt_flags: int,
+                  ctx_init: np.ndarray | None = None, progress: Progress | None = None):
+    """Engine entry: code int32 levels in slices. Returns (ctx_init, payload, slice lengths)."""
+    levels = np.ascontiguousarray(levels, dtype=np.int32)
+    n = levels.size
+    if n == 0:
+        return np.zeros(len(used_contexts(num_gt_flags, dq)), np.uint8), np.zeros(0, np.uint8), np.zeros(0, np.uint32)
+    bounds, bad = engine_cpu.slice_bounds(levels, slice_size, dq, num_gt_flags)
+    if (bad >= 0).any():
+        i = int(bad[bad >= 0][0])
+        what = "is not on the dependent quantizer of its state" if dq and abs(int(levels[i])) <= MAX_ABS_LEVEL else f"exceeds the largest codable level {MAX_ABS_LEVEL}"
+        raise InputError(f"level {int(levels[i])} at position {i} {what}")
+    if ctx_init is None:
+        ctx_init = choose_context_init(levels, slice_size, dq, num_gt_flags)
+    init = np.zeros(MAX_CONTEXTS, np.int32)
+    init[used_contexts(num_gt_flags, dq)] = ctx_init
+    nslices = bounds.size
+    lengths = np.zeros(nslices, np.int64)
+    pieces = []
+    first = 0
+    while first < nslices:
+        ends = np.cumsum(bounds[first:])
+        count = max(1, int(np.searchsorted(ends, _SCRATCH_BYTES, side="right")))
+        offsets = np.concatenate([[0], ends[: count - 1]]).astype(np.int64)
+        scratch = np.empty(int(ends[count - 1]), np.uint8)
+        batch_lengths = np.zeros(count, np.int64)
+        engine_cpu.encode_slices_into(levels, slice_size, first, count, dq, num_gt_flags, init, scratch, offsets, batch_lengths)
+        out_offsets = np.concatenate([[0], np.cumsum(batch_lengths)[:-1]]).astype(np.int64)
+        out = np.empty(int(batch_lengths.sum()), np.uint8)
+        engine_cpu.gather_slices(scratch, offsets, batch_lengths, out, out_offsets)
+        pieces.append(out)
+        lengths[first : first + count] = batch_lengths
+        if progress is not None:
+            progress(min(n, (first + count) * slice_size) - first * slice_size)
+        first += count
+    return ctx_init, np.concatenate(pieces), lengths.astype(np.uint32)
+
+
+def encode(tensors: Mapping[str, np.ndarray], *, step: float | None = None, qp: int | None = None,
+           qp_density: int = 2, dq: bool = False, slice_size: int | None = DEFAULT_SLICE_SIZE,
+           num_gt_flags: int = DEFAULT_GT_FLAGS, small_step: float | str | None = None,
+           threads: int | None = None, progress: Progress | None = None) -> bytes:
+    """Compress named tensors into one gpucabac container.
+
+    step or qp (NNC QP, step_from_qp) sets the step of tensors with two or more dimensions
+    (default qp -32); tensors with at most one dimension get `small_step` (default step/16, or
+    'lossless'); integer tensors are coded losslessly. `dq` selects dependent quantization;
+    `slice_size` the number of levels per independently coded slice (None: one per tensor).
+    `progress` is called with the number of weights finished since the last call.
+    """
+    s = _settings(step, qp, qp_density, dq, slice_size, num_gt_flags, small_step)
+    records, payloads, offset = [], [], 0
+    with _threads(threads):
+        for name, x in tensors.items():
+            x = _as_array(name, x)
+            plan = _plan(x, s)
+            if plan.mode == "raw":
+                data = np.frombuffer(np.ascontiguousarray(x).astype(x.dtype.newbyteorder("<")).tobytes(), np.uint8)
+                lengths = np.array([data.size], np.uint32)
+                crcs = np.array([zlib.crc32(data)], np.uint32)
+                init, ngt = np.zeros(0, np.uint8), 0
+                if progress is not None:
+                    progress(x.size)
+            else:
+                levels = _levels(x, plan)
+                ngt = s.num_gt_flags
+                init, data, lengths = encode_levels(levels, plan.slice_size, plan.mode == "dq", ngt, progress=progress)
+                offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)[:-1]])
+                crcs = container.slice_crcs(data, offsets, lengths)
+            records.append(TensorRecord(name, plan.dtype, tuple(int(d) for d in x.shape), plan.mode, plan.step,
+                                        ngt, plan.slice_size, init, offset, lengths, crcs))
+            payloads.append(data)
+            offset += data.size
+    return container.write(records, np.concatenate(payloads) if payloads else b"")
+
+
+def quantize(tensors: Mapping[str, np.ndarray], *, step: float | None = None, qp: int | None = None,
+             qp_density: int = 2, dq: bool = False, slice_size: int | None = DEFAULT_SLICE_SIZE,
+             num_gt_flags: int = DEFAULT_GT_FLAGS, small_step: float | str | None = None,
+             threads: int | None = None) -> dict[str, np.ndarray]:
+    """The tensors exactly as `decode(encode(tensors, **same settings))` returns them."""
+    s = _settings(step, qp, qp_density, dq, slice_size, num_gt_flags, small_step)
+    out = {}
+    with _threads(threads):
+        for name, x in tensors.items():
+            x = _as_array(name, x)
+            plan = _plan(x, s)
+            out[name] = x.copy() if plan.mode == "raw" else _reconstruct(_levels(x, plan), plan, x.shape)
+    return out
+
+
+# --- decoding ------------------------------------------------------------------------------------
+
+_DECODE_ERRORS = {
+    engine_cpu.DECODE_OVERRUN: "the arithmetic decoder ran past the slice's end",
+    engine_cpu.DECODE_BAD_LEVEL: "an Exp-Golomb prefix is longer than any valid level",
+    engine_cpu.DECODE_BAD_END: "the slice does not end with the terminate bin and stop pattern",
+}
+
+
+def decode_levels(rec: TensorRecord, payload: np.ndarray) -> np.ndarray:
+    """Engine entry: the int32 levels of one coded tensor from its payload bytes."""
+    n = rec.numel
+    offsets = np.concatenate([[0], np.cumsum(rec.slice_lengths, dtype=np.int64)[:-1]]).astype(np.int64)
+    lengths = rec.slice_lengths.astype(np.int64)
+    crcs = container.slice_crcs(payload, offsets, lengths)
+    bad = np.flatnonzero(crcs != rec.slice_crcs)
+    if bad.size:
+        raise FormatError(f"tensor {rec.name!r}: checksum mismatch in slice {int(bad[0])} of {rec.num_slices} ({bad.size} corrupt)")
+    dq = rec.mode == "dq"
+    init = np.zeros(MAX_CONTEXTS, np.int32)
+    init[used_contexts(rec.num_gt_flags, dq)[: rec.ctx_init.size]] = rec.ctx_init
+    if rec.ctx_init.size != len(used_contexts(rec.num_gt_flags, dq)):
+        raise FormatError(f"tensor {rec.name!r}: {rec.ctx_init.size} context initialisations, its mode uses {len(used_contexts(rec.num_gt_flags, dq))}")
+    out = np.empty(n, np.int32)
+    errors = np.zeros(rec.num_slices, np.int32)
+    engine_cpu.decode_slices_into(payload, offsets, lengths, 0, rec.num_slices, n, rec.slice_size, dq, rec.num_gt_flags, init, out, errors)
+    bad = np.flatnonzero(errors)
+    if bad.size:
+        s = int(bad[0])
+        raise FormatError(f"tensor {rec.name!r}, slice {s}: {_DECODE_ERRORS.get(int(errors[s]), 'decoding failed')}")
+    return out
+
+
+def _decode_record(rec: TensorRecord, payload: np.ndarray, dtype) -> np.ndarray:
+    if rec.mode == "raw":
+        if zlib.crc32(payload) != int(rec.slice_crcs[0]):
+            raise FormatError(f"tensor {rec.name!r}: checksum mismatch in its raw payload")
+        x = payload.view(_numpy_dtype(rec.dtype).newbyteorder("<")).astype(_numpy_dtype(rec.dtype)).reshape(rec.shape)
+    else:
+        plan = _Plan(rec.mode, rec.step, rec.slice_size, rec.dtype)
+        x = _reconstruct(decode_levels(rec, payload), plan, rec.shape)
+    if dtype is not None and rec.dtype in FLOAT_DTYPES:
+        x = x.astype(_numpy_dtype(dtype) if isinstance(dtype, str) else dtype)
+    return x
+
+
+def _select(header: container.Header, names) -> list[TensorRecord]:
+    if names is None:
+        return header.records
+    names = [names] if isinstance(names, str) else list(names)
+    known = {r.name: r for r in header.records}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise KeyError(f"no tensor named {', '.join(map(repr, missing))} in this container")
+    return [known[n] for n in names]
+
+
+def decode(data: bytes | bytearray | memoryview, names: Iterable[str] | None = None, *, dtype=None,
+           threads: int | None = None, progress: Progress | None = None) -> dict[str, np.ndarray]:
+    """Decompress a container (bytes) into named numpy arrays of their original dtype (or
+    `dtype` for floating-point tensors). `names` selects tensors; only their slices are read."""
+    buf = memoryview(data).cast("B")
+    header = container.parse_container(buf)
+    out = {}
+    with _threads(threads):
+        for rec in _select(header, names):
+            start = header.payload_start + rec.offset
+            payload = np.frombuffer(buf[start : start + rec.payload_length], np.uint8)
+            out[rec.name] = _decode_record(rec, payload, dtype)
+            if progress is not None:
+                progress(rec.numel)
+    return out
+
+
+def _read_header_file(f) -> container.Header:
+    size = os.fstat(f.fileno()).st_size
+    pre = f.read(container.PREAMBLE_SIZE)
+    count, table_len, crc = container.read_preamble(pre)
+    if container.PREAMBLE_SIZE + table_len > size:
+        raise FormatError(f"tensor table of {table_len} bytes runs past the end of the file ({size} bytes)")
+    return container.parse(f.read(table_len), count, crc, size)
+
+
+def load(path, names: Iterable[str] | None = None, *, dtype=None, threads: int | None = None,
+         progress: Progress | None = None) -> dict[str, np.ndarray]:
+    """Decode tensors from a .gcb file, reading only the header and the selected tensors' bytes."""
+    with open(path, "rb") as f:
+        header = _read_header_file(f)
+        out = {}
+        with _threads(threads):
+            for rec in _select(header, names):
+                f.seek(header.payload_start + rec.offset)
+                raw = f.read(rec.payload_length)
+                if len(raw) != rec.payload_length:
+                    raise FormatError(f"tensor {rec.name!r}: file truncated inside its payload")
+                out[rec.name] = _decode_record(rec, np.frombuffer(raw, np.uint8), dtype)
+                if progress is not None:
+                    progress(rec.numel)
+    return out
+
+
+def info(data) -> ContainerInfo:
+    """Describe a container given as bytes or as a path (of which only the header is read)."""
+    if isinstance(data, (str, os.PathLike)):
+        with open(data, "rb") as f:
+            header = _read_header_file(f)
+            total = os.fstat(f.fileno()).st_size
+    else:
+        buf = memoryview(data).cast("B")
+        header = container.parse_container(buf)
+        total = len(buf)
+    tensors = [
+        TensorInfo(r.name, r.dtype, r.shape, r.mode, r.step, r.slice_size, r.num_slices, r.num_gt_flags,
+                   r.payload_length, container.record_size(r))
+        for r in header.records
+    ]
+    return ContainerInfo(header.version, total, tensors)

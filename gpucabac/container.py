@@ -1,0 +1,287 @@
+"""The .gcb container (DESIGN §6): fixed preamble, tensor table, slice payloads.
+
+docs/format.md is the specification; this module is its only writer and reader. Every field
+read from a file is validated before use, and every failure raises FormatError naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import struct
+import zlib
+
+import numba as nb
+import numpy as np
+
+from .errors import FormatError
+from .tables import NUM_PRESETS
+
+MAGIC = b"\x89GCB\r\n\x1a\n"
+VERSION = 1
+PREAMBLE = struct.Struct("<8sHHIQII")  # magic, version, flags, tensor count, table length, table crc, reserved
+PREAMBLE_SIZE = PREAMBLE.size  # 32
+
+MODES = ("urq", "dq", "int", "raw")
+# dtype name -> (code in the table, item size in bytes); codes are fixed by the format.
+ITEMSIZE = {
+    "float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "int16": 2, "int32": 4,
+    "int64": 8, "uint8": 1, "bool": 1, "uint16": 2, "uint32": 4, "uint64": 8,
+}
+DTYPES = tuple(ITEMSIZE)
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+MAX_NDIM = 8
+MAX_ELEMENTS = 1 << 40
+MAX_GT_FLAGS_FIELD = 20
+# A coded slice cannot hold more levels than this per payload byte: a level costs at least about
+# 0.01 bits in the most skewed state of the estimator (~800 levels per byte); the bound leaves 5x
+# margin and lets a reader reject absurd shapes before allocating anything.
+MAX_LEVELS_PER_BYTE = 4096
+MIN_SLICE_BYTES = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRecord:
+    """One row of the tensor table. `ctx_init` holds the preset index of every used context."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    mode: str
+    step: float
+    num_gt_flags: int
+    slice_size: int
+    ctx_init: np.ndarray  # uint8, one preset index (0..8) per used context
+    offset: int  # of the tensor's first slice, from the start of the payload area
+    slice_lengths: np.ndarray  # uint32
+    slice_crcs: np.ndarray  # uint32
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def num_slices(self) -> int:
+        return int(self.slice_lengths.shape[0])
+
+    @property
+    def payload_length(self) -> int:
+        return int(self.slice_lengths.sum(dtype=np.int64))
+
+
+# --- checksums ----------------------------------------------------------------------------------
+
+def _crc_table() -> np.ndarray:
+    t = np.zeros(256, np.uint32)
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0xEDB88320 if c & 1 else c >> 1
+        t[i] = c
+    return t
+
+
+_CRC_TABLE = _crc_table()
+
+
+@nb.njit(parallel=True, cache=True)
+def _slice_crcs(data, offsets, lengths, out):
+    for s in nb.prange(lengths.shape[0]):
+        c = np.uint32(0xFFFFFFFF)
+        o = offsets[s]
+        for j in range(lengths[s]):
+            c = _CRC_TABLE[(c ^ data[o + j]) & 0xFF] ^ (c >> np.uint32(8))
+        out[s] = c ^ np.uint32(0xFFFFFFFF)
+
+
+def slice_crcs(data: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """CRC-32 (zlib's polynomial) of every slice data[offsets[s]:offsets[s]+lengths[s]]."""
+    out = np.empty(lengths.shape[0], np.uint32)
+    _slice_crcs(data, offsets.astype(np.int64), lengths.astype(np.int64), out)
+    return out
+
+
+# --- writer ---------------------------------------------------------------------------------------
+
+def _record_bytes(rec: TensorRecord) -> bytes:
+    name = rec.name.encode("utf-8")
+    parts = [
+        struct.pack("<H", len(name)), name,
+        struct.pack("<BBBB", DTYPES.index(rec.dtype), MODES.index(rec.mode), len(rec.shape), rec.num_gt_flags),
+        struct.pack(f"<{len(rec.shape)}Q", *rec.shape),
+        struct.pack("<fII", rec.step, rec.slice_size, rec.num_slices),
+    ]
+    if rec.mode != "raw":
+        nib = np.zeros(2 * ((len(rec.ctx_init) + 1) // 2), np.uint8)
+        nib[: len(rec.ctx_init)] = rec.ctx_init
+        parts += [struct.pack("<B", len(rec.ctx_init)), (nib[0::2] | (nib[1::2] << 4)).tobytes()]
+    parts += [
+        struct.pack("<QQ", rec.offset, rec.payload_length),
+        rec.slice_lengths.astype("<u4").tobytes(),
+        rec.slice_crcs.astype("<u4").tobytes(),
+    ]
+    return b"".join(parts)
+
+
+def record_size(rec: TensorRecord) -> int:
+    return len(_record_bytes(rec))
+
+
+def write(records: list[TensorRecord], payload: bytes | np.ndarray) -> bytes:
+    table = b"".join(_record_bytes(r) for r in records)
+    pre = PREAMBLE.pack(MAGIC, VERSION, 0, len(records), len(table), zlib.crc32(table), 0)
+    return b"".join([pre, table, bytes(payload)])
+
+
+# --- reader ---------------------------------------------------------------------------------------
+
+class _Fields:
+    """Cursor over the tensor table; every read is bounds checked and names what it reads."""
+
+    def __init__(self, buf: memoryview):
+        self.buf = buf
+        self.pos = 0
+
+    def take(self, n: int, what: str) -> memoryview:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise FormatError(f"tensor table truncated while reading {what} (needs {n} bytes at offset {self.pos})")
+        out = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, fmt: str, what: str):
+        st = struct.Struct("<" + fmt)
+        return st.unpack(self.take(st.size, what))
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    version: int
+    records: list[TensorRecord]
+    payload_start: int  # file offset of the payload area
+    payload_size: int
+
+    def find(self, name: str) -> TensorRecord:
+        for r in self.records:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+
+def read_preamble(buf: bytes | memoryview) -> tuple[int, int, int]:
+    """(tensor count, table length, table crc) from the first PREAMBLE_SIZE bytes."""
+    if len(buf) < PREAMBLE_SIZE:
+        raise FormatError(f"file too short for a gpucabac container: {len(buf)} bytes, the preamble alone is {PREAMBLE_SIZE}")
+    magic, version, flags, count, table_len, table_crc, reserved = PREAMBLE.unpack(bytes(buf[:PREAMBLE_SIZE]))
+    if magic != MAGIC:
+        raise FormatError(f"not a gpucabac container: magic is {magic!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise FormatError(f"unsupported container version {version}; this gpucabac reads version {VERSION}")
+    if flags != 0 or reserved != 0:
+        raise FormatError(f"reserved preamble fields are not zero (flags={flags}, reserved={reserved})")
+    return count, table_len, table_crc
+
+
+def parse(table: bytes | memoryview, count: int, table_crc: int, file_size: int) -> Header:
+    """Validate and parse the tensor table; `file_size` is the whole container's length."""
+    if zlib.crc32(table) != table_crc:
+        raise FormatError("tensor table checksum mismatch: the header is corrupt")
+    payload_start = PREAMBLE_SIZE + len(table)
+    payload_size = file_size - payload_start
+    if payload_size < 0:
+        raise FormatError(f"tensor table length {len(table)} runs past the end of the file ({file_size} bytes)")
+    f = _Fields(memoryview(table))
+    # Smallest record: 2 (name length) + 1 (name) + 4 + 12 + 16 bytes.
+    if count > len(table) // 35:
+        raise FormatError(f"tensor count {count} cannot fit in a {len(table)}-byte tensor table")
+    records = []
+    names = set()
+    expected_offset = 0
+    for t in range(count):
+        (nlen,) = f.unpack("H", f"name length of tensor #{t}")
+        if nlen == 0:
+            raise FormatError(f"tensor #{t} has an empty name")
+        try:
+            name = bytes(f.take(nlen, f"name of tensor #{t}")).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise FormatError(f"name of tensor #{t} is not valid UTF-8") from e
+        if name in names:
+            raise FormatError(f"tensor name {name!r} appears twice")
+        names.add(name)
+        dcode, mcode, ndim, ngt = f.unpack("BBBB", f"dtype/mode/ndim of {name!r}")
+        if dcode >= len(DTYPES):
+            raise FormatError(f"tensor {name!r}: unknown dtype code {dcode}")
+        if mcode >= len(MODES):
+            raise FormatError(f"tensor {name!r}: unknown coding mode {mcode}")
+        dtype, mode = DTYPES[dcode], MODES[mcode]
+        if ndim > MAX_NDIM:
+            raise FormatError(f"tensor {name!r}: {ndim} dimensions, at most {MAX_NDIM} allowed")
+        shape = f.unpack(f"{ndim}Q", f"shape of {name!r}")
+        numel = 1
+        for d in shape:
+            numel *= d
+            if numel > MAX_ELEMENTS:
+                raise FormatError(f"tensor {name!r}: shape {shape} has more than {MAX_ELEMENTS} elements")
+        step, slice_size, nslices = f.unpack("fII", f"step/slice size of {name!r}")
+        if mode == "raw":
+            if nslices != 1 or slice_size != 0 or ngt != 0:
+                raise FormatError(f"tensor {name!r}: a raw tensor has one slice, slice size 0 and no flags")
+            init = np.zeros(0, np.uint8)
+        else:
+            if ngt > MAX_GT_FLAGS_FIELD:
+                raise FormatError(f"tensor {name!r}: {ngt} greater-than flags, at most {MAX_GT_FLAGS_FIELD}")
+            if not (math.isfinite(step) and step > 0):
+                raise FormatError(f"tensor {name!r}: step {step} is not a positive finite number")
+            if dtype in FLOAT_DTYPES and mode == "int":
+                raise FormatError(f"tensor {name!r}: integer mode for a {dtype} tensor")
+            if slice_size == 0:
+                raise FormatError(f"tensor {name!r}: slice size 0")
+            want = -(-numel // slice_size)
+            if nslices != want:
+                raise FormatError(f"tensor {name!r}: {nslices} slices, but {numel} elements in slices of {slice_size} make {want}")
+            (nctx,) = f.unpack("B", f"context count of {name!r}")
+            raw = np.frombuffer(f.take((nctx + 1) // 2, f"context initialisation of {name!r}"), np.uint8)
+            init = np.empty(2 * raw.size, np.uint8)
+            init[0::2] = raw & 15
+            init[1::2] = raw >> 4
+            init = init[:nctx]
+            if init.size and init.max() >= NUM_PRESETS:
+                raise FormatError(f"tensor {name!r}: context initialisation index {int(init.max())} is not a preset (0..{NUM_PRESETS - 1})")
+        offset, length = f.unpack("QQ", f"payload offset/length of {name!r}")
+        lengths = np.frombuffer(f.take(4 * nslices, f"slice lengths of {name!r}"), "<u4").astype(np.uint32)
+        crcs = np.frombuffer(f.take(4 * nslices, f"slice checksums of {name!r}"), "<u4").astype(np.uint32)
+        if offset != expected_offset:
+            raise FormatError(f"tensor {name!r}: payload offset {offset}, expected {expected_offset} (tensors are stored back to back)")
+        if int(lengths.sum(dtype=np.int64)) != length:
+            raise FormatError(f"tensor {name!r}: slice lengths add up to {int(lengths.sum(dtype=np.int64))}, payload length says {length}")
+        if offset + length > payload_size:
+            raise FormatError(f"tensor {name!r}: payload [{offset}, {offset + length}) runs past the end of the file (payload area is {payload_size} bytes)")
+        if mode == "raw":
+            if length != numel * ITEMSIZE[dtype]:
+                raise FormatError(f"tensor {name!r}: raw payload of {length} bytes, shape {shape} of {dtype} needs {numel * ITEMSIZE[dtype]}")
+        elif nslices:
+            counts = np.full(nslices, slice_size, np.int64)
+            counts[-1] = numel - slice_size * (nslices - 1)
+            if lengths.min() < MIN_SLICE_BYTES:
+                s = int(np.argmin(lengths))
+                raise FormatError(f"tensor {name!r}: slice {s} has {int(lengths[s])} bytes, a coded slice has at least {MIN_SLICE_BYTES}")
+            over = counts > MAX_LEVELS_PER_BYTE * lengths.astype(np.int64)
+            if over.any():
+                s = int(np.argmax(over))
+                raise FormatError(f"tensor {name!r}: slice {s} claims {int(counts[s])} levels in {int(lengths[s])} bytes, more than any valid stream holds")
+        expected_offset = offset + length
+        records.append(TensorRecord(name, dtype, tuple(int(d) for d in shape), mode, float(step), ngt,
+                                    int(slice_size), init, int(offset), lengths, crcs))
+    if f.pos != len(table):
+        raise FormatError(f"tensor table has {len(table) - f.pos} unused bytes after the last tensor")
+    if expected_offset != payload_size:
+        raise FormatError(f"payload area is {payload_size} bytes but the tensors use {expected_offset}: the file is truncated or has trailing data")
+    return Header(VERSION, records, payload_start, payload_size)
+
+
+def parse_container(buf: bytes | memoryview) -> Header:
+    count, table_len, table_crc = read_preamble(buf)
+    if PREAMBLE_SIZE + table_len > len(buf):
+        raise FormatError(f"tensor table of {table_len} bytes runs past the end of the file ({len(buf)} bytes)")
+    return parse(memoryview(buf)[PREAMBLE_SIZE : PREAMBLE_SIZE + table_len], count, table_crc, len(buf))
+

@@ -1,0 +1,18 @@
+"""Errors raised by gpucabac. Every problem with user data raises one of these, never a bare assert."""
+
+
+class GpucabacError(Exception):
+    """Base class of every error gpucabac raises on purpose."""
+
+
+class FormatError(GpucabacError, ValueError):
+    """A bitstream or container is malformed: bad magic, unknown version, a field out of range,
+    a truncated payload or a checksum mismatch. The message names the field or slice."""
+
+
+class InputError(GpucabacError, ValueError):
+    """Tensors or parameters given to the encoder are unusable (wrong dtype, shape, step, ...)."""
+
+
+class ModelFileError(GpucabacError, OSError):
+    """A model file is missing, of an unknown kind, or unreadable."""

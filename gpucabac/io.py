@@ -1,0 +1,366 @@
+"""Model files in and out: safetensors, NumPy .npz and PyTorch .pt/.pth, chosen by extension.
+
+A model is a ``dict[str, np.ndarray]`` in file order. bfloat16 tensors are ``ml_dtypes.bfloat16``
+arrays in every format. Every file is written atomically (:func:`atomic_write_bytes` and
+:func:`write_model` share one mechanism): a temporary file in the target's directory, fsync, then
+``os.replace``, so a failed or interrupted write leaves neither a partial output nor a temporary file.
+
+Format notes
+- safetensors: read with the ``safetensors`` library, in the order of its header (for files the
+  library writes, the order of the data). The library writes tensors sorted by alignment and name,
+  so :func:`write_model` records the caller's order in the header's ``__metadata__`` under
+  ``gpucabac.order`` (a JSON list) beside ``"format": "pt"`` (which transformers asks for), and
+  :func:`read_model` restores it when it names exactly the file's tensors.
+- npz: NumPy writes an ``ml_dtypes.bfloat16`` array as a 2-byte void (``'<V2'``) since the dtype is
+  not NumPy's own; bfloat16 is the only 2-byte type written so, and :func:`read_model` reads any
+  2-byte void array back as bfloat16. Members are uncompressed, in the dict's order.
+- .pt/.pth: needs PyTorch (the ``gpucabac[torch]`` extra); loaded with ``weights_only=True`` on the
+  CPU. A plain state dict, or a dict holding one under ``"state_dict"`` or ``"model"``; entries that
+  are not tensors are dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import secrets
+import struct
+import zipfile
+from collections.abc import Callable, Mapping
+from typing import Any, BinaryIO
+
+import ml_dtypes
+import numpy as np
+
+from . import models
+from .errors import GpucabacError, InputError, ModelFileError
+
+__all__ = ["SUPPORTED_DTYPES", "atomic_write_bytes", "read_model", "write_model", "model_format"]
+
+PathLike = str | os.PathLike
+
+#: The tensor dtypes gpucabac reads, codes and writes.
+SUPPORTED_DTYPES: tuple[np.dtype, ...] = tuple(
+    np.dtype(t)
+    for t in (
+        np.float32, np.float16, ml_dtypes.bfloat16, np.float64,
+        np.int8, np.int16, np.int32, np.int64, np.uint8, np.bool_,
+    )
+)
+_SUPPORTED_NAMES = ", ".join(d.name for d in SUPPORTED_DTYPES)
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+
+_FORMATS = {".safetensors": "safetensors", ".npz": "npz", ".pt": "torch", ".pth": "torch"}
+_ORDER_KEY = "gpucabac.order"
+_MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors library's own limit on the JSON header
+
+
+def model_format(path: PathLike) -> str:
+    """'safetensors', 'npz' or 'torch' by the file's extension (any case); ModelFileError otherwise."""
+    suffix = pathlib.Path(path).suffix.lower()
+    if suffix not in _FORMATS:
+        raise ModelFileError(
+            f"{os.fspath(path)}: unknown model file extension {suffix or '(none)'!r}; "
+            f"known: {', '.join(_FORMATS)}"
+        )
+    return _FORMATS[suffix]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_model(path: PathLike) -> dict[str, np.ndarray]:
+    """Read every tensor of a model file, in file order.
+
+    ``path`` is a .safetensors, .npz, .pt or .pth file, or the name of a packaged model
+    (``"minilm"``, see :mod:`gpucabac.models`) when no file of that name exists. A missing file, an
+    unknown extension, an unreadable file or a tensor of a dtype outside :data:`SUPPORTED_DTYPES`
+    raises :class:`ModelFileError` naming the path and the problem.
+    """
+    path = _resolve_model_path(path)
+    if path.is_dir():
+        raise ModelFileError(f"{path}: is a directory, not a model file")
+    kind = model_format(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such file" if not path.exists() else f"{path}: not a regular file")
+    reader = {"safetensors": _read_safetensors, "npz": _read_npz, "torch": _read_torch}[kind]
+    try:
+        tensors = reader(path)
+    except GpucabacError:
+        raise
+    except Exception as e:  # the libraries raise their own types for corrupt files
+        raise ModelFileError(f"{path}: cannot read as {kind}: {_first_line(e)}") from e
+    for name, array in tensors.items():
+        tensors[name] = array = _native(array)
+        if array.dtype not in SUPPORTED_DTYPES:
+            raise ModelFileError(
+                f"{path}: tensor {name!r} has dtype {array.dtype}, which gpucabac does not handle "
+                f"(supported: {_SUPPORTED_NAMES})"
+            )
+    return tensors
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    """A library's exception as one short line (torch's unpickling errors run to a page)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _native(array: np.ndarray, order: str = "K") -> np.ndarray:
+    """The array in native byte order (a no-op for most), C-contiguous when order="C".
+
+    Not np.ascontiguousarray, which turns 0-d arrays into shape (1,)."""
+    return array.astype(array.dtype.newbyteorder("="), order=order, copy=False)
+
+
+def _resolve_model_path(path: PathLike) -> pathlib.Path:
+    """An existing path as is; a bare word that is no file is taken as a packaged model's name."""
+    p = pathlib.Path(path)
+    text = os.fspath(path)
+    if p.exists() or p.suffix or os.sep in text or (os.altsep and os.altsep in text):
+        return p
+    try:
+        return models.model_path(text)
+    except ModelFileError as e:
+        raise ModelFileError(f"{text}: no such file, nor a usable packaged model: {e}") from e
+
+
+def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    header = _safetensors_header(path)
+    names = [k for k in header if k != "__metadata__"]
+    order = _recorded_order(header.get("__metadata__"), names)
+    tensors = {}
+    # framework="np" gives BF16 as ml_dtypes.bfloat16 (ml_dtypes is imported above, which
+    # registers the dtype name the library asks NumPy for).
+    with safe_open(path, framework="np") as f:
+        for name in order or names:
+            # safe_open returns 0-d tensors with shape (1,) (safetensors 0.8): reshape by the header
+            array = f.get_tensor(name).reshape(header[name]["shape"])
+            if header[name].get("dtype") == "BF16" and array.dtype != _BF16:
+                raise ModelFileError(f"{path}: tensor {name!r}: BF16 read back as {array.dtype}")
+            tensors[name] = array
+    return tensors
+
+
+def _safetensors_header(path: pathlib.Path) -> dict[str, Any]:
+    """The JSON header in file order (safe_open's keys() are sorted instead)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ModelFileError(f"{path}: not a safetensors file: shorter than its 8-byte header size")
+        (size,) = struct.unpack("<Q", head)
+        if size > _MAX_SAFETENSORS_HEADER or size > path.stat().st_size - 8:
+            raise ModelFileError(f"{path}: not a safetensors file: header size {size} out of range")
+        raw = f.read(size)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"{path}: not a safetensors file: header is not JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise ModelFileError(f"{path}: not a safetensors file: header is not a JSON object")
+    return header
+
+
+def _recorded_order(metadata: Any, names: list[str]) -> list[str] | None:
+    """The order write_model recorded, if present and naming exactly these tensors."""
+    if not isinstance(metadata, dict) or not isinstance(metadata.get(_ORDER_KEY), str):
+        return None
+    try:
+        order = json.loads(metadata[_ORDER_KEY])
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(order, list) or not all(isinstance(n, str) for n in order):
+        return None
+    if sorted(order) != sorted(names):
+        return None
+    return order
+
+
+def _read_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
+    if not zipfile.is_zipfile(path):
+        raise ModelFileError(f"{path}: not an .npz archive (no zip structure)")
+    tensors = {}
+    npz = np.load(path, allow_pickle=False)
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ModelFileError(f"{path}: not an .npz archive (a single .npy array?)")
+    with npz:
+        for name in npz.files:
+            array = npz[name]
+            if array.dtype.kind == "V" and array.dtype.itemsize == 2 and array.dtype.names is None:
+                array = array.view(_BF16)
+            tensors[name] = array
+    return tensors
+
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError as e:
+        raise ModelFileError(
+            "PyTorch is needed for .pt/.pth model files: pip install 'gpucabac[torch]'"
+        ) from e
+    return torch
+
+
+def _torch_dtypes(torch) -> dict:
+    # torch dtype -> NumPy dtype; bfloat16 goes through int16 since NumPy has no bfloat16 of its own
+    return {
+        torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.float16),
+        torch.bfloat16: _BF16, torch.float64: np.dtype(np.float64),
+        torch.int8: np.dtype(np.int8), torch.int16: np.dtype(np.int16),
+        torch.int32: np.dtype(np.int32), torch.int64: np.dtype(np.int64),
+        torch.uint8: np.dtype(np.uint8), torch.bool: np.dtype(np.bool_),
+    }
+
+
+def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
+    torch = _import_torch()
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, Mapping):
+        raise ModelFileError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    for key in ("state_dict", "model"):
+        if isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    dtypes = _torch_dtypes(torch)
+    tensors = {}
+    for name, t in obj.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        if t.layout != torch.strided:
+            raise ModelFileError(f"{path}: tensor {name!r} has layout {t.layout}; only dense tensors")
+        if t.dtype not in dtypes:
+            raise ModelFileError(
+                f"{path}: tensor {name!r} has dtype {t.dtype}, which gpucabac does not handle "
+                f"(supported: {_SUPPORTED_NAMES})"
+            )
+        t = t.detach().contiguous()
+        if t.dtype == torch.bfloat16:
+            tensors[str(name)] = t.view(torch.int16).numpy().view(_BF16)
+        else:
+            tensors[str(name)] = t.numpy()
+    if not tensors:
+        raise ModelFileError(f"{path}: holds no tensors")
+    return tensors
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_model(path: PathLike, tensors: Mapping[str, np.ndarray]) -> None:
+    """Write tensors to a .safetensors, .npz, .pt or .pth file (by extension), atomically.
+
+    Every value must be a NumPy array of a dtype in :data:`SUPPORTED_DTYPES` (InputError
+    otherwise); the file lists the tensors in the mapping's order. On any failure no output file
+    exists afterwards (an older file at ``path`` is left untouched) and no temporary file remains.
+    """
+    path = pathlib.Path(path)
+    kind = model_format(path)
+    arrays = _checked_arrays(tensors)
+    writer = {"safetensors": _write_safetensors, "npz": _write_npz, "torch": _write_torch}[kind]
+    if kind == "torch":
+        _import_torch()  # fail before creating anything
+    _atomic_write(path, lambda f: writer(f, arrays))
+
+
+def atomic_write_bytes(path: PathLike, data: bytes | bytearray | memoryview) -> None:
+    """Write raw bytes (a .gcb container, say) to ``path`` atomically, like :func:`write_model`."""
+    _atomic_write(pathlib.Path(path), lambda f: f.write(data))
+
+
+def _checked_arrays(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if not isinstance(tensors, Mapping):
+        raise InputError(f"tensors must be a mapping of names to arrays, not {type(tensors).__name__}")
+    arrays = {}
+    for name, array in tensors.items():
+        if not isinstance(name, str):
+            raise InputError(f"tensor names must be strings, got {name!r}")
+        if not isinstance(array, np.ndarray):
+            raise InputError(f"tensor {name!r} is a {type(array).__name__}, not a NumPy array")
+        # contiguous, native byte order: the safetensors and torch writers copy raw memory
+        array = _native(array, order="C")
+        if array.dtype not in SUPPORTED_DTYPES:
+            raise InputError(
+                f"tensor {name!r} has dtype {array.dtype} (supported: {_SUPPORTED_NAMES})"
+            )
+        arrays[name] = array
+    return arrays
+
+
+def _atomic_write(path: pathlib.Path, write: Callable[[BinaryIO], Any]) -> None:
+    """The one atomic-write mechanism: temp file beside ``path``, fsync, os.replace.
+
+    The temporary file is created with mode 0o666 so the umask applies, as for a plain open().
+    """
+    directory = path.parent
+    while True:
+        tmp = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            break
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise ModelFileError(f"{path}: cannot create a file in {directory}: {e.strerror or e}") from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, (GpucabacError, OSError)) or not isinstance(e, Exception):
+            raise
+        raise ModelFileError(f"{path}: cannot write: {_first_line(e)}") from e
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: pathlib.Path) -> None:
+    """Make the rename durable; not every platform or file system can open a directory."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_safetensors(f: BinaryIO, arrays: dict[str, np.ndarray]) -> None:
+    from safetensors.numpy import save
+
+    metadata = {"format": "pt", _ORDER_KEY: json.dumps(list(arrays))}
+    f.write(save(arrays, metadata=metadata))
+
+
+def _write_npz(f: BinaryIO, arrays: dict[str, np.ndarray]) -> None:
+    # zipfile + format.write_array is what np.savez does, without its keyword arguments, which a
+    # tensor named "file" or "allow_pickle" would collide with.
+    with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, array in arrays.items():
+            with zf.open(name + ".npy", mode="w", force_zip64=True) as member:
+                np.lib.format.write_array(member, array, allow_pickle=False)
+
+
+def _write_torch(f: BinaryIO, arrays: dict[str, np.ndarray]) -> None:
+    torch = _import_torch()
+    state = {}
+    for name, array in arrays.items():
+        if not array.flags.writeable:  # torch.from_numpy warns on read-only arrays
+            array = array.copy()
+        if array.dtype == _BF16:
+            state[name] = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+        else:
+            state[name] = torch.from_numpy(array)
+    torch.save(state, f)

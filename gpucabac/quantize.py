@@ -1,0 +1,152 @@
+"""Quantization: weights -> integer levels, and levels -> reconstruction (methods_spec §3).
+
+This is the simple quantizer of the codec core: uniform rounding, and a distortion-only
+dependent-quantization trellis (NNCodec's default, lambda_scale = 0). The JAX rate-distortion
+quantizer plugs in at `quantize_levels`.
+
+Levels are reconstruction indices r in scan order (row-major); the reconstruction is r * step,
+computed in float32 (float64 for float64 tensors) and then rounded to the tensor's dtype, the
+same way on every engine.
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+from .errors import InputError
+from .tables import DQ_NEXT_STATE, MAX_ABS_LEVEL
+
+_DQ_NEXT = DQ_NEXT_STATE.ravel().copy()
+
+
+def step_from_qp(qp: int, qp_density: int = 2) -> float:
+    """NNC's QP -> step size (§3.3): (1 + (qp mod k)/k) * 2^floor(qp/k), k = 2^qp_density."""
+    if not 0 <= qp_density <= 7:
+        raise InputError(f"qp_density must be in 0..7, got {qp_density}")
+    k = 1 << qp_density
+    return float((k + (qp & (k - 1))) * 2.0 ** ((qp >> qp_density) - qp_density))
+
+
+def round_half_away(x: np.ndarray) -> np.ndarray:
+    """Round to nearest, ties away from zero, exactly (no x + 0.5 rounding error)."""
+    a = np.abs(x)
+    r = np.floor(a)
+    r += (a - r) >= 0.5
+    return np.copysign(r, x)
+
+
+def _scaled(x: np.ndarray, step: float) -> np.ndarray:
+    if not np.isfinite(step) or step <= 0:
+        raise InputError(f"step must be a positive finite number, got {step}")
+    w = np.asarray(x, dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(w)):
+        raise InputError("tensor has NaN or infinite values; they cannot be quantized")
+    u = w / np.float64(np.float32(step))
+    peak = float(np.max(np.abs(u))) if u.size else 0.0
+    if peak > MAX_ABS_LEVEL:
+        raise InputError(
+            f"step {step:g} is too small for this tensor: |w|/step reaches {peak:.3g}, "
+            f"above the largest codable level {MAX_ABS_LEVEL}; use a larger step (higher qp)"
+        )
+    return u
+
+
+def quantize_levels(x: np.ndarray, step: float, *, dq: bool = False, slice_size: int | None = None) -> np.ndarray:
+    """Integer levels (reconstruction indices) of x at `step`, flattened in scan order.
+
+    Uniform: round half away from zero. DQ: an 8-state Viterbi trellis per slice (the DQ state
+    restarts at every slice, DESIGN §1) minimising the squared error.
+    """
+    u = _scaled(x, step)
+    if not dq:
+        return round_half_away(u).astype(np.int32)
+    n = u.shape[0]
+    size = n if slice_size is None else int(slice_size)
+    if n == 0:
+        return np.zeros(0, np.int32)
+    return _dq_trellis(u, max(1, min(size, n)))
+
+
+def dequantize(levels: np.ndarray, step: float, shape, dtype) -> np.ndarray:
+    """r * step in float32 (float64 for float64 tensors), rounded to `dtype`, shaped."""
+    work = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    out = levels.astype(work) * work(np.float32(step))
+    return out.astype(dtype).reshape(shape)
+
+
+# --- dependent quantization (§3.5) -----------------------------------------------------------
+
+
+@nb.njit(cache=True)
+def _candidates(x, qid):
+    """The two reconstruction indices of quantizer `qid` (0: even, 1: odd) around x."""
+    if qid == 0:
+        lo = 2.0 * np.floor(x / 2.0)
+    else:
+        lo = 2.0 * np.floor((x - 1.0) / 2.0) + 1.0
+    return lo, lo + 2.0
+
+
+@nb.njit(cache=True)
+def _dq_slice(u, start, end, out):
+    n = end - start
+    inf = np.inf
+    cost = np.full(8, inf)
+    cost[0] = 0.0
+    new = np.empty(8)
+    # choice[i, s]: 3 bits previous state, 2 bits which candidate (0: lo, 1: hi, 2: zero).
+    choice = np.empty((n, 8), np.uint8)
+    for i in range(n):
+        x = u[start + i]
+        for s in range(8):
+            new[s] = inf
+        for s in range(8):
+            c0 = cost[s]
+            if c0 == inf:
+                continue
+            qid = s & 1
+            lo, hi = _candidates(x, qid)
+            for which in range(3):
+                r = lo if which == 0 else (hi if which == 1 else 0.0)
+                d = x - r
+                c = c0 + d * d
+                if r == 0.0:
+                    k = 0
+                else:
+                    ri = np.int64(r)
+                    k = (ri + qid) // 2 if ri > 0 else -((-ri + qid) // 2)
+                ns = _DQ_NEXT[2 * s + (k & 1)]
+                if c < new[ns]:
+                    new[ns] = c
+                    choice[i, ns] = np.uint8(s | (which << 3))
+        for s in range(8):
+            cost[s] = new[s]
+    best = 0
+    for s in range(8):
+        if cost[s] < cost[best]:
+            best = s
+    s = best
+    for i in range(n - 1, -1, -1):
+        ch = choice[i, s]
+        prev = ch & 7
+        which = ch >> 3
+        lo, hi = _candidates(u[start + i], prev & 1)
+        r = lo if which == 0 else (hi if which == 1 else 0.0)
+        out[start + i] = np.int32(r)
+        s = prev
+
+
+@nb.njit(parallel=True, cache=True)
+def _dq_trellis_slices(u, slice_size, out):
+    n = u.shape[0]
+    nslices = (n + slice_size - 1) // slice_size
+    for s in nb.prange(nslices):
+        start = s * slice_size
+        _dq_slice(u, start, min(n, start + slice_size), out)
+
+
+def _dq_trellis(u: np.ndarray, slice_size: int) -> np.ndarray:
+    out = np.empty(u.shape[0], np.int32)
+    _dq_trellis_slices(u, slice_size, out)
+    return out

@@ -1,0 +1,80 @@
+"""The constant tables of the DeepCABAC/NNC engine, defined once (methods_spec §2, §3.5).
+
+Both engines read these: the numba reference imports the arrays, and the CUDA sources get them
+through a generated header (see `cuda_header`), so a table can never differ between paths.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# §2.2: the step "curve" of the dual-rate log-domain estimator.
+CURVE = np.array(
+    [2512, 2288, 2064, 1840, 1616, 1392, 1168, 944, 720, 560, 464, 368, 272, 208, 144, 80]
+    + [64] * 15 + [0],
+    dtype=np.int32,
+)
+
+# §2.3: LPS sub-range by range class (rows, (R >> 5) & 7) and probability class (abs(P >> 7)).
+RLPS = np.array(
+    [
+        [128, 112, 97, 84, 74, 65, 57, 50, 45, 39, 34, 30, 27, 23, 20, 18, 15, 14, 12, 11, 10, 9, 7, 7, 5, 5, 4, 4, 3, 3, 2, 2],
+        [142, 125, 108, 93, 82, 72, 63, 56, 50, 43, 38, 33, 30, 26, 22, 20, 17, 16, 13, 12, 11, 10, 8, 8, 6, 6, 5, 5, 3, 3, 2, 2],
+        [156, 137, 119, 103, 90, 79, 70, 61, 55, 48, 42, 37, 33, 28, 24, 22, 19, 17, 15, 13, 12, 11, 9, 9, 6, 6, 5, 5, 4, 4, 2, 2],
+        [171, 150, 130, 112, 99, 87, 76, 67, 60, 52, 46, 40, 36, 31, 27, 24, 21, 19, 16, 15, 13, 12, 10, 10, 7, 7, 6, 6, 4, 4, 3, 3],
+        [185, 162, 141, 121, 107, 94, 82, 73, 65, 56, 50, 43, 39, 34, 29, 26, 22, 21, 17, 16, 14, 13, 11, 11, 8, 8, 6, 6, 4, 4, 3, 3],
+        [199, 175, 152, 131, 115, 101, 89, 78, 70, 61, 54, 47, 42, 36, 31, 28, 24, 22, 19, 17, 15, 14, 12, 12, 8, 8, 7, 7, 5, 5, 3, 3],
+        [213, 187, 163, 140, 123, 108, 95, 84, 75, 65, 58, 50, 45, 39, 33, 30, 26, 24, 20, 18, 16, 15, 13, 13, 9, 9, 7, 7, 5, 5, 3, 3],
+        [228, 200, 174, 150, 132, 116, 102, 90, 80, 70, 62, 54, 48, 42, 36, 32, 28, 26, 22, 20, 18, 16, 14, 14, 10, 10, 8, 8, 6, 6, 4, 4],
+    ],
+    dtype=np.int32,
+)
+
+# §2.4: NNC's nine context initialisations ("ECO" sets): SH0, SH1, P_init, S0_init.
+# The shift amounts used by the update are sh0 = SH0 + 4 and sh1 = SH1.
+PRESETS = np.array(
+    [
+        [1, 4, 0, 0],
+        [1, 4, -1310, -41],
+        [1, 4, 3039, 95],
+        [0, 5, 0, 0],
+        [2, 6, 962, 30],
+        [2, 6, 3039, 95],
+        [2, 6, -673, -21],
+        [3, 5, 0, 0],
+        [3, 5, 962, 30],
+    ],
+    dtype=np.int32,
+)
+NUM_PRESETS = len(PRESETS)
+
+# §3.5: dependent quantization, next state by (state, parity of the coded level k).
+DQ_NEXT_STATE = np.array(
+    [[0, 2], [7, 5], [1, 3], [6, 4], [2, 0], [5, 7], [3, 1], [4, 6]], dtype=np.int32
+)
+DQ_NUM_STATES = 8
+
+
+def _bit_cost_table() -> np.ndarray:
+    """§2.8: cost in bits·2^15 of coding a 0 (column 0) or a 1 (column 1) from state bucket
+    i = 512 + (P >> 3). Encoder decisions only (context-init choice, rate estimates); the
+    decoder never reads it, so streams do not depend on it."""
+    j = np.arange(1024, dtype=np.float64) - 512
+    c = np.minimum(8.0 * np.abs(j) + 4.0, 4092.0)
+    lps = 1.0 + 0.0015289 * c
+    mps = -np.log2(1.0 - 2.0 ** (-lps))
+    one_is_mps = j >= 0
+    cost = np.empty((1024, 2), dtype=np.int64)
+    cost[:, 1] = np.where(one_is_mps, mps, lps) * 32768.0 + 0.5
+    cost[:, 0] = np.where(one_is_mps, lps, mps) * 32768.0 + 0.5
+    return cost.astype(np.int32)
+
+
+BIT_COST = _bit_cost_table()
+BIT_COST_ONE = 32768  # one bypass bin, in the same 2^15 units
+
+# Binarization limits (§1.1): N greater-than flags, then an Exp-Golomb remainder whose prefix
+# has at most EG_PREFIX_BINS bins (j = 0..30), enough for any |level| below 2^31 - N.
+MAX_GT_FLAGS = 20
+EG_PREFIX_BINS = 31
+MAX_ABS_LEVEL = (1 << 30) - 1

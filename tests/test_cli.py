@@ -1,0 +1,248 @@
+"""The `gpucabac` command on tiny random models: encode, decode, info, demo and error handling."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import ml_dtypes
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import gpucabac
+from gpucabac import cli
+from gpucabac import io as gio
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def _tiny_model():
+    rng = np.random.default_rng(7)
+    return {
+        "layer.weight": (rng.standard_normal((40, 30)) * 0.05).astype(np.float32),
+        "layer.bias": (rng.standard_normal(30) * 0.01).astype(np.float32),
+        "half": (rng.standard_normal((3, 50)) * 0.1).astype(np.float16),
+        "brain": (rng.standard_normal(77) * 0.1).astype(BF16),
+        "position_ids": np.arange(64, dtype=np.int64).reshape(1, 64),
+        "mask": rng.standard_normal(9) > 0,
+    }
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "tiny.safetensors"
+    gio.write_model(path, _tiny_model())
+    return path
+
+
+def run(*args):
+    result = CliRunner().invoke(cli.main, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def _float_after(pattern, text):
+    m = re.search(pattern, text)
+    assert m, (pattern, text)
+    return float(m.group(1))
+
+
+# --- encode / info / decode -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options, settings",
+    [
+        ([], dict(qp=-32)),
+        (["--qp", "-36", "--dq"], dict(qp=-36, dq=True)),
+        (["--step", "0.004", "--slice-size", "whole"], dict(step=0.004, slice_size=None)),
+        (["--qp", "-30", "--slice-size", "100", "--gt-flags", "3", "--threads", "1"],
+         dict(qp=-30, slice_size=100, num_gt_flags=3, threads=1)),
+    ],
+)
+def test_encode_writes_the_stream_the_api_writes(tmp_path, model_file, options, settings):
+    out = tmp_path / "m.gcb"
+    result = run("encode", model_file, "-o", out, *options)
+    assert result.exit_code == 0, result.output
+    tensors = gio.read_model(model_file)
+    data = out.read_bytes()
+    assert data == gpucabac.encode(tensors, **settings)
+
+    weights = sum(t.size for t in tensors.values())
+    line = result.stdout.strip()
+    assert f"{weights:,} weights" in line
+    assert _float_after(r"([\d.]+) bits/weight", line) == pytest.approx(8 * len(data) / weights, abs=5e-4)
+    raw = sum(t.nbytes for t in tensors.values())
+    assert _float_after(r"ratio ([\d.]+)x", line) == pytest.approx(raw / len(data), abs=5e-3)
+    decoded = gpucabac.decode(data)
+    assert _float_after(r"SNR ([\d.]+) dB", line) == pytest.approx(cli.snr_db(tensors, decoded), abs=5e-3)
+    assert re.search(r"[\d.]+ M weights/s", line)
+
+
+def test_encode_then_decode_gives_the_quantized_model(tmp_path, model_file):
+    gcb = tmp_path / "m.gcb"
+    assert run("encode", model_file, "-o", gcb, "--qp", "-34").exit_code == 0
+    tensors = gio.read_model(model_file)
+    expected = gpucabac.quantize(tensors, qp=-34)
+    for ext in ("safetensors", "npz"):
+        out = tmp_path / f"back.{ext}"
+        result = run("decode", gcb, "-o", out)
+        assert result.exit_code == 0, result.output
+        back = gio.read_model(out)
+        assert list(back) == list(tensors)
+        for name in tensors:
+            assert back[name].dtype == expected[name].dtype, name
+            np.testing.assert_array_equal(back[name], expected[name])
+        weights = sum(t.size for t in tensors.values())
+        assert re.search(rf"{len(tensors)} tensors, {weights:,} weights decoded in [\d.]+ s", result.stdout)
+
+
+def test_decode_names_and_dtype(tmp_path, model_file):
+    gcb = tmp_path / "m.gcb"
+    assert run("encode", model_file, "-o", gcb).exit_code == 0
+    out = tmp_path / "part.npz"
+    result = run("decode", gcb, "-o", out, "--names", "half,layer.weight", "--dtype", "bfloat16")
+    assert result.exit_code == 0, result.output
+    back = gio.read_model(out)
+    want = gpucabac.decode(gcb.read_bytes(), ["half", "layer.weight"], dtype=BF16)
+    assert sorted(back) == ["half", "layer.weight"]
+    for name in back:
+        assert back[name].dtype == BF16
+        np.testing.assert_array_equal(back[name], want[name])
+
+
+def test_decode_unknown_name_fails_cleanly(tmp_path, model_file):
+    gcb = tmp_path / "m.gcb"
+    assert run("encode", model_file, "-o", gcb).exit_code == 0
+    result = run("decode", gcb, "-o", tmp_path / "x.npz", "--names", "layer.bias,nope")
+    assert result.exit_code == 1
+    assert "gpucabac: error:" in result.stderr and "'nope'" in result.stderr
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_info_lists_every_tensor_and_totals(tmp_path, model_file):
+    gcb = tmp_path / "m.gcb"
+    assert run("encode", model_file, "-o", gcb, "--slice-size", "256").exit_code == 0
+    result = run("info", gcb)
+    assert result.exit_code == 0, result.output
+    meta = gpucabac.info(gcb.read_bytes())
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["name", "dtype", "shape", "mode", "step", "slices", "bytes", "bits/weight"]
+    rows = {line.split()[0]: line.split() for line in lines[2 : 2 + len(meta.tensors)]}
+    assert list(rows) == [t.name for t in meta.tensors]
+    for t in meta.tensors:
+        row = rows[t.name]
+        assert row[1] == t.dtype and row[3] == t.mode and int(row[5]) == t.num_slices
+        assert int(row[6].replace(",", "")) == t.coded_bytes
+    assert rows["layer.weight"][2] == "40x30" and int(rows["layer.weight"][5]) == math.ceil(1200 / 256)
+    weights = sum(math.prod(t.shape) for t in meta.tensors)
+    assert f"{len(meta.tensors)} tensors, {weights:,} weights, {meta.total_bytes:,} bytes" in lines[-1]
+    assert meta.total_bytes == gcb.stat().st_size
+
+
+# --- demo ---------------------------------------------------------------------------------------
+
+
+def test_demo_on_a_tiny_model_verifies_every_setting(model_file):
+    result = run("demo", "--model", model_file, "--threads", "2")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    table = [line for line in lines if line.startswith(("URQ", "DQ"))]
+    assert len(table) == 5
+    for line in table:
+        assert line.split()[-1] == "yes", line
+    assert any("whole tensors" in line for line in table)
+    # a finer step costs more bits: QP -38 above QP -32
+    urq32, urq38 = (float(next(x for x in table if x.startswith(f"URQ QP {q} S=")).split()[-6]) for q in ("-32", "-38"))
+    assert urq38 > urq32
+
+
+def test_demo_fails_when_a_decoded_tensor_differs(model_file, monkeypatch):
+    real = gpucabac.quantize
+
+    def off_by_one_step(tensors, **kwargs):
+        out = dict(real(tensors, **kwargs))
+        out["position_ids"] = out["position_ids"] + 1
+        return out
+
+    monkeypatch.setattr(gpucabac, "quantize", off_by_one_step)
+    result = run("demo", "--model", model_file)
+    assert result.exit_code == 1
+    assert [line.split()[-1] for line in result.stdout.splitlines() if line.startswith(("URQ", "DQ"))] == ["no"] * 5
+    assert "gpucabac: error: decoded tensors differ" in result.stderr and "'position_ids'" in result.stderr
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+def test_missing_model_is_a_clean_error(tmp_path):
+    result = run("encode", tmp_path / "nope.safetensors", "-o", tmp_path / "x.gcb")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("gpucabac: error: ") and "nope.safetensors: no such file" in result.stderr
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "x.gcb").exists()
+
+
+def test_corrupt_container_is_a_clean_error(tmp_path, model_file):
+    gcb = tmp_path / "m.gcb"
+    assert run("encode", model_file, "-o", gcb).exit_code == 0
+    bad = tmp_path / "bad.gcb"
+    bad.write_bytes(gcb.read_bytes()[:-7])
+    for args in (["info", bad], ["decode", bad, "-o", tmp_path / "o.npz"]):
+        result = run(*args)
+        assert result.exit_code == 1, args
+        assert result.stderr.startswith("gpucabac: error: "), result.stderr
+    assert not (tmp_path / "o.npz").exists()
+    (tmp_path / "junk.gcb").write_bytes(b"not a container")
+    assert run("info", tmp_path / "junk.gcb").exit_code == 1
+
+
+def test_unwritable_output_is_a_clean_error(tmp_path, model_file):
+    result = run("encode", model_file, "-o", tmp_path / "no" / "dir" / "m.gcb")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("gpucabac: error: ")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["encode", "{model}", "-o", "{tmp}/m.gcb", "--qp", "-30", "--step", "0.01"], "not both"),
+        (["encode", "{model}", "-o", "{tmp}/m.gcb", "--slice-size", "0"], "must be positive"),
+        (["encode", "{model}", "-o", "{tmp}/m.gcb", "--slice-size", "big"], "neither a number"),
+        (["encode", "{model}", "-o", "{tmp}/m.gcb", "--small-step", "-1"], "positive finite"),
+        (["encode", "{model}", "-o", "{tmp}/m.gcb", "--step", "0"], "--step"),
+        (["encode", "{model}"], "Missing option '-o'"),
+        (["decode", "{model}", "-o", "{tmp}/out.bin"], "unknown model file extension '.bin'"),
+        (["decode", "{model}", "-o", "{tmp}/out.npz", "--dtype", "int8"], "--dtype"),
+        (["info", "{tmp}/missing.gcb"], "does not exist"),
+    ],
+)
+def test_usage_errors_exit_2(tmp_path, model_file, args, message):
+    args = [a.format(model=model_file, tmp=tmp_path) for a in args]
+    result = run(*args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert not (tmp_path / "m.gcb").exists()
+
+
+def test_help_and_version():
+    result = run("--help")
+    assert result.exit_code == 0
+    for command in ("encode", "decode", "info", "demo"):
+        assert command in result.stdout
+    result = run("--version")
+    assert result.exit_code == 0 and "gpucabac" in result.stdout
+
+
+# --- the SNR the summaries report ---------------------------------------------------------------
+
+
+def test_snr_db():
+    w = {"a": np.array([3.0, 4.0], np.float32), "i": np.array([100, 200], np.int64)}
+    assert cli.snr_db(w, {"a": np.array([3.0, 4.0], np.float32), "i": w["i"] * 0}) == math.inf  # ints ignored
+    assert cli.snr_db(w, {"a": np.array([3.0, 3.0], np.float32), "i": w["i"]}) == pytest.approx(
+        10 * math.log10(25 / 1)
+    )
+    b = {"b": np.array([1.0, 1.0], BF16)}
+    assert cli.snr_db(b, {"b": np.array([1.0, 0.0], BF16)}) == pytest.approx(10 * math.log10(2))
+    assert math.isnan(cli.snr_db({"i": np.arange(3)}, {"i": np.arange(3)}))

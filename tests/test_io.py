@@ -1,0 +1,413 @@
+"""Model files in and out (gpucabac.io): round trips, interop with files other tools write,
+atomic writes and clean errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+import zipfile
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from gpucabac import io as gio
+from gpucabac.errors import InputError, ModelFileError
+
+FORMATS = ["safetensors", "npz", "pt", "pth"]
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def _needs(ext):
+    if ext in ("pt", "pth"):
+        pytest.importorskip("torch", reason="the .pt/.pth format needs the gpucabac[torch] extra")
+
+
+def _sample(dtype, shape, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape) * 50
+    if np.dtype(dtype) == np.bool_:
+        return x > 0
+    if np.dtype(dtype).kind in "iu":
+        info = np.iinfo(dtype)
+        return np.clip(x, info.min, info.max).astype(dtype)
+    return x.astype(dtype)
+
+
+def _model():
+    """One tensor per supported dtype, plus 0-d, empty, odd-shaped and order-revealing names."""
+    tensors = {f"t{i}.{d.name}": _sample(d, (3, 7), seed=i) for i, d in enumerate(gio.SUPPORTED_DTYPES)}
+    tensors["zz.scalar"] = np.array(1.5, np.float32)
+    tensors["aa.empty"] = np.zeros((0, 4), BF16)
+    tensors["mm.bf16.4d"] = _sample(BF16, (2, 3, 1, 5), seed=99)
+    # names that collide with np.savez's own keyword arguments
+    tensors["file"] = _sample(np.int64, (2,), seed=5)
+    tensors["allow_pickle"] = _sample(np.float16, (4,), seed=6)
+    return tensors
+
+
+def _assert_same(got, want):
+    assert list(got) == list(want)
+    for name in want:
+        assert isinstance(got[name], np.ndarray), name
+        assert got[name].dtype == want[name].dtype.newbyteorder("="), name
+        assert got[name].shape == want[name].shape, name
+        assert got[name].tobytes() == np.ascontiguousarray(want[name], got[name].dtype).tobytes(), name
+
+
+@pytest.mark.parametrize("ext", FORMATS)
+def test_round_trip_every_dtype_keeps_bytes_dtypes_shapes_and_order(tmp_path, ext):
+    _needs(ext)
+    tensors = _model()
+    path = tmp_path / f"m.{ext}"
+    gio.write_model(path, tensors)
+    _assert_same(gio.read_model(path), tensors)
+    assert sorted(os.listdir(tmp_path)) == [path.name]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("ext", FORMATS)
+def test_bfloat16_comes_back_as_ml_dtypes_bfloat16(tmp_path, ext):
+    _needs(ext)
+    x = np.array([1.0, -2.5, 3.140625, -0.0, np.inf], BF16)
+    gio.write_model(tmp_path / f"b.{ext}", {"x": x})
+    y = gio.read_model(tmp_path / f"b.{ext}")["x"]
+    assert y.dtype == BF16
+    assert y.view(np.uint16).tolist() == x.view(np.uint16).tolist()
+
+
+@pytest.mark.parametrize("ext", FORMATS)
+def test_non_contiguous_and_big_endian_inputs_are_written_by_value(tmp_path, ext):
+    _needs(ext)
+    base = np.arange(24, dtype=np.float32).reshape(4, 6)
+    tensors = {"transposed": base.T, "strided": base[:, ::2], "big": base.astype(">f4"), "big_i": base.astype(">i8")}
+    gio.write_model(tmp_path / f"n.{ext}", tensors)
+    got = gio.read_model(tmp_path / f"n.{ext}")
+    for name, want in tensors.items():
+        assert got[name].dtype.isnative
+        np.testing.assert_array_equal(got[name], want)
+
+
+@pytest.mark.parametrize("ext", ["safetensors", "npz"])
+def test_read_only_and_empty_models(tmp_path, ext):
+    x = np.arange(5, dtype=np.int32)
+    x.flags.writeable = False
+    gio.write_model(tmp_path / f"r.{ext}", {"x": x})
+    np.testing.assert_array_equal(gio.read_model(tmp_path / f"r.{ext}")["x"], x)
+
+
+# --- interop: files written by the usual tools ------------------------------------------------
+
+
+def test_safetensors_written_by_the_library_reads_in_header_order(tmp_path):
+    from safetensors.numpy import save_file
+
+    tensors = {"b": np.ones(3, np.float32), "a": np.ones(2, np.float16), "c": np.ones(1, np.int64)}
+    path = tmp_path / "lib.safetensors"
+    save_file(tensors, path)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header_order = [k for k in json.loads(f.read(n)) if k != "__metadata__"]
+    got = gio.read_model(path)
+    assert list(got) == header_order
+    assert sorted(got) == sorted(tensors)
+    for name in tensors:
+        np.testing.assert_array_equal(got[name], tensors[name])
+
+
+def test_safetensors_bf16_and_scalar_written_by_the_library(tmp_path):
+    from safetensors.numpy import save_file
+
+    # safetensors.numpy writes bfloat16 arrays (its dtype name matches) but cannot load them itself
+    tensors = {"w": np.array([[1.5, -2.0]], BF16), "s": np.array(7, np.int16)}
+    save_file(tensors, tmp_path / "bf.safetensors")
+    got = gio.read_model(tmp_path / "bf.safetensors")
+    assert got["w"].dtype == BF16 and got["w"].shape == (1, 2)
+    assert got["s"].shape == () and got["s"] == 7  # safe_open gives 0-d tensors shape (1,)
+
+
+def test_safetensors_written_here_records_order_and_format(tmp_path):
+    from safetensors import safe_open
+
+    path = tmp_path / "o.safetensors"
+    gio.write_model(path, {"z": np.zeros(1, np.float32), "a": np.zeros(1, np.int64)})
+    with safe_open(path, framework="np") as f:
+        meta = f.metadata()
+    assert meta["format"] == "pt"
+    assert json.loads(meta["gpucabac.order"]) == ["z", "a"]
+
+
+def test_safetensors_recorded_order_is_ignored_when_it_does_not_match(tmp_path):
+    from safetensors.numpy import save_file
+
+    tensors = {"b": np.ones(1, np.float32), "a": np.ones(1, np.float32)}
+    for bad in ['["b"]', '["b", "a", "c"]', "not json", '{"b": 1}', '["b", 1]']:
+        save_file(tensors, tmp_path / "m.safetensors", metadata={"gpucabac.order": bad})
+        assert list(gio.read_model(tmp_path / "m.safetensors")) == ["a", "b"], bad
+
+
+def test_npz_from_numpy_savez_with_bfloat16(tmp_path):
+    # np.savez stores ml_dtypes.bfloat16 as a 2-byte void ('<V2'); it reads back as bfloat16
+    w = np.array([0.5, -1.25, 3.0], BF16)
+    np.savez(tmp_path / "s.npz", w=w, n=np.arange(3, dtype=np.uint8))
+    got = gio.read_model(tmp_path / "s.npz")
+    assert list(got) == ["w", "n"]
+    assert got["w"].dtype == BF16
+    assert got["w"].view(np.uint16).tolist() == w.view(np.uint16).tolist()
+
+
+def test_pt_state_dict_shapes(tmp_path):
+    torch = pytest.importorskip("torch", reason="the .pt format needs the gpucabac[torch] extra")
+    sd = {"w": torch.nn.Parameter(torch.randn(3, 4)), "b": torch.arange(3, dtype=torch.int32)}
+    sd["h"] = torch.tensor([1.5, 2.0], dtype=torch.bfloat16)
+    sd["steps"] = 12  # not a tensor: dropped
+    for wrapped in (sd, {"state_dict": sd, "epoch": 3}, {"model": sd, "optimizer": {"lr": 0.1}}):
+        torch.save(wrapped, tmp_path / "m.pt")
+        got = gio.read_model(tmp_path / "m.pt")
+        assert list(got) == ["w", "b", "h"]
+        np.testing.assert_array_equal(got["w"], sd["w"].detach().numpy())
+        assert got["b"].dtype == np.int32 and got["b"].tolist() == [0, 1, 2]
+        assert got["h"].dtype == BF16 and got["h"].astype(np.float32).tolist() == [1.5, 2.0]
+
+
+def test_pt_transposed_view_is_read_by_value(tmp_path):
+    torch = pytest.importorskip("torch", reason="the .pt format needs the gpucabac[torch] extra")
+    t = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    torch.save({"t": t.T}, tmp_path / "v.pth")
+    np.testing.assert_array_equal(gio.read_model(tmp_path / "v.pth")["t"], t.T.numpy())
+
+
+def test_pt_errors(tmp_path):
+    torch = pytest.importorskip("torch", reason="the .pt format needs the gpucabac[torch] extra")
+    torch.save({"c": torch.ones(2, dtype=torch.complex64)}, tmp_path / "c.pt")
+    with pytest.raises(ModelFileError, match=r"c\.pt: tensor 'c' has dtype torch\.complex64"):
+        gio.read_model(tmp_path / "c.pt")
+    torch.save([torch.ones(2)], tmp_path / "l.pt")
+    with pytest.raises(ModelFileError, match="not a state dict"):
+        gio.read_model(tmp_path / "l.pt")
+    torch.save({"epoch": 3}, tmp_path / "e.pt")
+    with pytest.raises(ModelFileError, match="no tensors"):
+        gio.read_model(tmp_path / "e.pt")
+    torch.save({"s": torch.ones(2).to_sparse()}, tmp_path / "s.pt")
+    with pytest.raises(ModelFileError, match="only dense"):
+        gio.read_model(tmp_path / "s.pt")
+
+
+def test_pt_without_torch_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
+    (tmp_path / "m.pt").write_bytes(b"PK")
+    with pytest.raises(ModelFileError, match=r"gpucabac\[torch\]"):
+        gio.read_model(tmp_path / "m.pt")
+    with pytest.raises(ModelFileError, match=r"gpucabac\[torch\]"):
+        gio.write_model(tmp_path / "out.pth", {"x": np.zeros(2, np.float32)})
+    assert sorted(os.listdir(tmp_path)) == ["m.pt"]
+
+
+# --- packaged models --------------------------------------------------------------------------
+
+
+def test_packaged_model_by_name():
+    tensors = gio.read_model("minilm")
+    assert len(tensors) == 104
+    assert next(iter(tensors)) == "embeddings.position_ids"
+    assert tensors["embeddings.position_ids"].dtype == np.int64
+    assert {str(t.dtype) for name, t in tensors.items() if name != "embeddings.position_ids"} == {"float32"}
+    assert sum(t.size for t in tensors.values()) == 22_713_728
+
+
+def test_a_file_of_that_name_wins_over_the_packaged_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "minilm").write_bytes(b"x")
+    with pytest.raises(ModelFileError, match="unknown model file extension"):
+        gio.read_model("minilm")
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        ("missing.safetensors", r"missing\.safetensors: no such file"),
+        ("missing.npz", r"missing\.npz: no such file"),
+        ("model.txt", r"unknown model file extension '\.txt'"),
+        ("no_such_packaged_model", r"no_such_packaged_model: no such file, nor a usable packaged model"),
+    ],
+)
+def test_missing_or_unknown_files(tmp_path, monkeypatch, name, match):
+    monkeypatch.chdir(tmp_path)
+    if name.endswith(".txt"):
+        (tmp_path / name).write_text("weights")
+    with pytest.raises(ModelFileError, match=match):
+        gio.read_model(name)
+
+
+def test_a_directory_is_not_a_model(tmp_path):
+    (tmp_path / "d.safetensors").mkdir()
+    with pytest.raises(ModelFileError, match="is a directory"):
+        gio.read_model(tmp_path / "d.safetensors")
+
+
+@pytest.mark.parametrize("ext", FORMATS)
+@pytest.mark.parametrize("content", [b"", b"garbage that is no model file at all" * 3])
+def test_corrupt_files(tmp_path, ext, content):
+    _needs(ext)
+    path = tmp_path / f"bad.{ext}"
+    path.write_bytes(content)
+    with pytest.raises(ModelFileError, match=r"bad\." + ext):
+        gio.read_model(path)
+
+
+@pytest.mark.parametrize("ext", ["safetensors", "npz"])
+def test_truncated_files(tmp_path, ext):
+    path = tmp_path / f"t.{ext}"
+    gio.write_model(path, {"w": np.arange(1000, dtype=np.float32)})
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ModelFileError, match=r"t\." + ext):
+        gio.read_model(path)
+
+
+def test_unsupported_dtype_in_a_file(tmp_path):
+    np.savez(tmp_path / "u.npz", ok=np.zeros(2, np.float32), bad=np.zeros(2, np.uint16))
+    with pytest.raises(ModelFileError, match=r"tensor 'bad' has dtype uint16"):
+        gio.read_model(tmp_path / "u.npz")
+
+
+def test_npz_with_object_array_or_single_npy(tmp_path):
+    np.savez(tmp_path / "o.npz", o=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ModelFileError, match=r"o\.npz"):
+        gio.read_model(tmp_path / "o.npz")
+    np.save(tmp_path / "single.npy", np.zeros(3))
+    os.replace(tmp_path / "single.npy", tmp_path / "single.npz")
+    with pytest.raises(ModelFileError, match="not an .npz archive"):
+        gio.read_model(tmp_path / "single.npz")
+
+
+@pytest.mark.parametrize(
+    "tensors, match",
+    [
+        ({"x": [1.0, 2.0]}, "'x' is a list, not a NumPy array"),
+        ({"x": np.zeros(2, np.complex64)}, "'x' has dtype complex64"),
+        ({"x": np.zeros(2, np.uint16)}, "'x' has dtype uint16"),
+        ({1: np.zeros(2, np.float32)}, "names must be strings"),
+    ],
+)
+def test_write_rejects_bad_tensors_before_creating_anything(tmp_path, tensors, match):
+    with pytest.raises(InputError, match=match):
+        gio.write_model(tmp_path / "m.safetensors", tensors)
+    assert os.listdir(tmp_path) == []
+
+
+def test_write_unknown_extension(tmp_path):
+    with pytest.raises(ModelFileError, match="unknown model file extension"):
+        gio.write_model(tmp_path / "m.bin", {"x": np.zeros(1, np.float32)})
+    assert os.listdir(tmp_path) == []
+
+
+# --- atomic writes ----------------------------------------------------------------------------
+
+
+def test_atomic_write_bytes(tmp_path):
+    data = bytes(range(256)) * 1000
+    gio.atomic_write_bytes(tmp_path / "a.gcb", data)
+    assert (tmp_path / "a.gcb").read_bytes() == data
+    gio.atomic_write_bytes(tmp_path / "a.gcb", memoryview(b"new"))  # replaces
+    assert (tmp_path / "a.gcb").read_bytes() == b"new"
+    assert os.listdir(tmp_path) == ["a.gcb"]
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    old = os.umask(0o027)
+    try:
+        gio.atomic_write_bytes(tmp_path / "a.gcb", b"x")
+        gio.write_model(tmp_path / "m.npz", {"x": np.zeros(1, np.float32)})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.gcb").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "m.npz").stat().st_mode & 0o777 == 0o640
+
+
+def test_write_into_a_missing_directory(tmp_path):
+    with pytest.raises(ModelFileError, match="cannot create a file in"):
+        gio.atomic_write_bytes(tmp_path / "nope" / "a.gcb", b"x")
+
+
+def _fail_on_second_call(monkeypatch, module, name, exc):
+    real = getattr(module, name)
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise exc
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_npz_write_failing_midway_leaves_nothing(tmp_path, monkeypatch, existing):
+    path = tmp_path / "m.npz"
+    if existing:
+        gio.write_model(path, {"old": np.ones(3, np.float32)})
+    calls = _fail_on_second_call(monkeypatch, np.lib.format, "write_array", RuntimeError("disk on fire"))
+    with pytest.raises(ModelFileError, match=r"m\.npz: cannot write: RuntimeError: disk on fire"):
+        gio.write_model(path, {"a": np.zeros(10, np.float32), "b": np.zeros(10, np.float32)})
+    assert len(calls) == 2  # the first member was written before the failure
+    assert os.listdir(tmp_path) == (["m.npz"] if existing else [])
+    if existing:
+        monkeypatch.undo()
+        assert list(gio.read_model(path)) == ["old"]
+
+
+def test_fsync_failure_leaves_nothing(tmp_path, monkeypatch):
+    def broken_fsync(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="Input/output error"):
+        gio.atomic_write_bytes(tmp_path / "a.gcb", b"payload")
+    with pytest.raises(OSError, match="Input/output error"):
+        gio.write_model(tmp_path / "m.safetensors", {"x": np.zeros(4, np.float32)})
+    assert os.listdir(tmp_path) == []
+
+
+def test_interrupt_during_write_leaves_nothing(tmp_path, monkeypatch):
+    import safetensors.numpy
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.numpy, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        gio.write_model(tmp_path / "m.safetensors", {"x": np.zeros(4, np.float32)})
+    assert os.listdir(tmp_path) == []
+
+
+def test_failing_replace_leaves_the_old_file(tmp_path, monkeypatch):
+    gio.atomic_write_bytes(tmp_path / "a.gcb", b"old")
+
+    def broken_replace(src, dst):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(PermissionError):
+        gio.atomic_write_bytes(tmp_path / "a.gcb", b"new")
+    assert os.listdir(tmp_path) == ["a.gcb"]
+    assert (tmp_path / "a.gcb").read_bytes() == b"old"
+
+
+def test_npz_members_are_stored_uncompressed_in_order(tmp_path):
+    gio.write_model(tmp_path / "m.npz", {"b": np.zeros(2, np.float32), "a": np.zeros(2, np.int8)})
+    with zipfile.ZipFile(tmp_path / "m.npz") as zf:
+        assert [i.filename for i in zf.infolist()] == ["b.npy", "a.npy"]
+        assert {i.compress_type for i in zf.infolist()} == {zipfile.ZIP_STORED}
+
+
+def test_big_endian_npz_reads_as_native(tmp_path):
+    np.savez(tmp_path / "be.npz", f=np.arange(3, dtype=">f4"), i=np.arange(3, dtype=">i8"))
+    got = gio.read_model(tmp_path / "be.npz")
+    assert got["f"].dtype == np.float32 and got["f"].dtype.isnative and got["f"].tolist() == [0, 1, 2]
+    assert got["i"].dtype == np.int64 and got["i"].dtype.isnative and got["i"].tolist() == [0, 1, 2]
