@@ -30,6 +30,9 @@ DEFAULT_GT_FLAGS = 11  # NNCodec 2 codes N = 11 greater-than flags (methods_spec
 # Tensors of at most one dimension (biases, norms) get step / SMALL_STEP_DIVISOR by default:
 # they are a tiny share of the weights and sensitive, so fine steps cost little (DESIGN §4).
 SMALL_STEP_DIVISOR = 16
+# Levels over which the context initialisation is measured (evenly spaced slices); the choice
+# costs about 9 coder passes over them, so sampling keeps encoding fast on large tensors.
+CTX_INIT_SAMPLE = 1 << 20
 # Slices are encoded in batches whose worst-case output fits this scratch budget.
 _SCRATCH_BYTES = 64 << 20
 
@@ -177,10 +180,16 @@ def _as_array(name, x) -> np.ndarray:
 
 # --- encoding ------------------------------------------------------------------------------------
 
-def choose_context_init(levels: np.ndarray, slice_size: int, dq: bool, num_gt_flags: int) -> np.ndarray:
-    """Per used context, the preset whose estimated cost over all the tensor's slices is least."""
-    ngroups = max(1, min(4 * numba.get_num_threads(), -(-levels.size // slice_size)))
-    cost = engine_cpu.preset_costs(levels, slice_size, dq, num_gt_flags, ngroups)
+def choose_context_init(levels: np.ndarray, slice_size: int, dq: bool, num_gt_flags: int,
+                        sample: int | None = CTX_INIT_SAMPLE) -> np.ndarray:
+    """Per used context, the preset (tables.PRESETS) with the least estimated cost (§2.8 bit
+    costs) summed over the tensor's slices: all of them, or evenly spaced slices holding about
+    `sample` levels (None: all). Contexts restart at every slice, so a spread of slices measures
+    the same start-up cost the whole tensor pays."""
+    nslices = -(-levels.size // slice_size)
+    every = 1 if sample is None else max(1, (nslices * slice_size) // max(sample, slice_size))
+    ngroups = max(1, min(4 * numba.get_num_threads(), -(-nslices // every)))
+    cost = engine_cpu.preset_costs(levels, slice_size, dq, num_gt_flags, ngroups, every)
     used = used_contexts(num_gt_flags, dq)
     return np.argmin(cost[used], axis=1).astype(np.uint8)
 

@@ -457,13 +457,13 @@ def _preset_costs_slice(levels, start, end, dq, num_gt_flags, cost):
 
 
 @nb.njit(parallel=True, cache=True)
-def preset_costs(levels, slice_size, dq, num_gt_flags, ngroups):
-    """cost[c, p] summed over all slices, computed in `ngroups` parallel groups of slices."""
+def preset_costs(levels, slice_size, dq, num_gt_flags, ngroups, every):
+    """cost[c, p] summed over every `every`-th slice, in `ngroups` parallel groups of slices."""
     n = levels.shape[0]
     nslices = (n + slice_size - 1) // slice_size
     partial = np.zeros((ngroups, MAX_CONTEXTS, NUM_PRESETS), np.int64)
     for g in nb.prange(ngroups):
-        for s in range(g, nslices, ngroups):
+        for s in range(g * every, nslices, ngroups * every):
             start = s * slice_size
             _preset_costs_slice(levels, start, min(n, start + slice_size), dq, num_gt_flags, partial[g])
     return partial.sum(axis=0)

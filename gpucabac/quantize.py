@@ -36,36 +36,59 @@ def round_half_away(x: np.ndarray) -> np.ndarray:
     return np.copysign(r, x)
 
 
-def _scaled(x: np.ndarray, step: float) -> np.ndarray:
-    if not np.isfinite(step) or step <= 0:
-        raise InputError(f"step must be a positive finite number, got {step}")
-    w = np.asarray(x, dtype=np.float64).reshape(-1)
-    if not np.all(np.isfinite(w)):
-        raise InputError("tensor has NaN or infinite values; they cannot be quantized")
-    u = w / np.float64(np.float32(step))
-    peak = float(np.max(np.abs(u))) if u.size else 0.0
-    if peak > MAX_ABS_LEVEL:
-        raise InputError(
-            f"step {step:g} is too small for this tensor: |w|/step reaches {peak:.3g}, "
-            f"above the largest codable level {MAX_ABS_LEVEL}; use a larger step (higher qp)"
-        )
-    return u
-
-
 def quantize_levels(x: np.ndarray, step: float, *, dq: bool = False, slice_size: int | None = None) -> np.ndarray:
     """Integer levels (reconstruction indices) of x at `step`, flattened in scan order.
 
     Uniform: round half away from zero. DQ: an 8-state Viterbi trellis per slice (the DQ state
     restarts at every slice, DESIGN §1) minimising the squared error.
     """
-    u = _scaled(x, step)
-    if not dq:
-        return round_half_away(u).astype(np.int32)
-    n = u.shape[0]
-    size = n if slice_size is None else int(slice_size)
-    if n == 0:
-        return np.zeros(0, np.int32)
-    return _dq_trellis(u, max(1, min(size, n)))
+    if not np.isfinite(step) or step <= 0:
+        raise InputError(f"step must be a positive finite number, got {step}")
+    w = np.ascontiguousarray(x).reshape(-1)
+    if w.dtype.kind != "f" or w.dtype.itemsize < 4:  # float16/bfloat16 widen exactly
+        w = w.astype(np.float32)
+    inv_step = np.float64(np.float32(step))
+    n = w.shape[0]
+    size = max(1, min(n, n if slice_size is None else int(slice_size)))
+    levels = np.empty(n, np.int32)
+    status = _quantize(w, inv_step, bool(dq), size, levels)
+    if status == 1:
+        raise InputError("tensor has NaN or infinite values; they cannot be quantized")
+    if status == 2:
+        peak = float(np.max(np.abs(w.astype(np.float64)))) / inv_step
+        raise InputError(
+            f"step {step:g} is too small for this tensor: |w|/step reaches {peak:.3g}, "
+            f"above the largest codable level {MAX_ABS_LEVEL}; use a larger step (higher qp)"
+        )
+    return levels
+
+
+@nb.njit(parallel=True, cache=True)
+def _quantize(w, step, dq, slice_size, levels):
+    """0 on success, 1 if a value is not finite, 2 if a level would exceed MAX_ABS_LEVEL."""
+    n = w.shape[0]
+    nslices = (n + slice_size - 1) // slice_size
+    status = np.zeros(nslices, np.int32)
+    for s in nb.prange(nslices):
+        start = s * slice_size
+        end = min(n, start + slice_size)
+        for i in range(start, end):
+            u = np.float64(w[i]) / step
+            if not np.isfinite(u):
+                status[s] = 1
+                break
+            if abs(u) > MAX_ABS_LEVEL:
+                status[s] = 2
+                break
+            if not dq:
+                a = abs(u)
+                r = np.floor(a)
+                if a - r >= 0.5:  # exact: a - floor(a) has no rounding error
+                    r += 1.0
+                levels[i] = np.int32(r if u >= 0 else -r)
+        if dq and status[s] == 0:
+            _dq_slice(w, step, start, end, levels)
+    return status.max() if nslices else 0
 
 
 def dequantize(levels: np.ndarray, step: float, shape, dtype) -> np.ndarray:
@@ -89,7 +112,7 @@ def _candidates(x, qid):
 
 
 @nb.njit(cache=True)
-def _dq_slice(u, start, end, out):
+def _dq_slice(w, step, start, end, out):
     n = end - start
     inf = np.inf
     cost = np.full(8, inf)
@@ -98,7 +121,7 @@ def _dq_slice(u, start, end, out):
     # choice[i, s]: 3 bits previous state, 2 bits which candidate (0: lo, 1: hi, 2: zero).
     choice = np.empty((n, 8), np.uint8)
     for i in range(n):
-        x = u[start + i]
+        x = np.float64(w[start + i]) / step
         for s in range(8):
             new[s] = inf
         for s in range(8):
@@ -131,22 +154,7 @@ def _dq_slice(u, start, end, out):
         ch = choice[i, s]
         prev = ch & 7
         which = ch >> 3
-        lo, hi = _candidates(u[start + i], prev & 1)
+        lo, hi = _candidates(np.float64(w[start + i]) / step, prev & 1)
         r = lo if which == 0 else (hi if which == 1 else 0.0)
         out[start + i] = np.int32(r)
         s = prev
-
-
-@nb.njit(parallel=True, cache=True)
-def _dq_trellis_slices(u, slice_size, out):
-    n = u.shape[0]
-    nslices = (n + slice_size - 1) // slice_size
-    for s in nb.prange(nslices):
-        start = s * slice_size
-        _dq_slice(u, start, min(n, start + slice_size), out)
-
-
-def _dq_trellis(u: np.ndarray, slice_size: int) -> np.ndarray:
-    out = np.empty(u.shape[0], np.int32)
-    _dq_trellis_slices(u, slice_size, out)
-    return out
