@@ -17,7 +17,10 @@ from typing import Any
 import click
 import numpy as np
 
+import gpucabac as api  # the public surface (tests patch it); the package never imports cli
+
 from . import io as gio
+from .codec import SMALL_STEP_DIVISOR
 from .errors import GpucabacError
 
 # Float dtypes whose reconstruction error the SNR measures (integer tensors are coded losslessly).
@@ -32,13 +35,6 @@ def _version() -> str:
         return version("gpucabac")
     except PackageNotFoundError:
         return "unknown (not installed)"
-
-
-def _api():
-    """The codec API, imported late so that `gpucabac --help` and `info` stay quick to start."""
-    import gpucabac
-
-    return gpucabac
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,6 +163,10 @@ def _fmt_snr(snr: float) -> str:
     return f"{snr:.2f}"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
 def _rate(weights: int, seconds: float) -> float:
     """Millions of weights per second."""
     return weights / max(seconds, 1e-9) / 1e6
@@ -185,10 +185,12 @@ def _progress(total: int, desc: str) -> Iterator[Callable[[int], None]]:
 
 
 def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    """Columns two spaces apart; those in `right` right-aligned."""
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
 
     def line(cells):
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        padded = (c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(padded).rstrip()
 
     out = [line(headers), line(["-" * w for w in widths])]
     out += [line(r) for r in rows]
@@ -209,20 +211,21 @@ def main() -> None:
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=pathlib.Path),
               help="The .gcb file to write (atomically).")
-@click.option("--qp", type=int, default=None, help="NNC quantization parameter: step = (1 + (QP mod k)/k) * 2^floor(QP/k), "
-                   "about 2^(QP/k), with k = 2^density [default: -32].")
+@click.option("--qp", type=int, default=None,
+              help="NNC quantization parameter: step = (1 + (QP mod k)/k) * 2^floor(QP/k), about "
+                   f"2^(QP/k), with k = 2^density  [default: {api.DEFAULT_QP}]")
 @click.option("--step", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Quantization step instead of --qp.")
 @click.option("--qp-density", type=click.IntRange(0, 7), default=2, show_default=True,
               help="QPs per doubling of the step are 2^density.")
 @click.option("--dq/--no-dq", default=False, show_default=True, help="Dependent (trellis) quantization.")
-@click.option("--slice-size", type=_SliceSize(), default=None,
-              help="Weights per independently coded slice, or 'whole' for one slice per tensor "
-                   "[default: gpucabac.DEFAULT_SLICE_SIZE].")
-@click.option("--gt-flags", type=click.IntRange(min=0), default=11, show_default=True,
+@click.option("--slice-size", type=_SliceSize(), default=api.DEFAULT_SLICE_SIZE, show_default=True,
+              help="Weights per independently coded slice, or 'whole' for one slice per tensor.")
+@click.option("--gt-flags", type=click.IntRange(min=0), default=api.DEFAULT_GT_FLAGS, show_default=True,
               help="Greater-than flags before the Exp-Golomb remainder.")
 @click.option("--small-step", type=_SmallStep(), default=None,
-              help="Step for small tensors (biases, norms), or 'lossless'.")
+              help="Step for tensors of at most one dimension (biases, norms), or 'lossless'  "
+                   f"[default: the step / {SMALL_STEP_DIVISOR}]")
 @_threads_option
 def encode(model, output, qp, step, qp_density, dq, slice_size, gt_flags, small_step, threads):
     """Compress MODEL (a .safetensors/.npz/.pt file or a packaged model name) into a .gcb file."""
@@ -230,10 +233,6 @@ def encode(model, output, qp, step, qp_density, dq, slice_size, gt_flags, small_
         raise click.UsageError("give --qp or --step, not both")
     tensors = gio.read_model(model)
     weights = _weights(tensors)
-    api = _api()
-    ctx = click.get_current_context()
-    if ctx.get_parameter_source("slice_size") == click.core.ParameterSource.DEFAULT:
-        slice_size = api.DEFAULT_SLICE_SIZE
     settings = dict(step=step, qp=qp, qp_density=qp_density, dq=dq, slice_size=slice_size,
                     num_gt_flags=gt_flags, small_step=small_step, threads=threads)
 
@@ -245,7 +244,8 @@ def encode(model, output, qp, step, qp_density, dq, slice_size, gt_flags, small_
 
     expected = api.quantize(tensors, **settings)
     click.echo(
-        f"{output}: {weights:,} weights in {len(tensors)} tensors -> {len(data):,} bytes, "
+        f"{output}: {_count(weights, 'weight')} in {_count(len(tensors), 'tensor')} "
+        f"-> {len(data):,} bytes, "
         f"{8 * len(data) / max(weights, 1):.3f} bits/weight, "
         f"ratio {_raw_bytes(tensors) / max(len(data), 1):.2f}x, "
         f"SNR {_fmt_snr(snr_db(tensors, expected))} dB, "
@@ -264,7 +264,6 @@ def encode(model, output, qp, step, qp_density, dq, slice_size, gt_flags, small_
 @_threads_option
 def decode(input, output, names, dtype, threads):
     """Decode a .gcb file INPUT into a model file."""
-    api = _api()
     info = api.info(input)  # reads the header only
     selected = None if names is None else [n.strip() for n in names.split(",") if n.strip()]
     if selected is not None:
@@ -283,7 +282,7 @@ def decode(input, output, names, dtype, threads):
     gio.write_model(output, tensors)
     weights = _weights(tensors)
     click.echo(
-        f"{output}: {len(tensors)} tensors, {weights:,} weights decoded in {seconds:.2f} s "
+        f"{output}: {_count(len(tensors), 'tensor')}, {_count(weights, 'weight')} decoded in {seconds:.2f} s "
         f"({_rate(weights, seconds):.2f} M weights/s)"
     )
 
@@ -292,7 +291,7 @@ def decode(input, output, names, dtype, threads):
 @click.argument("input", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path))
 def info(input):
     """List the tensors of a .gcb file INPUT: coding mode, step, slices and size."""
-    meta = _api().info(input)  # reads the header only
+    meta = api.info(input)  # reads the header only
     rows = []
     total_weights = total_coded = 0
     for t in meta.tensors:
@@ -308,7 +307,8 @@ def info(input):
     headers = ["name", "dtype", "shape", "mode", "step", "slices", "bytes", "bits/weight"]
     click.echo(_table(headers, rows, right={4, 5, 6, 7}))
     click.echo(
-        f"{input}: format version {meta.version}, {len(meta.tensors)} tensors, {total_weights:,} weights, "
+        f"{input}: format version {meta.version}, {_count(len(meta.tensors), 'tensor')}, "
+        f"{_count(total_weights, 'weight')}, "
         f"{meta.total_bytes:,} bytes in all ({total_coded:,} coded), "
         f"{8 * meta.total_bytes / max(total_weights, 1):.3f} bits/weight"
     )
@@ -345,11 +345,15 @@ def _mismatches(expected: Mapping[str, np.ndarray], decoded: Mapping[str, np.nda
 @_threads_option
 def demo(model, threads):
     """Encode and decode a real model at a few settings, verify every tensor, and report."""
-    api = _api()
     tensors = gio.read_model(model)
     weights = _weights(tensors)
     raw = _raw_bytes(tensors)
-    click.echo(f"model {model}: {len(tensors)} tensors, {weights:,} weights, {raw:,} bytes")
+    click.echo(f"model {model}: {_count(len(tensors), 'tensor')}, {_count(weights, 'weight')}, {raw:,} bytes")
+
+    # Warm-up: compile and load the engine's kernels, so that no timing below includes it.
+    warm = {"w": np.linspace(-1, 1, 2 * api.DEFAULT_SLICE_SIZE, dtype=np.float32).reshape(2, -1)}
+    for dq in (False, True):
+        api.decode(api.encode(warm, qp=-32, dq=dq, threads=threads), threads=threads)
 
     rows, failed = [], []
     for label, kwargs in _demo_settings(api.DEFAULT_SLICE_SIZE):

@@ -30,7 +30,8 @@ RLPS = np.array(
     dtype=np.int32,
 )
 
-# §2.4: NNC's nine context initialisations ("ECO" sets): SH0, SH1, P_init, S0_init.
+# §2.4: context initialisations: NNC's nine "ECO" sets (0..8), then gpucabac's seven (9..15),
+# as SH0, SH1, P_init, S0_init. A 4-bit index per context selects one (docs/format.md).
 # The shift amounts used by the update are sh0 = SH0 + 4 and sh1 = SH1.
 PRESETS = np.array(
     [
@@ -43,6 +44,14 @@ PRESETS = np.array(
         [2, 6, -673, -21],
         [3, 5, 0, 0],
         [3, 5, 962, 30],
+        # gpucabac's additions (DESIGN §3): more starting probabilities at NNC's default rates.
+        [1, 4, -3039, -95],
+        [1, 4, -2000, -63],
+        [1, 4, -654, -20],
+        [1, 4, 654, 20],
+        [1, 4, 1310, 41],
+        [1, 4, 2000, 63],
+        [0, 5, 2000, 63],
     ],
     dtype=np.int32,
 )
