@@ -58,14 +58,12 @@ def _init_contexts(init, s0, s1, sh0, sh1):
 
 @nb.njit(inline="always", cache=True)
 def _update(c, b, s0, s1, sh0, sh1):
+    # sigma = +1 for a 1, -1 for a 0; written without branches (bins are unpredictable).
+    sigma = 2 * b - 1
     a0 = s0[c]
     a1 = s1[c]
-    if b:
-        s0[c] = a0 + (CURVE[16 + (a0 >> 3)] >> sh0[c])
-        s1[c] = a1 + (CURVE[16 + (a1 >> 7)] >> sh1[c])
-    else:
-        s0[c] = a0 - (CURVE[16 + ((-a0) >> 3)] >> sh0[c])
-        s1[c] = a1 - (CURVE[16 + ((-a1) >> 7)] >> sh1[c])
+    s0[c] = a0 + sigma * (CURVE[16 + ((sigma * a0) >> 3)] >> sh0[c])
+    s1[c] = a1 + sigma * (CURVE[16 + ((sigma * a1) >> 7)] >> sh1[c])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,17 +126,14 @@ def encode_slice(levels, start, end, dq, num_gt_flags, init, out, out_start):
             p = s1[c] + 16 * s0[c]
             pc = p >> 7
             rlps = _RLPS[(rng & 0xE0) + (pc if pc >= 0 else -pc)]
-            rng -= rlps
-            if b == (1 if p >= 0 else 0):
-                if rng < 256:
-                    rng <<= 1
-                    low <<= 1
-                    bits_left -= 1
-            else:
-                n = _RENORM[rlps]
-                low = (low + rng) << n
-                rng = rlps << n
-                bits_left -= n
+            rmps = rng - rlps
+            lps = b != (1 if p >= 0 else 0)
+            low += rmps if lps else 0
+            rng = rlps if lps else rmps
+            n = _RENORM[rng]  # 0 or 1 after an MPS, 1..7 after an LPS
+            low <<= n
+            rng <<= n
+            bits_left -= n
             if bits_left < 12:
                 low, bits_left, buffered, nbuf, pos = _write_out(low, bits_left, buffered, nbuf, out, pos)
             _update(c, b, s0, s1, sh0, sh1)
@@ -241,22 +236,19 @@ def decode_slice(data, start, end, count, dq, num_gt_flags, init, out, out_start
         pc = p >> 7
         rlps = _RLPS[(rng & 0xE0) + (pc if pc >= 0 else -pc)]
         rmps = rng - rlps
-        b = 1 if p >= 0 else 0
-        if (value >> 7) >= rmps:
-            value -= rmps << 7
-            rng = rlps
-            b = 1 - b
-        else:
-            rng = rmps
+        scaled = rmps << 7
+        lps = value >= scaled
+        b = (1 if p >= 0 else 0) ^ (1 if lps else 0)
+        value -= scaled if lps else 0
+        rng = rlps if lps else rmps
         n = _RENORM[rng]
-        if n:
-            rng <<= n
-            value <<= n
-            bits += n
-            if bits >= 0:
-                byte, pos, overrun = _read_byte(data, pos, end, overrun)
-                value += byte << bits
-                bits -= 8
+        rng <<= n
+        value <<= n
+        bits += n
+        if bits >= 0:
+            byte, pos, overrun = _read_byte(data, pos, end, overrun)
+            value += byte << bits
+            bits -= 8
         _update(c, b, s0, s1, sh0, sh1)
         # Next bin, or the level is complete.
         q = 0
