@@ -363,8 +363,14 @@ def demo(model, threads):
             data = api.encode(tensors, **kwargs, threads=threads, progress=progress)
         t_enc = time.perf_counter() - start
         start = time.perf_counter()
-        with _progress(weights, f"{label}: decode") as progress:
-            decoded = api.decode(data, threads=threads, progress=progress)
+        try:
+            with _progress(weights, f"{label}: decode") as progress:
+                decoded = api.decode(data, threads=threads, progress=progress)
+        except GpucabacError as e:  # its own stream failing to decode is a failed verification
+            failed.append(f"{label} (decode failed: {e})")
+            rows.append([label, f"{8 * len(data) / max(weights, 1):.3f}", f"{raw / max(len(data), 1):.2f}",
+                         "-", f"{_rate(weights, t_enc):.2f}", "-", "no"])
+            continue
         t_dec = time.perf_counter() - start
         expected = api.quantize(tensors, **kwargs, threads=threads)
         bad = _mismatches(expected, decoded)

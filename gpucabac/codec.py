@@ -32,7 +32,7 @@ DEFAULT_GT_FLAGS = 11  # NNCodec 2 codes N = 11 greater-than flags (methods_spec
 SMALL_STEP_DIVISOR = 16
 # Levels over which the context initialisation is measured (evenly spaced slices); the choice
 # costs about 9 coder passes over them, so sampling keeps encoding fast on large tensors.
-CTX_INIT_SAMPLE = 1 << 20
+CTX_INIT_SAMPLE = 1 << 18
 # Slices are encoded in batches whose worst-case output fits this scratch budget.
 _SCRATCH_BYTES = 64 << 20
 

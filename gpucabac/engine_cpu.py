@@ -403,12 +403,33 @@ def decode_slices_into(data, slice_offsets, slice_lengths, first_slice, nslices,
 
 # ---------------------------------------------------------------------------------------------
 # Context initialisation: the cost of every preset for every context, over all slices (§2.5).
+#
+# Presets that share their shifts (adaptation rates) differ only in the starting state, and that
+# difference fades within the first bins a context sees. So each context is followed from every
+# preset for its first _TRANSIENT_BINS bins in a slice, and afterwards only from one preset per
+# shift group, whose cost is charged to the whole group: 4 instead of 16 updates per bin, for an
+# encoder decision that the decoder never depends on.
+_TRANSIENT_BINS = 96
+_shift_pairs = [tuple(r) for r in PRESETS[:, :2].tolist()]
+_GROUP_LEADERS = np.array(sorted({_shift_pairs.index(sp) for sp in _shift_pairs}), np.int64)
+_SHIFT_GROUP = np.array([list(_GROUP_LEADERS).index(_shift_pairs.index(sp)) for sp in _shift_pairs], np.int64)
+_NUM_GROUPS = len(_GROUP_LEADERS)
 
 
 @nb.njit(inline="always", cache=True)
-def _preset_costs_slice(levels, start, end, dq, num_gt_flags, cost):
-    """Adds to cost[c, p] the estimated bits (2^15 units) of the slice's bins at context c when
-    every context starts from preset p."""
+def _cost_and_update(ps0, ps1, i, b, sh0, sh1):
+    a0 = ps0[i]
+    a1 = ps1[i]
+    sigma = 2 * b - 1
+    ps0[i] = a0 + sigma * (CURVE[16 + ((sigma * a0) >> 3)] >> sh0)
+    ps1[i] = a1 + sigma * (CURVE[16 + ((sigma * a1) >> 7)] >> sh1)
+    return _BIT_COST[2 * (512 + ((a1 + 16 * a0) >> 3)) + b]
+
+
+@nb.njit(cache=True)
+def _preset_costs_slice(levels, start, end, dq, num_gt_flags, cost, group_cost):
+    """Adds to cost[c*NUM_PRESETS + p] (and, past the transient, to group_cost[c*_NUM_GROUPS + g])
+    the estimated bits (2^15 units) of the slice's bins at context c starting from preset p."""
     ps0 = np.empty(MAX_CONTEXTS * NUM_PRESETS, np.int32)
     ps1 = np.empty(MAX_CONTEXTS * NUM_PRESETS, np.int32)
     psh0 = np.empty(NUM_PRESETS, np.int32)
@@ -419,6 +440,7 @@ def _preset_costs_slice(levels, start, end, dq, num_gt_flags, cost):
         for c in range(MAX_CONTEXTS):
             ps0[c * NUM_PRESETS + p] = _PRESETS[4 * p + 3]
             ps1[c * NUM_PRESETS + p] = _PRESETS[4 * p + 2] - 16 * _PRESETS[4 * p + 3]
+    seen = np.zeros(MAX_CONTEXTS, np.int32)
     ctx = np.empty(MAX_REGULAR_BINS, np.int32)
     bins = np.empty(MAX_REGULAR_BINS, np.int32)
     prev = 0
@@ -432,17 +454,14 @@ def _preset_costs_slice(levels, start, end, dq, num_gt_flags, cost):
             c = ctx[j]
             b = bins[j]
             k = c * NUM_PRESETS
-            cc = cost[c]
-            for p in range(NUM_PRESETS):
-                a0 = ps0[k + p]
-                a1 = ps1[k + p]
-                cc[p] += _BIT_COST[2 * (512 + ((a1 + 16 * a0) >> 3)) + b]
-                if b:
-                    ps0[k + p] = a0 + (CURVE[16 + (a0 >> 3)] >> psh0[p])
-                    ps1[k + p] = a1 + (CURVE[16 + (a1 >> 7)] >> psh1[p])
-                else:
-                    ps0[k + p] = a0 - (CURVE[16 + ((-a0) >> 3)] >> psh0[p])
-                    ps1[k + p] = a1 - (CURVE[16 + ((-a1) >> 7)] >> psh1[p])
+            if seen[c] < _TRANSIENT_BINS:
+                seen[c] += 1
+                for p in range(NUM_PRESETS):
+                    cost[k + p] += _cost_and_update(ps0, ps1, k + p, b, psh0[p], psh1[p])
+            else:
+                for g in range(_NUM_GROUPS):
+                    p = _GROUP_LEADERS[g]
+                    group_cost[c * _NUM_GROUPS + g] += _cost_and_update(ps0, ps1, k + p, b, psh0[p], psh1[p])
         prev = q
         if dq:
             state = dq_next_state(state, q)
@@ -453,9 +472,14 @@ def preset_costs(levels, slice_size, dq, num_gt_flags, ngroups, every):
     """cost[c, p] summed over every `every`-th slice, in `ngroups` parallel groups of slices."""
     n = levels.shape[0]
     nslices = (n + slice_size - 1) // slice_size
-    partial = np.zeros((ngroups, MAX_CONTEXTS, NUM_PRESETS), np.int64)
+    partial = np.zeros((ngroups, MAX_CONTEXTS * NUM_PRESETS), np.int64)
+    partial_group = np.zeros((ngroups, MAX_CONTEXTS * _NUM_GROUPS), np.int64)
     for g in nb.prange(ngroups):
         for s in range(g * every, nslices, ngroups * every):
             start = s * slice_size
-            _preset_costs_slice(levels, start, min(n, start + slice_size), dq, num_gt_flags, partial[g])
-    return partial.sum(axis=0)
+            _preset_costs_slice(levels, start, min(n, start + slice_size), dq, num_gt_flags, partial[g], partial_group[g])
+    cost = partial.sum(axis=0).reshape((MAX_CONTEXTS, NUM_PRESETS))
+    group = partial_group.sum(axis=0).reshape((MAX_CONTEXTS, _NUM_GROUPS))
+    for p in range(NUM_PRESETS):
+        cost[:, p] += group[:, _SHIFT_GROUP[p]]
+    return cost

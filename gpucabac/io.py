@@ -46,7 +46,7 @@ SUPPORTED_DTYPES: tuple[np.dtype, ...] = tuple(
     np.dtype(t)
     for t in (
         np.float32, np.float16, ml_dtypes.bfloat16, np.float64,
-        np.int8, np.int16, np.int32, np.int64, np.uint8, np.bool_,
+        np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.bool_,
     )
 )
 _SUPPORTED_NAMES = ", ".join(d.name for d in SUPPORTED_DTYPES)
@@ -209,14 +209,13 @@ def _import_torch():
 
 
 def _torch_dtypes(torch) -> dict:
-    # torch dtype -> NumPy dtype; bfloat16 goes through int16 since NumPy has no bfloat16 of its own
-    return {
-        torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.float16),
-        torch.bfloat16: _BF16, torch.float64: np.dtype(np.float64),
-        torch.int8: np.dtype(np.int8), torch.int16: np.dtype(np.int16),
-        torch.int32: np.dtype(np.int32), torch.int64: np.dtype(np.int64),
-        torch.uint8: np.dtype(np.uint8), torch.bool: np.dtype(np.bool_),
-    }
+    """torch dtype -> NumPy dtype. bfloat16 goes through int16, since NumPy has no bfloat16 of its
+    own; uint16/32/64 exist from torch 2.3 on."""
+    names = ["float32", "float16", "float64", "int8", "int16", "int32", "int64", "uint8", "bool",
+             "uint16", "uint32", "uint64"]
+    table = {getattr(torch, n): np.dtype(n) for n in names if hasattr(torch, n)}
+    table[torch.bfloat16] = _BF16
+    return table
 
 
 def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
