@@ -21,6 +21,7 @@ def _tiny_model():
     rng = np.random.default_rng(7)
     return {
         "layer.weight": (rng.standard_normal((40, 30)) * 0.05).astype(np.float32),
+        "embedding": (rng.standard_normal((70, 100)) * 0.05).astype(np.float32),  # > one default slice
         "layer.bias": (rng.standard_normal(30) * 0.01).astype(np.float32),
         "half": (rng.standard_normal((3, 50)) * 0.1).astype(np.float16),
         "brain": (rng.standard_normal(77) * 0.1).astype(BF16),
@@ -58,6 +59,9 @@ def _float_after(pattern, text):
         (["--step", "0.004", "--slice-size", "whole"], dict(step=0.004, slice_size=None)),
         (["--qp", "-30", "--slice-size", "100", "--gt-flags", "3", "--threads", "1"],
          dict(qp=-30, slice_size=100, num_gt_flags=3, threads=1)),
+        (["--small-step", "lossless", "--qp-density", "3", "--qp", "-60"],
+         dict(small_step="lossless", qp_density=3, qp=-60)),
+        (["--small-step", "0.001", "--no-dq"], dict(small_step=0.001)),
     ],
 )
 def test_encode_writes_the_stream_the_api_writes(tmp_path, model_file, options, settings):
@@ -67,6 +71,9 @@ def test_encode_writes_the_stream_the_api_writes(tmp_path, model_file, options, 
     tensors = gio.read_model(model_file)
     data = out.read_bytes()
     assert data == gpucabac.encode(tensors, **settings)
+    slices = {t.name: t.num_slices for t in gpucabac.info(data).tensors}
+    size = settings.get("slice_size", gpucabac.DEFAULT_SLICE_SIZE)
+    assert slices["embedding"] == (1 if size is None else math.ceil(7000 / size))
 
     weights = sum(t.size for t in tensors.values())
     line = result.stdout.strip()
@@ -170,6 +177,25 @@ def test_demo_fails_when_a_decoded_tensor_differs(model_file, monkeypatch):
     assert result.exit_code == 1
     assert [line.split()[-1] for line in result.stdout.splitlines() if line.startswith(("URQ", "DQ"))] == ["no"] * 5
     assert "gpucabac: error: decoded tensors differ" in result.stderr and "'position_ids'" in result.stderr
+
+
+def test_demo_reports_a_stream_that_fails_to_decode(model_file, monkeypatch):
+    real = gpucabac.encode
+
+    def corrupting(tensors, **kwargs):
+        data = bytearray(real(tensors, **kwargs))
+        if kwargs.get("dq") and "layer.weight" in tensors:  # not the demo's warm-up
+            data[-3] ^= 0xFF  # inside the last tensor's payload: its checksum no longer matches
+        return bytes(data)
+
+    monkeypatch.setattr(gpucabac, "encode", corrupting)
+    result = run("demo", "--model", model_file)
+    assert result.exit_code == 1
+    rows = [line.rsplit(maxsplit=6) for line in result.stdout.splitlines() if line.startswith(("URQ", "DQ"))]
+    verdicts = {row[0].split(" S=")[0]: row[-1] for row in rows}
+    assert verdicts == {"URQ QP -32": "yes", "URQ QP -38": "yes", "DQ QP -36": "no", "DQ QP -32": "no",
+                        "URQ QP -32 whole tensors": "yes"}
+    assert "decode failed" in result.stderr
 
 
 # --- errors -------------------------------------------------------------------------------------
