@@ -25,6 +25,7 @@ from .errors import (
     GpucabacError as GpucabacError,
     InputError as InputError,
     ModelFileError as ModelFileError,
+    TensorNotFoundError as TensorNotFoundError,
 )
 from .quantize import quantize_levels as quantize_levels, step_from_qp as step_from_qp
 
@@ -33,5 +34,5 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_GT_FLAGS", "DEFAULT_QP", "DEFAULT_SLICE_SIZE", "ContainerInfo", "TensorInfo",
     "decode", "encode", "info", "load", "quantize", "quantize_levels", "step_from_qp",
-    "FormatError", "GpucabacError", "InputError", "ModelFileError",
+    "FormatError", "GpucabacError", "InputError", "ModelFileError", "TensorNotFoundError",
 ]

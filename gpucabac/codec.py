@@ -20,7 +20,7 @@ import numpy as np
 from . import container, engine_cpu
 from .binarize import MAX_CONTEXTS, used_contexts
 from .container import FLOAT_DTYPES, ITEMSIZE, TensorRecord
-from .errors import FormatError, InputError
+from .errors import FormatError, InputError, TensorNotFoundError
 from .quantize import dequantize, quantize_levels, step_from_qp
 from .tables import MAX_ABS_LEVEL, MAX_GT_FLAGS
 
@@ -183,13 +183,19 @@ def _as_array(name, x) -> np.ndarray:
 def choose_context_init(levels: np.ndarray, slice_size: int, dq: bool, num_gt_flags: int,
                         sample: int | None = CTX_INIT_SAMPLE) -> np.ndarray:
     """Per used context, the preset (tables.PRESETS) with the least estimated cost (§2.8 bit
-    costs) summed over the tensor's slices: all of them, or evenly spaced slices holding about
-    `sample` levels (None: all). Contexts restart at every slice, so a spread of slices measures
-    the same start-up cost the whole tensor pays."""
+    costs) summed over the tensor's slices: all of them (sample None), or about `sample` levels
+    taken as evenly spaced slices, or as the start of the slice when one slice is longer than
+    the sample. Contexts restart at every slice, so a spread of slices measures the start-up
+    cost the whole tensor pays, and the start of a long slice is where the initial state counts.
+    """
     nslices = -(-levels.size // slice_size)
-    every = 1 if sample is None else max(1, (nslices * slice_size) // max(sample, slice_size))
+    if sample is None:
+        every, prefix = 1, slice_size
+    else:
+        every = max(1, (nslices * slice_size) // max(sample, slice_size))
+        prefix = max(sample, 1)
     ngroups = max(1, min(4 * numba.get_num_threads(), -(-nslices // every)))
-    cost = engine_cpu.preset_costs(levels, slice_size, dq, num_gt_flags, ngroups, every)
+    cost = engine_cpu.preset_costs(levels, slice_size, dq, num_gt_flags, ngroups, every, prefix)
     used = used_contexts(num_gt_flags, dq)
     return np.argmin(cost[used], axis=1).astype(np.uint8)
 
@@ -338,7 +344,7 @@ def _select(header: container.Header, names) -> list[TensorRecord]:
     known = {r.name: r for r in header.records}
     missing = [n for n in names if n not in known]
     if missing:
-        raise KeyError(f"no tensor named {', '.join(map(repr, missing))} in this container")
+        raise TensorNotFoundError(f"no tensor named {', '.join(map(repr, missing))} in this container")
     return [known[n] for n in names]
 
 

@@ -16,3 +16,7 @@ class InputError(GpucabacError, ValueError):
 
 class ModelFileError(GpucabacError, OSError):
     """A model file is missing, of an unknown kind, or unreadable."""
+
+
+class TensorNotFoundError(GpucabacError, KeyError):
+    """A tensor name asked of a container is not in it."""
