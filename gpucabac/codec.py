@@ -21,7 +21,7 @@ from . import container, engine_cpu
 from .binarize import MAX_CONTEXTS, used_contexts
 from .container import FLOAT_DTYPES, ITEMSIZE, TensorRecord
 from .errors import FormatError, InputError, TensorNotFoundError
-from .quantize import dequantize, quantize_levels, step_from_qp
+from .quantize import dequantize, fit_dtype_range, quantize_levels, step_from_qp
 from .tables import MAX_ABS_LEVEL, MAX_GT_FLAGS
 
 DEFAULT_QP = -32
@@ -145,7 +145,8 @@ def _plan(x: np.ndarray, s: _Settings) -> _Plan:
 def _levels(x: np.ndarray, plan: _Plan) -> np.ndarray:
     if plan.mode == "int":
         return np.ascontiguousarray(x, dtype=np.int64).reshape(-1).astype(np.int32)
-    return quantize_levels(x, plan.step, dq=plan.mode == "dq", slice_size=plan.slice_size)
+    levels = quantize_levels(x, plan.step, dq=plan.mode == "dq", slice_size=plan.slice_size)
+    return fit_dtype_range(levels, plan.step, _numpy_dtype(plan.dtype), dq=plan.mode == "dq")
 
 
 def _reconstruct(levels: np.ndarray, plan: _Plan, shape) -> np.ndarray:
@@ -311,9 +312,7 @@ def decode_levels(rec: TensorRecord, payload: np.ndarray) -> np.ndarray:
         raise FormatError(f"tensor {rec.name!r}: checksum mismatch in slice {int(bad[0])} of {rec.num_slices} ({bad.size} corrupt)")
     dq = rec.mode == "dq"
     init = np.zeros(MAX_CONTEXTS, np.int32)
-    init[used_contexts(rec.num_gt_flags, dq)[: rec.ctx_init.size]] = rec.ctx_init
-    if rec.ctx_init.size != len(used_contexts(rec.num_gt_flags, dq)):
-        raise FormatError(f"tensor {rec.name!r}: {rec.ctx_init.size} context initialisations, its mode uses {len(used_contexts(rec.num_gt_flags, dq))}")
+    init[used_contexts(rec.num_gt_flags, dq)] = rec.ctx_init  # count checked by container.parse
     out = np.empty(n, np.int32)
     errors = np.zeros(rec.num_slices, np.int32)
     engine_cpu.decode_slices_into(payload, offsets, lengths, 0, rec.num_slices, n, rec.slice_size, dq, rec.num_gt_flags, init, out, errors)
@@ -330,8 +329,12 @@ def _decode_record(rec: TensorRecord, payload: np.ndarray, dtype) -> np.ndarray:
             raise FormatError(f"tensor {rec.name!r}: checksum mismatch in its raw payload")
         x = payload.view(_numpy_dtype(rec.dtype).newbyteorder("<")).astype(_numpy_dtype(rec.dtype)).reshape(rec.shape)
     else:
-        plan = _Plan(rec.mode, rec.step, rec.slice_size, rec.dtype)
-        x = _reconstruct(decode_levels(rec, payload), plan, rec.shape)
+        levels = decode_levels(rec, payload)
+        if rec.mode == "int" and levels.size:
+            lo, hi = (0, 1) if rec.dtype == "bool" else (np.iinfo(rec.dtype).min, np.iinfo(rec.dtype).max)
+            if levels.min() < lo or levels.max() > hi:
+                raise FormatError(f"tensor {rec.name!r}: decoded values {int(levels.min())}..{int(levels.max())} do not fit its dtype {rec.dtype}")
+        x = _reconstruct(levels, _Plan(rec.mode, rec.step, rec.slice_size, rec.dtype), rec.shape)
     if dtype is not None and rec.dtype in FLOAT_DTYPES:
         x = x.astype(_numpy_dtype(dtype) if isinstance(dtype, str) else dtype)
     return x

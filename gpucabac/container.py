@@ -14,6 +14,7 @@ import zlib
 import numba as nb
 import numpy as np
 
+from .binarize import used_contexts
 from .errors import FormatError
 from .tables import NUM_PRESETS
 
@@ -34,9 +35,9 @@ MAX_NDIM = 8
 MAX_ELEMENTS = 1 << 40
 MAX_GT_FLAGS_FIELD = 20
 # A coded slice cannot hold more levels than this per payload byte: a level costs at least about
-# 0.01 bits in the most skewed state of the estimator (~800 levels per byte); the bound leaves 5x
-# margin and lets a reader reject absurd shapes before allocating anything.
-MAX_LEVELS_PER_BYTE = 4096
+# 0.0102 bits (an MPS in the most skewed state at the narrowest range, ~790 levels per byte), so a
+# reader rejects absurd shapes before it allocates anything.
+MAX_LEVELS_PER_BYTE = 1024
 MIN_SLICE_BYTES = 2
 
 
@@ -245,6 +246,9 @@ def parse(table: bytes | memoryview, count: int, table_crc: int, file_size: int)
             init[0::2] = raw & 15
             init[1::2] = raw >> 4
             init = init[:nctx]
+            want_ctx = len(used_contexts(ngt, mode == "dq"))
+            if nctx != want_ctx:
+                raise FormatError(f"tensor {name!r}: {nctx} context initialisations, its mode and {ngt} flags use {want_ctx}")
             if init.size and init.max() >= NUM_PRESETS:
                 raise FormatError(f"tensor {name!r}: context initialisation index {int(init.max())} is not a preset (0..{NUM_PRESETS - 1})")
         offset, length = f.unpack("QQ", f"payload offset/length of {name!r}")

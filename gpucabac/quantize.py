@@ -11,6 +11,7 @@ same way on every engine.
 
 from __future__ import annotations
 
+import ml_dtypes
 import numba as nb
 import numpy as np
 
@@ -158,3 +159,25 @@ def _dq_slice(w, step, start, end, out):
         r = lo if which == 0 else (hi if which == 1 else 0.0)
         out[start + i] = np.int32(r)
         s = prev
+
+
+def fit_dtype_range(levels: np.ndarray, step: float, dtype, *, dq: bool) -> np.ndarray:
+    """Move levels whose reconstruction overflows `dtype` (a finite weight near the dtype's
+    largest value, rounded up) towards zero: by one, or under DQ by four, which keeps
+    the parity of the coded level and so every later DQ state."""
+    dtype = np.dtype(dtype)
+    if dtype.itemsize > 4 or levels.size == 0:  # float64 reconstructions cannot overflow
+        return levels
+    big = float(ml_dtypes.finfo(dtype).max)
+    limit = big / float(np.float32(step))  # in float64: no overflow for tiny steps
+    if np.abs(levels).max() < limit - 2:
+        return levels
+    levels = levels.copy()
+    delta = 4 if dq else 1
+    while True:
+        with np.errstate(over="ignore"):
+            rec = (levels.astype(np.float32) * np.float32(step)).astype(dtype)
+        over = ~np.isfinite(rec.astype(np.float32))
+        if not over.any():
+            return levels
+        levels[over] -= np.sign(levels[over]).astype(np.int32) * delta

