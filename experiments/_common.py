@@ -54,7 +54,16 @@ def machine_info() -> dict:
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "numpy": np.__version__,
+        "loadavg_start": loadavg(),
     }
+
+
+def loadavg() -> list[float] | None:
+    """1/5/15-minute load averages: other processes running during a timing make it unreliable."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        return None
 
 
 def load_default_model_2d(name: str | None = None) -> tuple[str, dict[str, np.ndarray]]:
@@ -136,6 +145,8 @@ def header_md(title: str, info: dict, model: str, settings: dict) -> str:
         f"- machine: {info['platform']}, {info['cpu']}, {info['cpu_count']} CPUs, Python {info['python']}",
         f"- date: {info['date']}",
         f"- git commit: {info['git_commit']}",
+        f"- load average (1/5/15 min) at start: {info.get('loadavg_start')}"
+        + (f", at end: {info['loadavg_end']}" if info.get("loadavg_end") else ""),
         f"- model: {model}",
         "- settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()),
         "",
