@@ -184,19 +184,14 @@ def _as_array(name, x) -> np.ndarray:
 def choose_context_init(levels: np.ndarray, slice_size: int, dq: bool, num_gt_flags: int,
                         sample: int | None = CTX_INIT_SAMPLE) -> np.ndarray:
     """Per used context, the preset (tables.PRESETS) with the least estimated cost (§2.8 bit
-    costs) summed over the tensor's slices: all of them (sample None), or about `sample` levels
-    taken as evenly spaced slices, or as the start of the slice when one slice is longer than
-    the sample. Contexts restart at every slice, so a spread of slices measures the start-up
-    cost the whole tensor pays, and the start of a long slice is where the initial state counts.
-    """
+    costs) summed over the tensor's slices: all of them (sample None), or evenly spaced slices
+    holding about `sample` levels. Contexts restart at every slice, so a spread of slices
+    measures the start-up cost the whole tensor pays. A slice is always measured whole: a prefix
+    can mislead (the first rows of an embedding table are often untrained tokens)."""
     nslices = -(-levels.size // slice_size)
-    if sample is None:
-        every, prefix = 1, slice_size
-    else:
-        every = max(1, (nslices * slice_size) // max(sample, slice_size))
-        prefix = max(sample, 1)
+    every = 1 if sample is None else max(1, (nslices * slice_size) // max(sample, slice_size))
     ngroups = max(1, min(4 * numba.get_num_threads(), -(-nslices // every)))
-    cost = engine_cpu.preset_costs(levels, slice_size, dq, num_gt_flags, ngroups, every, prefix)
+    cost = engine_cpu.preset_costs(levels, slice_size, dq, num_gt_flags, ngroups, every)
     used = used_contexts(num_gt_flags, dq)
     return np.argmin(cost[used], axis=1).astype(np.uint8)
 

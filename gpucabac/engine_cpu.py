@@ -468,9 +468,8 @@ def _preset_costs_slice(levels, start, end, dq, num_gt_flags, cost, group_cost):
 
 
 @nb.njit(parallel=True, cache=True)
-def preset_costs(levels, slice_size, dq, num_gt_flags, ngroups, every, prefix):
-    """cost[c, p] summed over the first `prefix` levels of every `every`-th slice, in `ngroups`
-    parallel groups of slices."""
+def preset_costs(levels, slice_size, dq, num_gt_flags, ngroups, every):
+    """cost[c, p] summed over every `every`-th slice, in `ngroups` parallel groups of slices."""
     n = levels.shape[0]
     nslices = (n + slice_size - 1) // slice_size
     partial = np.zeros((ngroups, MAX_CONTEXTS * NUM_PRESETS), np.int64)
@@ -478,7 +477,7 @@ def preset_costs(levels, slice_size, dq, num_gt_flags, ngroups, every, prefix):
     for g in nb.prange(ngroups):
         for s in range(g * every, nslices, ngroups * every):
             start = s * slice_size
-            end = min(n, start + min(slice_size, prefix))
+            end = min(n, start + slice_size)
             _preset_costs_slice(levels, start, end, dq, num_gt_flags, partial[g], partial_group[g])
     cost = partial.sum(axis=0).reshape((MAX_CONTEXTS, NUM_PRESETS))
     group = partial_group.sum(axis=0).reshape((MAX_CONTEXTS, _NUM_GROUPS))

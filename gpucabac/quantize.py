@@ -48,15 +48,19 @@ def quantize_levels(x: np.ndarray, step: float, *, dq: bool = False, slice_size:
     w = np.ascontiguousarray(x).reshape(-1)
     if w.dtype.kind != "f" or w.dtype.itemsize < 4:  # float16/bfloat16 widen exactly
         w = w.astype(np.float32)
-    inv_step = np.float64(np.float32(step))
+    # w * (1/step) in the tensor's precision, as NNCodec's quantizer computes it, so that both
+    # give the same levels (also where 1/step is inexact and w/step lies next to a tie).
+    scale = w.dtype.type(1.0 / w.dtype.type(np.float32(step)))
+    if not np.isfinite(scale):
+        raise InputError(f"step {step:g} is too small: its reciprocal overflows {w.dtype}")
     n = w.shape[0]
     size = max(1, min(n, n if slice_size is None else int(slice_size)))
     levels = np.empty(n, np.int32)
-    status = _quantize(w, inv_step, bool(dq), size, levels)
+    status = _quantize(w, scale, bool(dq), size, levels)
     if status == 1:
         raise InputError("tensor has NaN or infinite values; they cannot be quantized")
     if status == 2:
-        peak = float(np.max(np.abs(w.astype(np.float64)))) / inv_step
+        peak = float(np.max(np.abs(w.astype(np.float64)))) * float(scale)
         raise InputError(
             f"step {step:g} is too small for this tensor: |w|/step reaches {peak:.3g}, "
             f"above the largest codable level {MAX_ABS_LEVEL}; use a larger step (higher qp)"
@@ -65,7 +69,7 @@ def quantize_levels(x: np.ndarray, step: float, *, dq: bool = False, slice_size:
 
 
 @nb.njit(parallel=True, cache=True)
-def _quantize(w, step, dq, slice_size, levels):
+def _quantize(w, scale, dq, slice_size, levels):
     """0 on success, 1 if a value is not finite, 2 if a level would exceed MAX_ABS_LEVEL."""
     n = w.shape[0]
     nslices = (n + slice_size - 1) // slice_size
@@ -74,7 +78,7 @@ def _quantize(w, step, dq, slice_size, levels):
         start = s * slice_size
         end = min(n, start + slice_size)
         for i in range(start, end):
-            u = np.float64(w[i]) / step
+            u = np.float64(w[i] * scale)
             if not np.isfinite(u):
                 status[s] = 1
                 break
@@ -88,7 +92,7 @@ def _quantize(w, step, dq, slice_size, levels):
                     r += 1.0
                 levels[i] = np.int32(r if u >= 0 else -r)
         if dq and status[s] == 0:
-            _dq_slice(w, step, start, end, levels)
+            _dq_slice(w, scale, start, end, levels)
     return status.max() if nslices else 0
 
 
@@ -113,7 +117,7 @@ def _candidates(x, qid):
 
 
 @nb.njit(cache=True)
-def _dq_slice(w, step, start, end, out):
+def _dq_slice(w, scale, start, end, out):
     n = end - start
     inf = np.inf
     cost = np.full(8, inf)
@@ -122,7 +126,7 @@ def _dq_slice(w, step, start, end, out):
     # choice[i, s]: 3 bits previous state, 2 bits which candidate (0: lo, 1: hi, 2: zero).
     choice = np.empty((n, 8), np.uint8)
     for i in range(n):
-        x = np.float64(w[start + i]) / step
+        x = np.float64(w[start + i] * scale)
         for s in range(8):
             new[s] = inf
         for s in range(8):
@@ -155,7 +159,7 @@ def _dq_slice(w, step, start, end, out):
         ch = choice[i, s]
         prev = ch & 7
         which = ch >> 3
-        lo, hi = _candidates(np.float64(w[start + i]) / step, prev & 1)
+        lo, hi = _candidates(np.float64(w[start + i] * scale), prev & 1)
         r = lo if which == 0 else (hi if which == 1 else 0.0)
         out[start + i] = np.int32(r)
         s = prev
