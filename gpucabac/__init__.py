@@ -23,16 +23,25 @@ from .codec import (
 from .errors import (
     FormatError as FormatError,
     GpucabacError as GpucabacError,
+    GpuUnavailableError as GpuUnavailableError,
     InputError as InputError,
     ModelFileError as ModelFileError,
     TensorNotFoundError as TensorNotFoundError,
 )
 from .quantize import quantize_levels as quantize_levels, step_from_qp as step_from_qp
+from .rdquant import fisher_diagonal as fisher_diagonal, rd_levels as rd_levels
+from .sweep import (
+    OperatingPoint as OperatingPoint,
+    SweepResult as SweepResult,
+    choose_operating_point as choose_operating_point,
+    sweep as sweep,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_GT_FLAGS", "DEFAULT_QP", "DEFAULT_SLICE_SIZE", "ContainerInfo", "TensorInfo",
     "decode", "encode", "info", "load", "quantize", "quantize_levels", "step_from_qp",
-    "FormatError", "GpucabacError", "InputError", "ModelFileError", "TensorNotFoundError",
+    "OperatingPoint", "SweepResult", "choose_operating_point", "fisher_diagonal", "rd_levels", "sweep",
+    "FormatError", "GpucabacError", "GpuUnavailableError", "InputError", "ModelFileError", "TensorNotFoundError",
 ]

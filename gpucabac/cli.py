@@ -1,4 +1,4 @@
-"""The `gpucabac` command: encode, decode, info and demo.
+"""The `gpucabac` command: encode, decode, info, demo, sweep and plot.
 
 Every problem with the user's files or settings (a GpucabacError or OSError) ends the command with
 `gpucabac: error: ...` on stderr and exit code 1; click's own usage errors keep exit code 2.
@@ -226,15 +226,17 @@ def main() -> None:
 @click.option("--small-step", type=_SmallStep(), default=None,
               help="Step for tensors of at most one dimension (biases, norms), or 'lossless'  "
                    f"[default: the step / {SMALL_STEP_DIVISOR}]")
+@click.option("--lam", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Rate-distortion quantization: weight of the rate, in step² per bit (0: plain quantizer).")
 @_threads_option
-def encode(model, output, qp, step, qp_density, dq, slice_size, gt_flags, small_step, threads):
+def encode(model, output, qp, step, qp_density, dq, slice_size, gt_flags, small_step, lam, threads):
     """Compress MODEL (a .safetensors/.npz/.pt file or a packaged model name) into a .gcb file."""
     if qp is not None and step is not None:
         raise click.UsageError("give --qp or --step, not both")
     tensors = gio.read_model(model)
     weights = _weights(tensors)
     settings = dict(step=step, qp=qp, qp_density=qp_density, dq=dq, slice_size=slice_size,
-                    num_gt_flags=gt_flags, small_step=small_step, threads=threads)
+                    num_gt_flags=gt_flags, small_step=small_step, threads=threads, lam=lam)
 
     start = time.perf_counter()
     with _progress(weights, "encode") as progress:
@@ -261,8 +263,11 @@ def encode(model, output, qp, step, qp_density, dq, slice_size, gt_flags, small_
 @click.option("--names", default=None, help="Comma-separated tensor names to decode (default: all).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Dtype of decoded float tensors (default: each tensor's original dtype).")
+@click.option("--device", type=click.Choice(["cpu", "gpu", "auto"]), default="cpu", show_default=True,
+              help="Decoding engine: CPU (numba), GPU (CUDA through CuPy; an error if there is none), "
+                   "or auto (the GPU when CuPy sees one).")
 @_threads_option
-def decode(input, output, names, dtype, threads):
+def decode(input, output, names, dtype, threads, device):
     """Decode a .gcb file INPUT into a model file."""
     info = api.info(input)  # reads the header only
     selected = None if names is None else [n.strip() for n in names.split(",") if n.strip()]
@@ -277,13 +282,20 @@ def decode(input, output, names, dtype, threads):
     start = time.perf_counter()
     with _progress(total, "decode") as progress:
         # load reads only the selected tensors' bytes
-        tensors = api.load(input, selected, dtype=dtype, threads=threads, progress=progress)
-    seconds = time.perf_counter() - start
+        tensors = api.load(input, selected, dtype=dtype, threads=threads, progress=progress, device=device)
+    seconds = time.perf_counter() - start  # on the GPU: up to the copy of the error codes, which syncs
+    on_gpu = any(not isinstance(t, np.ndarray) for t in tensors.values())
+    if on_gpu:
+        from .engine_gpu import to_numpy
+
+        kinds = {t.name: (dtype if dtype and t.dtype in ("float32", "float16", "bfloat16", "float64") else t.dtype)
+                 for t in wanted}
+        tensors = {k: to_numpy(v, kinds.get(k)) for k, v in tensors.items()}
     gio.write_model(output, tensors)
     weights = _weights(tensors)
     click.echo(
         f"{output}: {_count(len(tensors), 'tensor')}, {_count(weights, 'weight')} decoded in {seconds:.2f} s "
-        f"({_rate(weights, seconds):.2f} M weights/s)"
+        f"({_rate(weights, seconds):.2f} M weights/s) on the {'GPU' if on_gpu else 'CPU'}"
     )
 
 
@@ -385,6 +397,82 @@ def demo(model, threads):
     click.echo(_table(headers, rows, right={1, 2, 3, 4, 5}))
     if failed:
         raise _Failure("decoded tensors differ from gpucabac.quantize for: " + "; ".join(failed))
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise click.BadParameter(f"{what}: {text!r} is not a comma-separated list of numbers") from e
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=pathlib.Path),
+              help="JSON file for the results (per tensor and per model).")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=pathlib.Path), default=None,
+              help="Also write the rows as CSV.")
+@click.option("--qp-range", default="-40:-26", show_default=True,
+              help="Steps from NNC QPs A:B (inclusive, step 1) at --qp-density.")
+@click.option("--steps", default=None, help="Comma-separated step sizes instead of --qp-range.")
+@click.option("--qp-density", type=click.IntRange(0, 7), default=2, show_default=True)
+@click.option("--lams", default="0,0.05,0.1,0.2", show_default=True,
+              help="Comma-separated lambdas, in step² per bit (0: plain quantizer).")
+@click.option("--methods", default="urq,dq", show_default=True, help="Comma-separated: urq, dq.")
+@click.option("--slice-size", type=click.IntRange(min=1), default=api.DEFAULT_SLICE_SIZE, show_default=True)
+@click.option("--gt-flags", type=click.IntRange(0, 20), default=api.DEFAULT_GT_FLAGS, show_default=True)
+@click.option("--tensors", "only", default=None, help="Comma-separated tensor names (default: all 2-D+ float tensors).")
+@click.option("--exact/--no-exact", default=True, show_default=True,
+              help="Also run the real coder on every setting's levels (exact rates).")
+def sweep(model, output, csv_path, qp_range, steps, qp_density, lams, methods, slice_size, gt_flags, only, exact):
+    """RD sweep of MODEL over steps x lambdas x methods: estimated and exact rate, MSE, SNR."""
+    tensors = gio.read_model(model)
+    if only:
+        names = [n.strip() for n in only.split(",") if n.strip()]
+        missing = [n for n in names if n not in tensors]
+        if missing:
+            raise _Failure(f"{model}: no tensor named {', '.join(map(repr, missing))}")
+        tensors = {n: tensors[n] for n in names}
+    if steps:
+        step_list = _floats(steps, "--steps")
+    else:
+        try:
+            a, b = (int(v) for v in qp_range.split(":"))
+        except ValueError as e:
+            raise click.BadParameter(f"--qp-range: {qp_range!r} is not A:B") from e
+        step_list = [api.step_from_qp(q, qp_density) for q in range(min(a, b), max(a, b) + 1)]
+    lam_list = _floats(lams, "--lams")
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    swept = {n: t for n, t in tensors.items() if t.ndim >= 2 and t.dtype.kind == "f"}
+    total = _weights(swept) * len(step_list) * len(lam_list) * len(method_list)
+    start = time.perf_counter()
+    with _progress(total, "sweep") as progress:
+        res = api.sweep(swept, step_list, lam_list, methods=method_list, slice_size=slice_size,
+                        num_gt_flags=gt_flags, exact=exact, progress=progress)
+    res.settings["model"] = str(model)
+    res.settings["seconds"] = time.perf_counter() - start
+    res.to_json(output)
+    if csv_path is not None:
+        res.to_csv(csv_path)
+    key = "exact_bpw" if exact else "est_bpw"
+    rows = [[m["method"], f"{m['step']:.6g}", f"{m['lam']:g}", f"{m['est_bpw']:.4f}",
+             f"{m.get('exact_bpw', float('nan')):.4f}", _fmt_snr(m["snr_db"])] for m in sorted(res.model, key=lambda m: (m["method"], m[key]))]
+    click.echo(_table(["method", "step", "lam", "est bpw", "exact bpw", "SNR dB"], rows, right={1, 2, 3, 4, 5}))
+    click.echo(f"{output}: {len(res.model)} settings over {_count(len(swept), 'tensor')} in {res.settings['seconds']:.1f} s")
+
+
+@main.command()
+@click.argument("sweeps", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=pathlib.Path),
+              help="Image file (.png, .pdf, .svg).")
+@click.option("--rate", type=click.Choice(["exact", "est"]), default="exact", show_default=True)
+@click.option("--title", default=None)
+def plot(sweeps, output, rate, title):
+    """RD curves (bits/weight vs SNR) of one or more SWEEP JSON files on one figure (needs matplotlib)."""
+    from .sweep import plot_sweeps  # noqa: PLC0415
+
+    plot_sweeps(list(sweeps), output, rate=rate, title=title)
+    click.echo(f"{output}: written")
 
 
 if __name__ == "__main__":

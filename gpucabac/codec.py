@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import zlib
@@ -20,7 +21,7 @@ import numpy as np
 from . import container, engine_cpu
 from .binarize import MAX_CONTEXTS, used_contexts
 from .container import FLOAT_DTYPES, ITEMSIZE, TensorRecord
-from .errors import FormatError, InputError, TensorNotFoundError
+from .errors import FormatError, GpuUnavailableError, InputError, TensorNotFoundError
 from .quantize import dequantize, fit_dtype_range, quantize_levels, step_from_qp
 from .tables import MAX_ABS_LEVEL, MAX_GT_FLAGS
 
@@ -37,6 +38,29 @@ CTX_INIT_SAMPLE = 1 << 18
 _SCRATCH_BYTES = 64 << 20
 
 Progress = Callable[[int], None]
+
+log = logging.getLogger("gpucabac")
+DEVICES = ("cpu", "gpu", "auto")
+
+
+def resolve_device(device: str, what: str) -> str:
+    """'cpu' or 'gpu' for a `device` argument. 'gpu' raises GpuUnavailableError when CuPy or a
+    CUDA device is missing (never a silent fallback); 'auto' takes the GPU when there is one, and
+    logs (logger "gpucabac", level INFO) which engine ran and why."""
+    if device not in DEVICES:
+        raise InputError(f"device must be one of {', '.join(map(repr, DEVICES))}, got {device!r}")
+    if device == "cpu":
+        return "cpu"
+    from . import engine_gpu  # noqa: PLC0415  (imports CuPy only when asked)
+
+    reason = engine_gpu.unavailable_reason()
+    if device == "gpu" and reason is not None:
+        raise GpuUnavailableError(f"{what}(device='gpu'): {reason}")
+    if reason is None:
+        log.info("gpucabac.%s: running on the GPU, %s", what, engine_gpu.device_name())
+        return "gpu"
+    log.info("gpucabac.%s: running on the CPU (device='auto', no usable GPU: %s)", what, reason)
+    return "cpu"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +111,24 @@ class _Plan:
     step: float
     slice_size: int
     dtype: str
+    lam: float = 0.0  # rate weight of the RD quantizer (rdquant), in step² per bit; 0: plain
+
+
+def _rd_plan(plan: _Plan, name: str, ndim: int, lam, tensor_steps) -> _Plan:
+    """Apply per-tensor steps and the RD lambda (a number applies to tensors of two or more
+    dimensions, a mapping to the tensors it names) to a coded float tensor's plan."""
+    if plan.mode not in ("urq", "dq"):
+        return plan
+    step = plan.step
+    if tensor_steps is not None and name in tensor_steps:
+        step = float(tensor_steps[name])
+        if not (math.isfinite(step) and step > 0 and np.float32(step) > 0):
+            raise InputError(f"tensor_steps[{name!r}] must be a positive float32 number, got {step}")
+    lam_t = lam.get(name, 0.0) if isinstance(lam, Mapping) else (lam if ndim >= 2 else 0.0)
+    lam_t = float(lam_t)
+    if not (math.isfinite(lam_t) and lam_t >= 0):
+        raise InputError(f"lam must be finite and >= 0, got {lam_t} for tensor {name!r}")
+    return dataclasses.replace(plan, step=float(np.float32(step)), lam=lam_t)
 
 
 def _settings(step, qp, qp_density, dq, slice_size, num_gt_flags, small_step) -> _Settings:
@@ -142,9 +184,17 @@ def _plan(x: np.ndarray, s: _Settings) -> _Plan:
     return _Plan(mode, float(np.float32(step)), max(1, size), dtype)
 
 
-def _levels(x: np.ndarray, plan: _Plan) -> np.ndarray:
+def _levels(x: np.ndarray, plan: _Plan, num_gt_flags: int = DEFAULT_GT_FLAGS, importance=None) -> np.ndarray:
     if plan.mode == "int":
         return np.ascontiguousarray(x, dtype=np.int64).reshape(-1).astype(np.int32)
+    if plan.lam > 0 or importance is not None:  # rate-distortion quantizer (JAX, DESIGN §4)
+        from .rdquant import rd_levels  # noqa: PLC0415  (jax loads only when used)
+
+        if np.shape(importance) not in ((), x.shape):
+            raise InputError(f"importance weights of shape {np.shape(importance)} do not match the tensor's {x.shape}")
+        levels = rd_levels(x, plan.step, plan.lam, dq=plan.mode == "dq", slice_size=plan.slice_size,
+                           num_gt_flags=num_gt_flags, importance=importance)
+        return fit_dtype_range(levels, plan.step, _numpy_dtype(plan.dtype), dq=plan.mode == "dq")
     levels = quantize_levels(x, plan.step, dq=plan.mode == "dq", slice_size=plan.slice_size)
     return fit_dtype_range(levels, plan.step, _numpy_dtype(plan.dtype), dq=plan.mode == "dq")
 
@@ -196,6 +246,41 @@ def choose_context_init(levels: np.ndarray, slice_size: int, dq: bool, num_gt_fl
     return np.argmin(cost[used], axis=1).astype(np.uint8)
 
 
+def _bad_level(levels: np.ndarray, i: int, dq: bool) -> InputError:
+    what = "is not on the dependent quantizer of its state" if dq and abs(int(levels[i])) <= MAX_ABS_LEVEL else f"exceeds the largest codable level {MAX_ABS_LEVEL}"
+    return InputError(f"level {int(levels[i])} at position {i} {what}")
+
+
+def _full_init(ctx_init: np.ndarray, num_gt_flags: int, dq: bool) -> np.ndarray:
+    init = np.zeros(MAX_CONTEXTS, np.int32)
+    init[used_contexts(num_gt_flags, dq)] = ctx_init
+    return init
+
+
+def encode_levels_gpu(levels: np.ndarray, slice_size: int, dq: bool, num_gt_flags: int,
+                      ctx_init: np.ndarray | None = None, k=None):
+    """encode_levels on the GPU engine (context initialisation still chosen on the CPU).
+    Returns host arrays (ctx_init, payload, slice lengths, slice CRCs)."""
+    from . import engine_gpu  # noqa: PLC0415
+
+    k = k or engine_gpu.kernels()
+    levels = np.ascontiguousarray(levels, dtype=np.int32).reshape(-1)
+    if ctx_init is None:
+        if levels.size == 0:
+            ctx_init = np.zeros(len(used_contexts(num_gt_flags, dq)), np.uint8)
+        else:
+            # validity first, so that invalid levels raise the same InputError as the CPU path
+            _, bad = engine_cpu.slice_bounds(levels, slice_size, dq, num_gt_flags)
+            if (bad >= 0).any():
+                raise _bad_level(levels, int(bad[bad >= 0][0]), dq)
+            ctx_init = choose_context_init(levels, slice_size, dq, num_gt_flags)
+    init = _full_init(ctx_init, num_gt_flags, dq).astype(np.uint8)
+    payload, lengths, crcs, bad = engine_gpu.encode_slices(levels, slice_size, dq, num_gt_flags, init, k=k)
+    if bad >= 0:
+        raise _bad_level(levels, bad, dq)
+    return ctx_init, k.to_host(payload), k.to_host(lengths), k.to_host(crcs)
+
+
 def encode_levels(levels: np.ndarray, slice_size: int, dq: bool, num_gt_flags: int,
                   ctx_init: np.ndarray | None = None, progress: Progress | None = None):
     """Engine entry: code int32 levels in slices. Returns (ctx_init, payload, slice lengths)."""
@@ -205,13 +290,10 @@ def encode_levels(levels: np.ndarray, slice_size: int, dq: bool, num_gt_flags: i
         return np.zeros(len(used_contexts(num_gt_flags, dq)), np.uint8), np.zeros(0, np.uint8), np.zeros(0, np.uint32)
     bounds, bad = engine_cpu.slice_bounds(levels, slice_size, dq, num_gt_flags)
     if (bad >= 0).any():
-        i = int(bad[bad >= 0][0])
-        what = "is not on the dependent quantizer of its state" if dq and abs(int(levels[i])) <= MAX_ABS_LEVEL else f"exceeds the largest codable level {MAX_ABS_LEVEL}"
-        raise InputError(f"level {int(levels[i])} at position {i} {what}")
+        raise _bad_level(levels, int(bad[bad >= 0][0]), dq)
     if ctx_init is None:
         ctx_init = choose_context_init(levels, slice_size, dq, num_gt_flags)
-    init = np.zeros(MAX_CONTEXTS, np.int32)
-    init[used_contexts(num_gt_flags, dq)] = ctx_init
+    init = _full_init(ctx_init, num_gt_flags, dq)
     nslices = bounds.size
     lengths = np.zeros(nslices, np.int64)
     pieces = []
@@ -237,21 +319,32 @@ def encode_levels(levels: np.ndarray, slice_size: int, dq: bool, num_gt_flags: i
 def encode(tensors: Mapping[str, np.ndarray], *, step: float | None = None, qp: int | None = None,
            qp_density: int = 2, dq: bool = False, slice_size: int | None = DEFAULT_SLICE_SIZE,
            num_gt_flags: int = DEFAULT_GT_FLAGS, small_step: float | str | None = None,
-           threads: int | None = None, progress: Progress | None = None) -> bytes:
+           threads: int | None = None, progress: Progress | None = None, device: str = "cpu",
+           lam: float | Mapping[str, float] = 0.0, tensor_steps: Mapping[str, float] | None = None,
+           importance: Mapping[str, np.ndarray] | None = None) -> bytes:
     """Compress named tensors into one gpucabac container.
 
     step or qp (NNC QP, step_from_qp) sets the step of tensors with two or more dimensions
     (default qp -32); tensors with at most one dimension get `small_step` (default step/16, or
     'lossless'); integer tensors are coded losslessly. `dq` selects dependent quantization;
     `slice_size` the number of levels per independently coded slice (None: one per tensor).
-    `progress` is called with the number of weights finished since the last call.
+    `progress` is called with the number of weights finished since the last call. `device`:
+    "cpu" (numba), "gpu" (the CUDA engine through CuPy: same bytes; quantization and the choice
+    of context initialisation stay on the CPU) or "auto" (the GPU when CuPy sees one).
+    `lam` > 0 turns on the rate-distortion quantizer (gpucabac.rdquant: greedy RDOQ, or the
+    rate-aware trellis with dq) minimising F·(w − w')² + lam·step²·bits; a number applies to
+    tensors of two or more dimensions, a mapping to the tensors it names. `tensor_steps` gives
+    named tensors their own step; `importance` maps names to weights F (default 1). lam = 0
+    without importance is the plain quantizer, byte for byte.
     """
     s = _settings(step, qp, qp_density, dq, slice_size, num_gt_flags, small_step)
+    engine = resolve_device(device, "encode")
     records, payloads, offset = [], [], 0
     with _threads(threads):
         for name, x in tensors.items():
             x = _as_array(name, x)
-            plan = _plan(x, s)
+            plan = _rd_plan(_plan(x, s), name, x.ndim, lam, tensor_steps)
+            imp = None if importance is None else importance.get(name)
             if plan.mode == "raw":
                 data = np.frombuffer(np.ascontiguousarray(x).astype(x.dtype.newbyteorder("<")).tobytes(), np.uint8)
                 lengths = np.array([data.size], np.uint32)
@@ -260,11 +353,16 @@ def encode(tensors: Mapping[str, np.ndarray], *, step: float | None = None, qp: 
                 if progress is not None:
                     progress(x.size)
             else:
-                levels = _levels(x, plan)
+                levels = _levels(x, plan, s.num_gt_flags, imp)
                 ngt = s.num_gt_flags
-                init, data, lengths = encode_levels(levels, plan.slice_size, plan.mode == "dq", ngt, progress=progress)
-                offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)[:-1]])
-                crcs = container.slice_crcs(data, offsets, lengths)
+                if engine == "gpu":
+                    init, data, lengths, crcs = encode_levels_gpu(levels, plan.slice_size, plan.mode == "dq", ngt)
+                    if progress is not None:
+                        progress(x.size)
+                else:
+                    init, data, lengths = encode_levels(levels, plan.slice_size, plan.mode == "dq", ngt, progress=progress)
+                    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)[:-1]])
+                    crcs = container.slice_crcs(data, offsets, lengths)
             records.append(TensorRecord(name, plan.dtype, tuple(int(d) for d in x.shape), plan.mode, plan.step,
                                         ngt, plan.slice_size, init, offset, lengths, crcs))
             payloads.append(data)
@@ -275,15 +373,18 @@ def encode(tensors: Mapping[str, np.ndarray], *, step: float | None = None, qp: 
 def quantize(tensors: Mapping[str, np.ndarray], *, step: float | None = None, qp: int | None = None,
              qp_density: int = 2, dq: bool = False, slice_size: int | None = DEFAULT_SLICE_SIZE,
              num_gt_flags: int = DEFAULT_GT_FLAGS, small_step: float | str | None = None,
-             threads: int | None = None) -> dict[str, np.ndarray]:
+             threads: int | None = None, lam: float | Mapping[str, float] = 0.0,
+             tensor_steps: Mapping[str, float] | None = None,
+             importance: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """The tensors exactly as `decode(encode(tensors, **same settings))` returns them."""
     s = _settings(step, qp, qp_density, dq, slice_size, num_gt_flags, small_step)
     out = {}
     with _threads(threads):
         for name, x in tensors.items():
             x = _as_array(name, x)
-            plan = _plan(x, s)
-            out[name] = x.copy() if plan.mode == "raw" else _reconstruct(_levels(x, plan), plan, x.shape)
+            plan = _rd_plan(_plan(x, s), name, x.ndim, lam, tensor_steps)
+            imp = None if importance is None else importance.get(name)
+            out[name] = x.copy() if plan.mode == "raw" else _reconstruct(_levels(x, plan, s.num_gt_flags, imp), plan, x.shape)
     return out
 
 
@@ -306,8 +407,7 @@ def decode_levels(rec: TensorRecord, payload: np.ndarray) -> np.ndarray:
     if bad.size:
         raise FormatError(f"tensor {rec.name!r}: checksum mismatch in slice {int(bad[0])} of {rec.num_slices} ({bad.size} corrupt)")
     dq = rec.mode == "dq"
-    init = np.zeros(MAX_CONTEXTS, np.int32)
-    init[used_contexts(rec.num_gt_flags, dq)] = rec.ctx_init  # count checked by container.parse
+    init = _full_init(rec.ctx_init, rec.num_gt_flags, dq)  # count checked by container.parse
     out = np.empty(n, np.int32)
     errors = np.zeros(rec.num_slices, np.int32)
     engine_cpu.decode_slices_into(payload, offsets, lengths, 0, rec.num_slices, n, rec.slice_size, dq, rec.num_gt_flags, init, out, errors)
@@ -347,11 +447,23 @@ def _select(header: container.Header, names) -> list[TensorRecord]:
 
 
 def decode(data: bytes | bytearray | memoryview, names: Iterable[str] | None = None, *, dtype=None,
-           threads: int | None = None, progress: Progress | None = None) -> dict[str, np.ndarray]:
+           threads: int | None = None, progress: Progress | None = None, device: str = "cpu") -> dict[str, np.ndarray]:
     """Decompress a container (bytes) into named numpy arrays of their original dtype (or
-    `dtype` for floating-point tensors). `names` selects tensors; only their slices are read."""
+    `dtype` for floating-point tensors). `names` selects tensors; only their slices are read.
+
+    `device="gpu"` decodes all selected slices in one CUDA launch and returns CuPy arrays that
+    stay on the device (hand them to PyTorch or JAX with DLPack: `torch.from_dlpack(a)`);
+    "auto" takes the GPU when CuPy sees one (logged on the "gpucabac" logger). Same values either way."""
     buf = memoryview(data).cast("B")
     header = container.parse_container(buf)
+    if resolve_device(device, "decode") == "gpu":
+        from . import engine_gpu  # noqa: PLC0415
+
+        def payload_of(rec):
+            start = header.payload_start + rec.offset
+            return np.frombuffer(buf[start : start + rec.payload_length], np.uint8)
+
+        return engine_gpu.decode_records(_select(header, names), payload_of, dtype=dtype, progress=progress)
     out = {}
     with _threads(threads):
         for rec in _select(header, names):
@@ -373,10 +485,23 @@ def _read_header_file(f) -> container.Header:
 
 
 def load(path, names: Iterable[str] | None = None, *, dtype=None, threads: int | None = None,
-         progress: Progress | None = None) -> dict[str, np.ndarray]:
-    """Decode tensors from a .gcb file, reading only the header and the selected tensors' bytes."""
+         progress: Progress | None = None, device: str = "cpu") -> dict[str, np.ndarray]:
+    """Decode tensors from a .gcb file, reading only the header and the selected tensors' bytes.
+    `device` as for `decode`."""
+    engine = resolve_device(device, "load")
     with open(path, "rb") as f:
         header = _read_header_file(f)
+        if engine == "gpu":
+            from . import engine_gpu  # noqa: PLC0415
+
+            def payload_of(rec):
+                f.seek(header.payload_start + rec.offset)
+                raw = f.read(rec.payload_length)
+                if len(raw) != rec.payload_length:
+                    raise FormatError(f"tensor {rec.name!r}: file truncated inside its payload")
+                return np.frombuffer(raw, np.uint8)
+
+            return engine_gpu.decode_records(_select(header, names), payload_of, dtype=dtype, progress=progress)
         out = {}
         with _threads(threads):
             for rec in _select(header, names):

@@ -212,6 +212,8 @@ def decode_slice(data, start, end, count, dq, num_gt_flags, init, out, out_start
     b1, pos, overrun = _read_byte(data, pos, end, overrun)
     value = (b0 << 8) | b1
     rng = np.int64(510)
+    if value >= (rng << 7):  # no valid slice starts at or above its initial range
+        return DECODE_BAD_END
     bits = np.int64(-8)
     eg = GT + 2 * num_gt_flags
     i = 0

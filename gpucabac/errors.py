@@ -20,3 +20,7 @@ class ModelFileError(GpucabacError, OSError):
 
 class TensorNotFoundError(GpucabacError, KeyError):
     """A tensor name asked of a container is not in it."""
+
+
+class GpuUnavailableError(GpucabacError, RuntimeError):
+    """device="gpu" was asked for, but CuPy is not installed or sees no CUDA device."""

@@ -1,0 +1,476 @@
+"""GPU engine: the CUDA kernels of kernels/gpucabac.cu through CuPy (DESIGN §5).
+
+CuPy is optional (`pip install "gpucabac[gpu]"`) and imported only when a GPU function runs.
+Same contract as engine_cpu: the same levels give the same bytes, the same bytes the same
+tensors; tests/test_kernels.py checks the kernels' code on the CPU and, on a GPU, against
+engine_cpu byte for byte.
+
+* Decoding a container: one launch decodes every slice of every selected tensor (one thread per
+  slice), after checking each slice's CRC-32, and writes the dequantized values straight into
+  one device array per tensor. The payload goes to the device once; results stay there.
+* Encoding a tensor: a bound kernel sizes a scratch region per slice (and finds invalid levels),
+  the encode kernel codes every slice into its region, a prefix sum of the slice sizes places
+  them, a gather kernel compacts them and a CRC kernel checksums them.
+
+Handing results to other frameworks without a host copy (DLPack; the arrays are CuPy arrays on
+the current device and stream):
+
+    >>> out = gpucabac.decode(data, device="gpu")                        # doctest: +SKIP
+    >>> t = torch.from_dlpack(out["fc.weight"])                          # doctest: +SKIP
+    >>> j = jax.dlpack.from_dlpack(out["fc.weight"])                     # doctest: +SKIP
+
+bfloat16 tensors are CuPy arrays of dtype ml_dtypes.bfloat16 where the installed CuPy supports
+it (CuPy >= 14); with an older CuPy they are uint16 arrays holding the bfloat16 bits (a warning
+is logged once): `torch.from_dlpack(a).view(torch.bfloat16)`, or `to_numpy(a, "bfloat16")`.
+
+Every kernel has one typed wrapper in `Kernels`: it checks dtypes, contiguity and shapes (CuPy
+does not check raw kernel arguments), casts scalars to fixed-width NumPy types and owns the
+launch geometry. The orchestration (`encode_slices`, `decode_records`) talks only to such a
+wrapper object, so the tests run it on the CPU with the same kernels compiled by g++.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import zlib
+from collections.abc import Callable, Sequence
+
+import ml_dtypes
+import numpy as np
+
+from . import kernel_source
+from .binarize import MAX_CONTEXTS, used_contexts
+from .container import TensorRecord
+from .errors import FormatError, GpucabacError, GpuUnavailableError
+
+log = logging.getLogger("gpucabac")
+
+DTYPE_CODES = kernel_source.DTYPE_CODES
+DECODE_CRC = kernel_source.DECODE_CRC
+FLOAT_NAMES = ("float32", "float16", "bfloat16", "float64")
+
+# Launch geometry. The coder kernels keep GC_MAX_CONTEXTS 32-bit context words per thread in
+# shared memory: 64 threads use 25 KiB, under the 48 KiB a block gets without opting in.
+CODER_BLOCK = 64
+PLAIN_BLOCK = 128
+GATHER_BLOCK = 128
+_MAX_GRID = 1 << 20  # the kernels loop with a grid stride beyond this
+
+KERNEL_NAMES = ("gc_decode_kernel", "gc_bound_kernel", "gc_encode_kernel", "gc_gather_kernel", "gc_crc_kernel")
+
+
+# ---------------------------------------------------------------------------------------------
+# Availability
+
+
+def _import_cupy():
+    try:
+        import cupy  # noqa: PLC0415
+    except Exception as e:  # ImportError, or a broken CUDA install raising at import
+        raise GpuUnavailableError(
+            f"the GPU engine needs CuPy (pip install 'gpucabac[gpu]'): importing it failed ({type(e).__name__}: {e})"
+        ) from e
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:
+        raise GpuUnavailableError(f"CuPy sees no CUDA device ({type(e).__name__}: {e})") from e
+    if count < 1:
+        raise GpuUnavailableError("CuPy sees no CUDA device")
+    return cupy
+
+
+def unavailable_reason() -> str | None:
+    """None when the GPU engine can run (CuPy imports and sees a device), else why not."""
+    try:
+        _import_cupy()
+    except GpuUnavailableError as e:
+        return str(e)
+    return None
+
+
+def available() -> bool:
+    return unavailable_reason() is None
+
+
+def device_name() -> str:
+    cupy = _import_cupy()
+    dev = cupy.cuda.Device()
+    try:
+        name = cupy.cuda.runtime.getDeviceProperties(dev.id)["name"]
+        name = name.decode() if isinstance(name, bytes) else str(name)
+    except Exception:  # pragma: no cover - informational only
+        name = "unknown"
+    return f"CUDA device {dev.id} ({name})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks shared by every backend (a wrong argument is a bug in gpucabac, not bad data).
+
+
+def check_array(xp, name: str, a, dtype, size: int | None = None, min_size: int | None = None) -> None:
+    if not isinstance(a, xp.ndarray):
+        raise TypeError(f"{name}: expected a {xp.__name__} array, got {type(a).__name__}")
+    if a.dtype != np.dtype(dtype):
+        raise TypeError(f"{name}: expected dtype {np.dtype(dtype)}, got {a.dtype}")
+    if a.ndim != 1 or not a.flags.c_contiguous:
+        raise ValueError(f"{name}: expected a contiguous 1-D array, got shape {a.shape} (contiguous: {a.flags.c_contiguous})")
+    if size is not None and a.size != size:
+        raise ValueError(f"{name}: expected {size} elements, got {a.size}")
+    if min_size is not None and a.size < min_size:
+        raise ValueError(f"{name}: expected at least {min_size} elements, got {a.size}")
+
+
+def _check_flag(name: str, v) -> np.int32:
+    if int(v) not in (0, 1):
+        raise ValueError(f"{name} must be 0 or 1, got {v}")
+    return np.int32(v)
+
+
+def _check_gt_flags(v) -> np.int32:
+    if not 0 <= int(v) <= 20:
+        raise ValueError(f"num_gt_flags must be in 0..20, got {v}")
+    return np.int32(v)
+
+
+def _grid(items: int, block: int) -> int:
+    return max(1, min(_MAX_GRID, -(-items // block)))
+
+
+class Kernels:
+    """Typed wrappers of the kernels of gpucabac.cu, compiled once per process (see `kernels()`)."""
+
+    def __init__(self):
+        cupy = _import_cupy()
+        self.xp = cupy
+        self.source = kernel_source.assemble()
+        self.module = cupy.RawModule(code=self.source, options=("--std=c++17",))
+        self._fn = {name: self.module.get_function(name) for name in KERNEL_NAMES}
+
+    # host <-> device and addresses
+    def address(self, a) -> int:
+        return int(a.data.ptr)
+
+    def to_device(self, a: np.ndarray):
+        return self.xp.asarray(a)
+
+    def to_host(self, a) -> np.ndarray:
+        return self.xp.asnumpy(a)
+
+    def bfloat16_array(self, a):
+        """a uint16 device array of bfloat16 bits as a bfloat16 array, where CuPy supports it."""
+        try:
+            return a.view(ml_dtypes.bfloat16)
+        except Exception as e:  # CuPy < 14 has no bfloat16
+            _warn_bfloat16_once(e)
+            return a
+
+    # kernels
+    def bounds(self, levels, slice_size: int, dq: int, num_gt_flags: int):
+        xp = self.xp
+        check_array(xp, "levels", levels, np.int32, min_size=1)
+        n = levels.size
+        ns = -(-n // int(slice_size))
+        bound = xp.empty(ns, np.int64)
+        bad = xp.empty(ns, np.int64)
+        self._fn["gc_bound_kernel"](
+            (_grid(ns, PLAIN_BLOCK),), (PLAIN_BLOCK,),
+            (levels, np.int64(n), np.int64(slice_size), np.int64(ns), _check_flag("dq", dq),
+             _check_gt_flags(num_gt_flags), bound, bad),
+        )
+        return bound, bad
+
+    def encode(self, levels, slice_size: int, dq: int, num_gt_flags: int, init, scratch, scratch_offset, bound):
+        xp = self.xp
+        check_array(xp, "levels", levels, np.int32, min_size=1)
+        n = levels.size
+        ns = -(-n // int(slice_size))
+        check_array(xp, "init", init, np.uint8, size=MAX_CONTEXTS)
+        check_array(xp, "scratch", scratch, np.uint8)
+        check_array(xp, "scratch_offset", scratch_offset, np.int64, size=ns)
+        check_array(xp, "bound", bound, np.int64, size=ns)
+        lengths = xp.empty(ns, np.int64)
+        self._fn["gc_encode_kernel"](
+            (_grid(ns, CODER_BLOCK),), (CODER_BLOCK,),
+            (levels, np.int64(n), np.int64(slice_size), np.int64(ns), _check_flag("dq", dq),
+             _check_gt_flags(num_gt_flags), init, scratch, scratch_offset, bound, lengths),
+            shared_mem=CODER_BLOCK * MAX_CONTEXTS * 4,
+        )
+        return lengths
+
+    def gather(self, scratch, src_offset, lengths, dst_offset, out) -> None:
+        xp = self.xp
+        ns = lengths.size
+        check_array(xp, "scratch", scratch, np.uint8)
+        check_array(xp, "src_offset", src_offset, np.int64, size=ns)
+        check_array(xp, "lengths", lengths, np.int64, size=ns)
+        check_array(xp, "dst_offset", dst_offset, np.int64, size=ns)
+        check_array(xp, "out", out, np.uint8)
+        if ns:
+            self._fn["gc_gather_kernel"](
+                (max(1, min(_MAX_GRID, ns)),), (GATHER_BLOCK,),
+                (scratch, src_offset, lengths, dst_offset, np.int64(ns), out),
+            )
+
+    def crc(self, data, offsets, lengths):
+        xp = self.xp
+        ns = lengths.size
+        check_array(xp, "data", data, np.uint8)
+        check_array(xp, "offsets", offsets, np.int64, size=ns)
+        check_array(xp, "lengths", lengths, np.int64, size=ns)
+        out = xp.empty(ns, np.uint32)
+        if ns:
+            self._fn["gc_crc_kernel"](
+                (_grid(ns, PLAIN_BLOCK),), (PLAIN_BLOCK,), (data, offsets, lengths, np.int64(ns), out),
+            )
+        return out
+
+    def decode(self, t: "DecodeTable"):
+        xp = self.xp
+        t.check(xp)
+        ns = t.num_slices
+        errors = xp.zeros(ns, np.int32)
+        if ns:
+            self._fn["gc_decode_kernel"](
+                (_grid(ns, CODER_BLOCK),), (CODER_BLOCK,),
+                (np.int64(ns), t.payload, t.slice_offset, t.slice_length, t.slice_crc, t.slice_tensor,
+                 t.slice_first, t.slice_count, t.tensor_params, t.tensor_step, t.tensor_out, t.tensor_init, errors),
+                shared_mem=CODER_BLOCK * MAX_CONTEXTS * 4,
+            )
+        return errors
+
+
+@functools.lru_cache(maxsize=1)
+def kernels() -> Kernels:
+    """The compiled kernels (compiled on first use; CuPy also caches the binary on disk)."""
+    return Kernels()
+
+
+_bfloat16_warned = []
+
+
+def _warn_bfloat16_once(e: Exception) -> None:
+    if _bfloat16_warned:
+        return
+    _bfloat16_warned.append(True)
+    log.warning("this CuPy has no bfloat16 dtype (%s): bfloat16 tensors are returned as uint16 arrays of their bits", e)
+
+
+def to_numpy(a, dtype_name: str | None = None) -> np.ndarray:
+    """A decoded array (NumPy or CuPy) on the host; `dtype_name="bfloat16"` re-labels uint16 bits."""
+    if not isinstance(a, np.ndarray):
+        a = a.get()
+    if dtype_name == "bfloat16" and a.dtype == np.uint16:
+        a = a.view(ml_dtypes.bfloat16)
+    return a
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding one tensor
+
+
+def encode_slices(levels, slice_size: int, dq: bool, num_gt_flags: int, init: np.ndarray, *, k=None):
+    """Engine contract: int32 levels (host or device) coded in slices of `slice_size`, each from the
+    context initialisation `init` (a preset index per context, MAX_CONTEXTS of them).
+
+    Returns (payload uint8, lengths uint32, crcs uint32, bad) as arrays of `k.xp`; `bad` is the
+    index of the first level that cannot be coded (and the rest None), or -1."""
+    k = k or kernels()
+    xp = k.xp
+    lv = levels if isinstance(levels, xp.ndarray) else k.to_device(np.ascontiguousarray(levels, dtype=np.int32))
+    lv = xp.ascontiguousarray(lv.reshape(-1), dtype=np.int32)
+    if lv.size == 0:
+        return xp.zeros(0, np.uint8), xp.zeros(0, np.uint32), xp.zeros(0, np.uint32), -1
+    init_dev = k.to_device(np.ascontiguousarray(init, dtype=np.uint8).reshape(-1))
+    bound, bad = k.bounds(lv, slice_size, int(dq), num_gt_flags)
+    bad_h = k.to_host(bad)
+    if (bad_h >= 0).any():
+        return None, None, None, int(bad_h[bad_h >= 0][0])
+    ends = xp.cumsum(bound)
+    offsets = ends - bound
+    scratch = xp.empty(int(ends[-1]), np.uint8)
+    lengths = k.encode(lv, slice_size, int(dq), num_gt_flags, init_dev, scratch, offsets, bound)
+    out_ends = xp.cumsum(lengths)
+    if int(lengths.min()) < 0:
+        raise RuntimeError("gpucabac GPU encoder: a slice exceeded its byte bound (a bug; please report it)")
+    dst = out_ends - lengths
+    out = xp.empty(int(out_ends[-1]), np.uint8)
+    k.gather(scratch, offsets, lengths, dst, out)
+    crcs = k.crc(out, dst, lengths)
+    return out, lengths.astype(np.uint32), crcs, -1
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding a container
+
+
+class DecodeTable:
+    """The flat slice table of jobs.cuh (GcDecodeTable), as arrays of one array module."""
+
+    FIELDS = (
+        ("payload", np.uint8), ("slice_offset", np.int64), ("slice_length", np.uint32), ("slice_crc", np.uint32),
+        ("slice_tensor", np.int32), ("slice_first", np.int64), ("slice_count", np.int64),
+        ("tensor_params", np.int32), ("tensor_step", np.float32), ("tensor_out", np.uint64), ("tensor_init", np.uint8),
+    )
+
+    def __init__(self, **arrays):
+        for name, _ in self.FIELDS:
+            setattr(self, name, arrays[name])
+        self.num_slices = int(self.slice_offset.size)
+        self.num_tensors = int(self.tensor_step.size)
+
+    def check(self, xp) -> None:
+        ns, nt = self.num_slices, self.num_tensors
+        sizes = {"slice_": ns, "tensor_params": 4 * nt, "tensor_step": nt, "tensor_out": nt, "tensor_init": MAX_CONTEXTS * nt}
+        for name, dtype in self.FIELDS:
+            a = getattr(self, name)
+            size = next((v for k, v in sizes.items() if name.startswith(k)), None)
+            check_array(xp, name, a, dtype, size=size)
+        # Preconditions of the kernel (the host built this table from a validated header; a
+        # wrong table would read or write out of bounds, so check it once more here).
+        if ns:
+            off, ln = self.slice_offset, self.slice_length.astype(np.int64)
+            if int(off.min()) < 0 or int((off + ln).max()) > self.payload.size:
+                raise ValueError("decode table: a slice lies outside the payload")
+            t = self.slice_tensor
+            if int(t.min()) < 0 or int(t.max()) >= nt:
+                raise ValueError("decode table: slice_tensor out of range")
+
+
+def _target_dtype(rec: TensorRecord, dtype) -> str | None:
+    """The dtype name of the decoded array: the tensor's own, or `dtype` for float tensors."""
+    if dtype is None or rec.dtype not in FLOAT_NAMES:
+        return rec.dtype
+    name = dtype if isinstance(dtype, str) else ("bfloat16" if np.dtype(dtype) == ml_dtypes.bfloat16 else np.dtype(dtype).name)
+    if name not in FLOAT_NAMES:
+        raise GpucabacError(f"the GPU decoder writes float32, float16, bfloat16 or float64, not {name}")
+    return name
+
+
+def _device_dtype(name: str, k) -> np.dtype:
+    if name == "bfloat16":
+        return np.dtype(np.uint16) if k.xp is not np else np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+_DECODE_ERRORS = {
+    1: "the arithmetic decoder ran past the slice's end",
+    2: "an Exp-Golomb prefix is longer than any valid level",
+    3: "the slice does not end with the terminate bin and stop pattern",
+}
+
+
+def decode_records(records: Sequence[TensorRecord], payload_of: Callable[[TensorRecord], np.ndarray], *,
+                   dtype=None, k=None, progress: Callable[[int], None] | None = None) -> dict:
+    """Decode tensors of a parsed container on the device: {name: array of k.xp}, shaped.
+
+    `payload_of(rec)` returns the host bytes of a tensor's slices. Errors are those of the CPU
+    path, raised for the first bad tensor in `records` order (FormatError naming tensor and slice).
+    """
+    k = k or kernels()
+    xp = k.xp
+    coded = [r for r in records if r.mode != "raw" and r.numel > 0]
+    pieces, outs, raw_bad = [], {}, {}
+    # host-side table
+    offs, lens, crcs, tens, firsts, counts = [], [], [], [], [], []
+    params = np.zeros((len(coded), 4), np.int32)
+    steps = np.zeros(len(coded), np.float32)
+    inits = np.zeros((len(coded), MAX_CONTEXTS), np.uint8)
+    ptrs = np.zeros(len(coded), np.uint64)
+    base = 0
+    for t, rec in enumerate(coded):
+        data = np.ascontiguousarray(payload_of(rec), dtype=np.uint8)
+        pieces.append(data)
+        ns = rec.num_slices
+        lengths = rec.slice_lengths.astype(np.int64)
+        offs.append(base + np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64))
+        lens.append(rec.slice_lengths.astype(np.uint32))
+        crcs.append(rec.slice_crcs.astype(np.uint32))
+        tens.append(np.full(ns, t, np.int32))
+        first = np.arange(ns, dtype=np.int64) * rec.slice_size
+        firsts.append(first)
+        counts.append(np.minimum(rec.slice_size, rec.numel - first))
+        base += data.size
+        dq = rec.mode == "dq"
+        target = _target_dtype(rec, dtype)
+        if rec.mode == "int":
+            params[t] = (0, rec.num_gt_flags, DTYPE_CODES["int32"], DTYPE_CODES["int32"])
+            out = xp.empty(rec.numel, np.int32)
+        else:
+            params[t] = (int(dq), rec.num_gt_flags, DTYPE_CODES[rec.dtype], DTYPE_CODES[target])
+            out = xp.empty(rec.numel, _device_dtype(target, k))
+        steps[t] = np.float32(rec.step)
+        inits[t, used_contexts(rec.num_gt_flags, dq)] = rec.ctx_init
+        ptrs[t] = k.address(out)
+        outs[rec.name] = out
+
+    def cat(parts, dtype):
+        return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+
+    host = dict(
+        payload=cat(pieces, np.uint8), slice_offset=cat(offs, np.int64), slice_length=cat(lens, np.uint32),
+        slice_crc=cat(crcs, np.uint32), slice_tensor=cat(tens, np.int32), slice_first=cat(firsts, np.int64),
+        slice_count=cat(counts, np.int64), tensor_params=params.reshape(-1), tensor_step=steps,
+        tensor_out=ptrs, tensor_init=inits.reshape(-1),
+    )
+    table = DecodeTable(**{name: k.to_device(a) for name, a in host.items()})
+    errors = k.to_host(k.decode(table))
+
+    # Errors in record order, as the CPU path raises them.
+    slice_base, tindex = {}, {}
+    pos = 0
+    for t, rec in enumerate(coded):
+        slice_base[rec.name] = pos
+        tindex[rec.name] = t
+        pos += rec.num_slices
+    result = {}
+    for rec in records:
+        if rec.mode == "raw":
+            raw = np.ascontiguousarray(payload_of(rec), dtype=np.uint8)
+            if zlib.crc32(raw) != int(rec.slice_crcs[0]):
+                raise FormatError(f"tensor {rec.name!r}: checksum mismatch in its raw payload")
+            np_dtype = ml_dtypes.bfloat16 if rec.dtype == "bfloat16" else np.dtype(rec.dtype)
+            host_x = raw.view(np.dtype(np_dtype).newbyteorder("<")).astype(np_dtype)
+            target = _target_dtype(rec, dtype)
+            if target != rec.dtype:
+                host_x = host_x.astype(ml_dtypes.bfloat16 if target == "bfloat16" else target)
+            x = _upload(k, host_x, target)
+        elif rec.numel == 0:
+            target = _target_dtype(rec, dtype)
+            np_dtype = ml_dtypes.bfloat16 if target == "bfloat16" else (np.bool_ if target == "bool" else np.dtype(target))
+            x = _upload(k, np.zeros(0, np_dtype), target)
+        else:
+            s0 = slice_base[rec.name]
+            err = errors[s0 : s0 + rec.num_slices]
+            bad_crc = np.flatnonzero(err == DECODE_CRC)
+            if bad_crc.size:
+                raise FormatError(f"tensor {rec.name!r}: checksum mismatch in slice {int(bad_crc[0])} of {rec.num_slices} ({bad_crc.size} corrupt)")
+            bad = np.flatnonzero(err)
+            if bad.size:
+                s = int(bad[0])
+                raise FormatError(f"tensor {rec.name!r}, slice {s}: {_DECODE_ERRORS.get(int(err[s]), 'decoding failed')}")
+            x = outs[rec.name]
+            if rec.mode == "int":
+                lo, hi = (0, 1) if rec.dtype == "bool" else (np.iinfo(rec.dtype).min, np.iinfo(rec.dtype).max)
+                vmin, vmax = int(x.min()), int(x.max())
+                if vmin < lo or vmax > hi:
+                    raise FormatError(f"tensor {rec.name!r}: decoded values {vmin}..{vmax} do not fit its dtype {rec.dtype}")
+                x = x.astype(np.bool_ if rec.dtype == "bool" else np.dtype(rec.dtype))
+            elif _target_dtype(rec, dtype) == "bfloat16":
+                x = k.bfloat16_array(x)
+        result[rec.name] = x.reshape(rec.shape)
+        if progress is not None:
+            progress(rec.numel)
+    return result
+
+
+def _upload(k, host_x: np.ndarray, name: str):
+    if name == "bfloat16" and k.xp is not np:
+        return k.bfloat16_array(k.to_device(host_x.view(np.uint16)))
+    return k.to_device(host_x)
+
+
+__all__ = [
+    "GpuUnavailableError", "Kernels", "DecodeTable", "available", "unavailable_reason", "device_name",
+    "kernels", "encode_slices", "decode_records", "to_numpy", "check_array",
+]

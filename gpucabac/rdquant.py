@@ -1,0 +1,428 @@
+"""Rate-distortion quantization in JAX (DESIGN §4; methods_spec §2.2, §2.8, §3.2, §3.4, §3.5).
+
+Per weight i of a slice (x_i = w_i / Δ, the weight in step units) the quantizer minimises
+
+    F_i · (x_i − r_i)²  +  lam · R(r_i)          (in Δ² units; lam is "Δ² per bit")
+
+where R is the cost in bits of the level's bins under the adaptive estimator's *current* context
+states: BIT_COST of §2.8 for regular bins, one bit per bypass bin, and the states updated after
+every decision with the exact integer update of the engine (§2.2). Every slice starts from the
+tensor's signalled context initialisation, neighbour 0 and DQ state 0, as the coder does (DESIGN §1).
+In absolute units the objective is F·(w − rΔ)² + lam·Δ²·R; lam ≈ 0.12 is the high-rate slope
+of a uniform quantizer (2 ln 2 · Δ²/12 per bit).
+
+Both quantizers are one Viterbi search over the coder's state:
+
+* URQ: one state; candidates round-half-away n, n − 1 (towards zero) and 0 — a greedy decision
+  per weight (DeepCABAC/NNCodec RDOQ). With lam = 0 it returns rounding exactly (ties keep n).
+* DQ: the 8-state trellis of §3.5; from each state the two reconstruction indices of its
+  quantizer around x and zero. Each survivor path carries its own copy of all context states and
+  its own neighbour, as NNCodec does (without NNCodec's stale-neighbour quirk), so the rate of the
+  surviving path is exactly the estimator's cost of the levels it chose.
+
+`_lane` codes one slice at one (step, lam) as a `lax.scan` over positions; `rd_batch` vmaps it
+over lam (L), steps (K) and slices (B) and is jitted once per shape: one function serves a single
+setting (encode) and a whole sweep. Pure functions, frozen config, the same code on CPU and GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from .binarize import GT, SIGN, num_contexts, used_contexts
+from .errors import InputError
+from .tables import BIT_COST, CURVE, DQ_NEXT_STATE, MAX_GT_FLAGS, PRESETS
+
+ONE_BIT = 32768  # BIT_COST units (2^15) per bit
+# |w/Δ| above this loses integer exactness in float32; the RD path refuses such steps.
+MAX_RD_LEVEL = 1 << 22
+HIGH_RATE_LAMBDA = 2.0 * math.log(2.0) / 12.0  # ≈ 0.1155 Δ² per bit
+
+
+@dataclasses.dataclass(frozen=True)
+class RDConfig:
+    """Static settings of one compiled quantizer (hashable: a jit static argument)."""
+
+    dq: bool = False
+    num_gt_flags: int = 11
+    with_levels: bool = True  # False: rates and distortions only (sweeps), no backtracking
+
+    def __post_init__(self):
+        if not 0 <= self.num_gt_flags <= MAX_GT_FLAGS:
+            raise InputError(f"num_gt_flags must be in 0..{MAX_GT_FLAGS}, got {self.num_gt_flags}")
+
+    @property
+    def num_states(self) -> int:
+        return 8 if self.dq else 1
+
+
+def _jax():
+    import jax  # noqa: PLC0415  (jax loads only when RD quantization is used)
+
+    return jax
+
+
+# ---------------------------------------------------------------------------------------------
+# The estimator and the binarization, as dense per-context operations (no scatter): every context
+# receives at most one bin per level, so a level is a (mask, bit) pair over all C contexts.
+
+
+def _layout(n: int):
+    """Static per-context arrays of the context layout in binarize.py."""
+    c = np.arange(num_contexts(n), dtype=np.int32)
+    region = np.select([c < SIGN, c < GT, c < GT + 2 * n], [0, 1, 2], 3).astype(np.int32)
+    gt_j = ((c - GT) // 2 + 1).astype(np.int32)
+    gt_neg = ((c - GT) % 2).astype(np.int32)
+    eg_j = (c - (GT + 2 * n)).astype(np.int32)
+    return c, region, gt_j, gt_neg, eg_j
+
+
+def _bins(k, nb, state, n: int):
+    """Regular bins of coded level k (int32, any shape [...]) with neighbour class nb and DQ state:
+    (mask [..., C] bool, bit [..., C] int32), plus the number of bypass bins [...] (§1.1)."""
+    jnp = _jax().numpy
+    lax = _jax().lax
+    c, region, gt_j, gt_neg, eg_j = (jnp.asarray(a) for a in _layout(n))
+    k = k[..., None]
+    nb = nb[..., None]
+    state = state[..., None]
+    a = jnp.abs(k)
+    nz = k != 0
+    neg = (k < 0).astype(jnp.int32)
+    big = a > n
+    rem1 = jnp.maximum(a - n, 1)  # rem + 1 = a - N
+    m = 31 - lax.clz(rem1)  # floor(log2(rem + 1)): the Exp-Golomb prefix length
+    mask = (
+        ((region == 0) & (c == 3 * state + nb))
+        | ((region == 1) & nz & (c - SIGN == nb))
+        | ((region == 2) & nz & (gt_neg == neg) & (gt_j <= a))
+        | ((region == 3) & big & (eg_j <= m))
+    )
+    bit = jnp.where(
+        region == 0, nz, jnp.where(region == 1, neg == 1, jnp.where(region == 2, a > gt_j, eg_j < m))
+    ).astype(jnp.int32)
+    bypass = jnp.where(big, m, 0)[..., 0]
+    return mask, bit, bypass
+
+
+def _costs(s0, s1):
+    """BIT_COST of a 0 and of a 1 for every context state (§2.8), int32 in 2^15 units."""
+    jnp = _jax().numpy
+    table = jnp.asarray(BIT_COST.ravel())
+    bucket = 512 + ((s1 + 16 * s0) >> 3)
+    return table[2 * bucket], table[2 * bucket + 1]
+
+
+def _update(s0, s1, sh0, sh1, mask, bit):
+    """engine_cpu._update on every context where mask holds (§2.2)."""
+    jnp = _jax().numpy
+    curve = jnp.asarray(CURVE)
+    sigma = 2 * bit - 1
+    n0 = s0 + sigma * (curve[16 + ((sigma * s0) >> 3)] >> sh0)
+    n1 = s1 + sigma * (curve[16 + ((sigma * s1) >> 7)] >> sh1)
+    return jnp.where(mask, n0, s0), jnp.where(mask, n1, s1)
+
+
+def _neighbour_class(k):
+    jnp = _jax().numpy
+    return jnp.where(k == 0, 0, jnp.where(k < 0, 1, 2)).astype(jnp.int32)
+
+
+def _candidates(x, states, dq: bool):
+    """Reconstruction indices r [ns, 3] (float32) and coded levels k [ns, 3] (int32) per state."""
+    jnp = _jax().numpy
+    if dq:
+        qid = (states & 1)[:, None].astype(x.dtype)
+        lo = jnp.where(qid == 0, 2 * jnp.floor(x / 2), 2 * jnp.floor((x - 1) / 2) + 1)
+        r = jnp.concatenate([lo, lo + 2, jnp.zeros_like(lo)], axis=1)
+        ri = r.astype(jnp.int32)
+        qi = (states & 1)[:, None]
+        k = jnp.where(ri == 0, 0, (ri + jnp.sign(ri) * qi) // 2)
+        return r, k
+    a = jnp.abs(x)
+    fl = jnp.floor(a)
+    n = fl + (a - fl >= 0.5).astype(x.dtype)  # round half away from zero, exact in float
+    s = jnp.where(x < 0, -1.0, 1.0).astype(x.dtype)
+    r = jnp.stack([s * n, s * jnp.maximum(n - 1, 0), jnp.zeros_like(n)])[None, :]
+    return r, r.astype(jnp.int32)
+
+
+def _lane(w, f, n_valid, scale, lam, s0, s1, sh0, sh1, *, cfg: RDConfig):
+    """One slice at one (scale = 1/Δ, lam): (bits, weighted distortion, distortion[, levels]).
+
+    w, f [S] float32; n_valid: positions < n_valid are real (the rest is padding);
+    s0, s1, sh0, sh1 [C] int32: the slice's initial context states and shifts.
+    Distortions are in Δ² units; bits are the estimator's (regular bins + bypass bins).
+    """
+    jax = _jax()
+    jnp, lax = jax.numpy, jax.lax
+    ns = cfg.num_states
+    n = cfg.num_gt_flags
+    states = jnp.arange(ns, dtype=jnp.int32)
+    nxt = jnp.asarray(DQ_NEXT_STATE if cfg.dq else np.zeros((1, 2), np.int32))
+    inf = jnp.float32(jnp.inf)
+    lam = jnp.asarray(lam, jnp.float32)
+    x_all = (w * scale).astype(jnp.float32)
+    valid_all = jnp.arange(w.shape[0]) < n_valid
+
+    carry0 = dict(
+        J=jnp.where(states == 0, 0.0, inf).astype(jnp.float32),
+        s0=jnp.broadcast_to(s0, (ns, s0.shape[0])), s1=jnp.broadcast_to(s1, (ns, s1.shape[0])),
+        nb=jnp.zeros(ns, jnp.int32), bits=jnp.zeros(ns, jnp.float32),
+        wd=jnp.zeros(ns, jnp.float32), d=jnp.zeros(ns, jnp.float32),
+    )
+
+    def step(carry, inp):
+        x, fi, valid = inp
+        c0, c1 = _costs(carry["s0"], carry["s1"])  # [ns, C]
+        r, k = _candidates(x, states, cfg.dq)  # [ns, 3]
+        mask, bit, bypass = _bins(k, jnp.broadcast_to(carry["nb"][:, None], k.shape),
+                                  jnp.broadcast_to(states[:, None], k.shape), n)  # [ns, 3, C]
+        rate = jnp.sum(jnp.where(mask, jnp.where(bit == 1, c1[:, None], c0[:, None]), 0), -1) + ONE_BIT * bypass
+        dist = jnp.square(x - r)
+        rbits = rate.astype(jnp.float32) * jnp.float32(1.0 / ONE_BIT)
+        branch = carry["J"][:, None] + fi * dist + lam * rbits  # [ns, 3]
+        dest = nxt[jnp.broadcast_to(states[:, None], k.shape), k & 1]
+        flat = branch.reshape(-1)
+        # per destination the first cheapest branch, in (source state, candidate) order
+        masked = jnp.where(dest.reshape(1, -1) == states[:, None], flat[None], inf)  # [ns, 3ns]
+        pick = jnp.argmin(masked, axis=1)
+        src = (pick // 3).astype(jnp.int32)
+        kk = k.reshape(-1)[pick]
+        rr = r.reshape(-1)[pick]
+        J = jnp.min(masked, axis=1)  # inf where no live branch reaches the state
+        nb_src = carry["nb"][src]
+        m2, b2, _ = _bins(kk, nb_src, src, n)
+        ns0, ns1 = _update(carry["s0"][src], carry["s1"][src], sh0, sh1, m2, b2)
+        new = dict(
+            J=J - jnp.min(J), s0=ns0, s1=ns1, nb=_neighbour_class(kk),
+            bits=carry["bits"][src] + rbits.reshape(-1)[pick],
+            wd=carry["wd"][src] + fi * dist.reshape(-1)[pick],
+            d=carry["d"][src] + dist.reshape(-1)[pick],
+        )
+        out = {key: jnp.where(valid, new[key], carry[key]) for key in carry}
+        ys = None
+        if cfg.with_levels:
+            ys = (jnp.where(valid, src, states), jnp.where(valid, rr.astype(jnp.int32), 0))
+        return out, ys
+
+    carry, ys = lax.scan(step, carry0, (x_all, f.astype(jnp.float32), valid_all))
+    best = jnp.argmin(carry["J"]).astype(jnp.int32)
+    result = (carry["bits"][best], carry["wd"][best], carry["d"][best])
+    if not cfg.with_levels:
+        return result
+
+    def back(s, y):
+        src, rr = y
+        return src[s], rr[s]
+
+    _, levels = lax.scan(back, best, ys, reverse=True)
+    return result + (levels,)
+
+
+def _rd_batch_impl(w, f, n_valid, scales, lams, s0, s1, sh0, sh1, cfg: RDConfig):
+    """Vectorised over slices B, steps K and lambdas L.
+
+    w, f [B, S]; n_valid [B]; scales [B, K] (1/Δ per slice and step: per-tensor steps may differ);
+    lams [L]; s0, s1, sh0, sh1 [B, K, C]. Returns bits, wdist, dist [B, K, L] (and levels
+    [B, K, L, S] int32 when cfg.with_levels).
+    """
+    jax = _jax()
+    lane = functools.partial(_lane, cfg=cfg)
+    over_l = jax.vmap(lane, in_axes=(None, None, None, None, 0, None, None, None, None))
+    over_k = jax.vmap(over_l, in_axes=(None, None, None, 0, None, 0, 0, 0, 0))
+    over_b = jax.vmap(over_k, in_axes=(0, 0, 0, 0, None, 0, 0, 0, 0))
+    return over_b(w, f, n_valid, scales, lams, s0, s1, sh0, sh1)
+
+
+@functools.lru_cache(maxsize=None)
+def _rd_batch_jit():
+    return _jax().jit(_rd_batch_impl, static_argnames=("cfg",))
+
+
+def rd_batch(w, f, n_valid, scales, lams, s0, s1, sh0, sh1, cfg: RDConfig, *, jit: bool = True):
+    """The vectorised quantizer (see `_rd_batch_impl`); `jit=False` runs it eagerly."""
+    if jit:
+        return _rd_batch_jit()(w, f, n_valid, scales, lams, s0, s1, sh0, sh1, cfg=cfg)
+    with _jax().disable_jit():
+        return _rd_batch_impl(w, f, n_valid, scales, lams, s0, s1, sh0, sh1, cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: slicing, context initialisation, chunking.
+
+
+def _flat_float32(x) -> np.ndarray:
+    w = np.ascontiguousarray(x).reshape(-1)
+    if w.dtype.kind != "f" and w.dtype.name != "bfloat16":
+        raise InputError(f"RD quantization needs a floating-point tensor, got {w.dtype}")
+    return w.astype(np.float32)
+
+
+def scale_of(step: float) -> np.float32:
+    """1/Δ in float32, computed as quantize.quantize_levels does for float32 tensors."""
+    return np.float32(1.0 / np.float32(np.float32(step)))
+
+
+def slice_rows(w: np.ndarray, slice_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """[nslices, S] zero-padded rows of a flat tensor and the real length of each row."""
+    n = w.size
+    ns = max(1, -(-n // slice_size))
+    rows = np.zeros((ns, slice_size), w.dtype)
+    rows.reshape(-1)[:n] = w
+    valid = np.minimum(slice_size, n - slice_size * np.arange(ns)).clip(0).astype(np.int32)
+    return rows, valid
+
+
+def context_arrays(ctx_init: np.ndarray, num_gt_flags: int, dq: bool):
+    """(s0, s1, sh0, sh1) [C] int32 of a tensor's signalled init (preset per used context)."""
+    c = num_contexts(num_gt_flags)
+    pre = np.zeros(c, np.int64)
+    pre[used_contexts(num_gt_flags, dq)] = np.asarray(ctx_init, np.int64)
+    p = PRESETS[pre]
+    sh0 = p[:, 0] + 4
+    sh1 = p[:, 1]
+    s0 = p[:, 3]
+    s1 = p[:, 2] - 16 * p[:, 3]
+    return tuple(a.astype(np.int32) for a in (s0, s1, sh0, sh1))
+
+
+def initial_context(x: np.ndarray, step: float, *, dq: bool, slice_size: int, num_gt_flags: int) -> np.ndarray:
+    """The tensor's context init chosen from its plain levels (rounding, or the distortion-only
+    trellis), the way the encoder would choose it for them."""
+    from .codec import choose_context_init  # noqa: PLC0415  (the encoder's one definition)
+    from .quantize import quantize_levels  # noqa: PLC0415
+
+    levels = quantize_levels(x, step, dq=dq, slice_size=slice_size)
+    return choose_context_init(levels, slice_size, dq, num_gt_flags)
+
+
+def _check_range(w: np.ndarray, scales: np.ndarray) -> None:
+    if not np.all(np.isfinite(w)):
+        raise InputError("tensor has NaN or infinite values; they cannot be quantized")
+    peak = float(np.max(np.abs(w))) * float(np.max(scales)) if w.size else 0.0
+    if peak > MAX_RD_LEVEL:
+        raise InputError(f"step too small for RD quantization: |w|/step reaches {peak:.3g} (limit {MAX_RD_LEVEL})")
+
+
+def _pad_rows(b: int) -> int:
+    """Batch sizes rounded up to a power of two, to bound the number of compilations."""
+    return 1 << max(0, (b - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class RDResult:
+    """Estimates per (step k, lam l) for one tensor; levels [K, L, numel] when requested."""
+
+    bits: np.ndarray  # estimated bits (float64) [K, L]
+    wdist: np.ndarray  # Σ F·(w − w')² in weight units² [K, L]
+    dist: np.ndarray  # Σ (w − w')² [K, L]
+    levels: np.ndarray | None
+    ctx_init: np.ndarray  # [K, used contexts] the init each step started from
+
+
+def rd_quantize_tensor(x, steps: Sequence[float], lams: Sequence[float], *, dq: bool = False,
+                       slice_size: int = 8192, num_gt_flags: int = 11, importance=None,
+                       ctx_init: np.ndarray | None = None, with_levels: bool = True,
+                       max_lanes: int = 2048, level_bytes: int = 256 << 20, jit: bool = True) -> RDResult:
+    """RD-quantize one tensor at every (step, lam) of the grid in one vectorised computation
+    (chunked over slices to bound memory). `importance` F has the tensor's shape (default 1).
+    `ctx_init` [K, used] or [used] overrides the per-step init chosen from the plain levels."""
+    w = _flat_float32(x)
+    n = w.size
+    steps = np.atleast_1d(np.asarray(steps, np.float64))
+    lams = np.atleast_1d(np.asarray(lams, np.float32))
+    if np.any(~np.isfinite(steps)) or np.any(steps <= 0):
+        raise InputError(f"steps must be positive and finite, got {steps}")
+    if np.any(~np.isfinite(lams)) or np.any(lams < 0):
+        raise InputError(f"lambdas must be finite and >= 0, got {lams}")
+    k, l_ = steps.size, lams.size
+    S = max(1, min(int(slice_size), max(n, 1)))
+    cfg = RDConfig(bool(dq), int(num_gt_flags), bool(with_levels))
+    scales = np.array([scale_of(s) for s in steps], np.float32)
+    _check_range(w, scales)
+    f = np.ones_like(w) if importance is None else _flat_float32(importance)
+    if f.size != n or np.any(~np.isfinite(f)) or np.any(f < 0):
+        raise InputError("importance must have the tensor's size, finite and >= 0")
+    if ctx_init is None:
+        inits = np.stack([initial_context(w, s, dq=cfg.dq, slice_size=S, num_gt_flags=cfg.num_gt_flags) for s in steps])
+    else:
+        inits = np.broadcast_to(np.asarray(ctx_init, np.uint8), (k, len(used_contexts(cfg.num_gt_flags, cfg.dq))))
+    ctx = [np.stack(a) for a in zip(*(context_arrays(i, cfg.num_gt_flags, cfg.dq) for i in inits))]  # 4 x [K, C]
+    rows, valid = slice_rows(w, S)
+    frows, _ = slice_rows(f, S)
+    nsl = rows.shape[0]
+    per_slice = k * l_
+    chunk = max(1, min(nsl, max_lanes // per_slice))
+    if with_levels:
+        chunk = max(1, min(chunk, level_bytes // max(1, per_slice * S * 4 * (2 * cfg.num_states + 1))))
+    bits = np.zeros((k, l_))
+    wd = np.zeros((k, l_))
+    d = np.zeros((k, l_))
+    levels = np.zeros((k, l_, nsl * S), np.int32) if with_levels else None
+    for start in range(0, nsl, chunk):
+        stop = min(nsl, start + chunk)
+        b = _pad_rows(stop - start)
+        pad = b - (stop - start)
+        rw = np.concatenate([rows[start:stop], np.zeros((pad, S), np.float32)])
+        rf = np.concatenate([frows[start:stop], np.zeros((pad, S), np.float32)])
+        rv = np.concatenate([valid[start:stop], np.zeros(pad, np.int32)])
+        bc = [np.broadcast_to(a[None], (b,) + a.shape) for a in ctx]
+        out = rd_batch(rw, rf, rv, np.broadcast_to(scales[None], (b, k)), lams, *bc, cfg, jit=jit)
+        ob, ow, od = (np.asarray(o, np.float64)[: stop - start] for o in out[:3])
+        bits += ob.sum(0)
+        wd += ow.sum(0)
+        d += od.sum(0)
+        if with_levels:
+            lv = np.asarray(out[3])[: stop - start]  # [b, K, L, S]
+            levels[:, :, start * S : stop * S] = lv.transpose(1, 2, 0, 3).reshape(k, l_, -1)
+    step2 = np.square(np.float32(steps).astype(np.float64))[:, None]
+    return RDResult(bits, wd * step2, d * step2, None if levels is None else levels[:, :, :n], np.asarray(inits))
+
+
+def rd_levels(x, step: float, lam: float, *, dq: bool = False, slice_size: int = 8192,
+              num_gt_flags: int = 11, importance=None, iterations: int = 1) -> np.ndarray:
+    """Integer levels (reconstruction indices, flat, scan order) of one tensor at (step, lam):
+    greedy RDOQ (URQ) or the rate-aware 8-state trellis (DQ). The context init starts from the
+    plain levels' choice; each further iteration re-chooses it from the RD levels and requantizes."""
+    res = rd_quantize_tensor(x, [step], [lam], dq=dq, slice_size=slice_size, num_gt_flags=num_gt_flags,
+                             importance=importance)
+    for _ in range(max(0, int(iterations) - 1)):
+        from .codec import choose_context_init  # noqa: PLC0415
+
+        S = max(1, min(int(slice_size), max(np.size(x), 1)))
+        init = choose_context_init(res.levels[0, 0], S, dq, num_gt_flags)
+        res = rd_quantize_tensor(x, [step], [lam], dq=dq, slice_size=slice_size, num_gt_flags=num_gt_flags,
+                                 importance=importance, ctx_init=init)
+    return res.levels[0, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Importance weights
+
+
+def fisher_diagonal(loss_fn: Callable, params, batch, *, normalize: bool = False):
+    """Diagonal (empirical) Fisher estimate of a JAX model: the mean over the batch's examples of
+    the squared per-example gradient of `loss_fn(params, example)`. `batch` is a pytree whose
+    leaves have the examples along axis 0. Returns a pytree shaped like `params`; `normalize`
+    scales each leaf to mean 1 (so that lam keeps its meaning per tensor)."""
+    jax = _jax()
+    jnp = jax.numpy
+    grads = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))(params, batch)
+    fisher = jax.tree_util.tree_map(lambda g: jnp.mean(jnp.square(g), axis=0), grads)
+    if normalize:
+        fisher = jax.tree_util.tree_map(lambda a: a / jnp.maximum(jnp.mean(a), jnp.finfo(a.dtype).tiny), fisher)
+    return fisher
+
+
+def as_importance(importance: Mapping | None, name: str):
+    """The importance array of one tensor from a name -> array mapping (None: uniform)."""
+    if importance is None:
+        return None
+    a = importance.get(name)
+    return None if a is None else np.asarray(a)

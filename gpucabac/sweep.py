@@ -1,0 +1,281 @@
+"""RD sweeps: every (method, step, lam) setting of a model's tensors, with the estimated rate from
+the JAX quantizer (gpucabac.rdquant) and the exact rate of the real coder on the chosen levels;
+and the choice of an operating point (target bits/weight, target SNR or MSE) from a sweep.
+
+Results are self-describing JSON (and CSV); plotting is a separate step (`plot_sweeps`,
+matplotlib optional).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import pathlib
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from . import container
+from .errors import InputError
+from .quantize import dequantize
+
+METHODS = ("urq", "dq")
+
+
+def _header_bytes(name, x, step, mode, n_gt, slice_size, n_used) -> int:
+    nsl = max(1, -(-x.size // slice_size))
+    rec = container.TensorRecord(name, "float32", tuple(int(d) for d in x.shape), mode, float(step), n_gt, slice_size,
+                                 np.zeros(n_used, np.uint8), 0, np.zeros(nsl, np.uint32), np.zeros(nsl, np.uint32))
+    return container.record_size(rec)
+
+
+@dataclasses.dataclass
+class SweepResult:
+    """rows: one dict per (method, step, lam, tensor); model: one per (method, step, lam)."""
+
+    settings: dict
+    rows: list[dict]
+    model: list[dict]
+    extra: dict = dataclasses.field(default_factory=dict)  # e.g. {"nncodec": [points]}
+
+    def to_json(self, path) -> None:
+        pathlib.Path(path).write_text(json.dumps(
+            {"kind": "gpucabac-sweep", "settings": self.settings, "model": self.model, "tensors": self.rows, **self.extra},
+            indent=1, default=float) + "\n")
+
+    def to_csv(self, path) -> None:
+        keys = list(self.rows[0]) if self.rows else []
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(self.rows)
+            for m in self.model:
+                w.writerow({**{k: "" for k in keys}, **{k: v for k, v in m.items() if k in keys}, "tensor": "(model)"})
+
+    @classmethod
+    def from_json(cls, path) -> SweepResult:
+        d = json.loads(pathlib.Path(path).read_text())
+        extra = {k: v for k, v in d.items() if k not in ("kind", "settings", "model", "tensors")}
+        return cls(d.get("settings", {}), d.get("tensors", []), d.get("model", []), extra)
+
+
+def _snr(signal: float, noise: float) -> float:
+    if noise == 0:
+        return math.inf
+    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+def sweep(tensors: Mapping[str, np.ndarray], steps: Sequence[float], lams: Sequence[float], *,
+          methods: Sequence[str] = ("urq", "dq"), slice_size: int = 8192, num_gt_flags: int = 11,
+          importance: Mapping[str, np.ndarray] | None = None, exact: bool = True,
+          progress: Callable[[int], None] | None = None, level_bytes: int = 256 << 20) -> SweepResult:
+    """RD-quantize every float tensor of two or more dimensions at every (method, step, lam).
+
+    Per setting and tensor: estimated bits (the estimator the quantizer optimises), exact bits
+    (codec.encode_levels on the chosen levels; payload plus the tensor's header record) when
+    `exact`, weighted and plain squared error, MSE and SNR; then the same per model. `progress`
+    is called with the number of weight-settings finished. Steps are in weight units; lam in
+    step² per bit (see gpucabac.rdquant)."""
+    from .codec import encode_levels  # noqa: PLC0415
+    from .binarize import used_contexts  # noqa: PLC0415
+    from .rdquant import rd_quantize_tensor  # noqa: PLC0415
+
+    steps = [float(s) for s in steps]
+    lams = [float(v) for v in lams]
+    for m in methods:
+        if m not in METHODS:
+            raise InputError(f"method must be one of {METHODS}, got {m!r}")
+    names = [n for n, x in tensors.items() if np.asarray(x).ndim >= 2 and np.asarray(x).dtype.kind == "f"]
+    if not names:
+        raise InputError("no floating-point tensors with two or more dimensions to sweep")
+    rows = []
+    for method in methods:
+        dq = method == "dq"
+        for name in names:
+            x = np.asarray(tensors[name])
+            w64 = x.astype(np.float64).reshape(-1)
+            f = None if importance is None or name not in importance else np.asarray(importance[name], np.float64).reshape(-1)
+            signal = float(w64 @ w64)
+            S = min(slice_size, x.size)
+            n_used = len(used_contexts(num_gt_flags, dq))
+            kc = max(1, min(len(steps), level_bytes // max(1, 4 * x.size * len(lams)))) if exact else len(steps)
+            for k0 in range(0, len(steps), kc):
+                ks = steps[k0 : k0 + kc]
+                res = rd_quantize_tensor(x, ks, lams, dq=dq, slice_size=S, num_gt_flags=num_gt_flags,
+                                         importance=None if f is None else f.reshape(x.shape), with_levels=exact)
+                for ki, step in enumerate(ks):
+                    hdr = _header_bytes(name, x, step, method, num_gt_flags, S, n_used)
+                    for li, lam in enumerate(lams):
+                        row = dict(method=method, step=step, lam=lam, tensor=name, numel=int(x.size),
+                                   est_bits=float(res.bits[ki, li]), header_bits=8 * hdr,
+                                   wsse=float(res.wdist[ki, li]), sse=float(res.dist[ki, li]), signal=signal)
+                        if exact:
+                            lv = res.levels[ki, li]
+                            _, payload, _ = encode_levels(lv, S, dq, num_gt_flags)
+                            err = dequantize(lv, step, (x.size,), np.float32).astype(np.float64) - w64
+                            row["exact_bits"] = 8 * int(payload.size) + 8 * hdr
+                            row["payload_bits"] = 8 * int(payload.size)
+                            row["sse"] = float(err @ err)
+                            row["wsse"] = float((err * err) @ f) if f is not None else row["sse"]
+                        n = x.size
+                        row.update(est_bpw=row["est_bits"] / n, mse=row["sse"] / n, wmse=row["wsse"] / n,
+                                   snr_db=_snr(signal, row["sse"]))
+                        if exact:
+                            row["exact_bpw"] = row["exact_bits"] / n
+                        rows.append(row)
+                if progress is not None:
+                    progress(x.size * len(ks) * len(lams))
+    model = aggregate(rows)
+    st = dict(steps=steps, lams=lams, methods=list(methods), slice_size=slice_size, num_gt_flags=num_gt_flags,
+              importance=importance is not None, exact=exact, tensors=names,
+              numel=int(sum(np.asarray(tensors[n]).size for n in names)),
+              rate_units="bits; exact = payload + tensor header record; est = estimator (§2.8) bits of the bins",
+              lam_units="step^2 per bit")
+    return SweepResult(st, rows, model)
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Per (method, step, lam): sums over tensors, then bits/weight, MSE and SNR of the model."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["step"], r["lam"]), []).append(r)
+    out = []
+    for (method, step, lam), rs in groups.items():
+        n = sum(r["numel"] for r in rs)
+        m = dict(method=method, step=step, lam=lam, numel=n, tensors=len(rs),
+                 est_bits=sum(r["est_bits"] for r in rs), sse=sum(r["sse"] for r in rs),
+                 wsse=sum(r["wsse"] for r in rs), signal=sum(r["signal"] for r in rs))
+        m.update(est_bpw=m["est_bits"] / n, mse=m["sse"] / n, wmse=m["wsse"] / n, snr_db=_snr(m["signal"], m["sse"]))
+        if all("exact_bits" in r for r in rs):
+            m["exact_bits"] = sum(r["exact_bits"] for r in rs)
+            m["exact_bpw"] = m["exact_bits"] / n
+        out.append(m)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class OperatingPoint:
+    """Per-tensor (step, lam) for `gpucabac.encode(..., dq=method == 'dq', tensor_steps=steps, lam=lams)`."""
+
+    method: str
+    steps: dict
+    lams: dict
+    bits: float  # predicted, from the sweep (exact if it has exact rates)
+    sse: float
+    numel: int
+    signal: float
+
+    @property
+    def bpw(self) -> float:
+        return self.bits / self.numel
+
+    @property
+    def snr_db(self) -> float:
+        return _snr(self.signal, self.sse)
+
+
+def choose_operating_point(result: SweepResult, method: str, *, target_bpw: float | None = None,
+                           target_snr_db: float | None = None, target_mse: float | None = None,
+                           per_tensor: bool = True) -> OperatingPoint:
+    """The sweep's best setting for one target (exactly one of bits/weight, SNR in dB, MSE).
+
+    per_tensor: every tensor picks its own (step, lam) at a common slope μ (minimising weighted
+    error + μ·bits), and μ is scanned to meet the target (least error for a rate target, least
+    rate for a quality target). Otherwise one (step, lam) for all tensors."""
+    if sum(t is not None for t in (target_bpw, target_snr_db, target_mse)) != 1:
+        raise InputError("give exactly one of target_bpw, target_snr_db, target_mse")
+    rows = [r for r in result.rows if r["method"] == method]
+    if not rows:
+        raise InputError(f"the sweep has no results for method {method!r}")
+    key = "exact_bits" if "exact_bits" in rows[0] else "est_bits"
+    names = sorted({r["tensor"] for r in rows})
+    by = {n: [r for r in rows if r["tensor"] == n] for n in names}
+    numel = sum(by[n][0]["numel"] for n in names)
+    signal = sum(by[n][0]["signal"] for n in names)
+
+    def ok(bits, sse):
+        if target_bpw is not None:
+            return bits <= target_bpw * numel
+        if target_snr_db is not None:
+            return _snr(signal, sse) >= target_snr_db
+        return sse / numel <= target_mse
+
+    def better(a, b):  # a, b: (bits, wsse, choice)
+        return a[1] < b[1] if target_bpw is not None else a[0] < b[0]
+
+    best = None
+    if per_tensor:
+        for mu in np.geomspace(1e-16, 1e2, 900):
+            choice = {n: min(by[n], key=lambda r: r["wsse"] + mu * r[key]) for n in names}
+            cand = (sum(c[key] for c in choice.values()), sum(c["wsse"] for c in choice.values()), choice)
+            if ok(cand[0], sum(c["sse"] for c in choice.values())) and (best is None or better(cand, best)):
+                best = cand
+    else:
+        settings = sorted({(r["step"], r["lam"]) for r in rows})
+        for st in settings:
+            choice = {n: next(r for r in by[n] if (r["step"], r["lam"]) == st) for n in names}
+            cand = (sum(c[key] for c in choice.values()), sum(c["wsse"] for c in choice.values()), choice)
+            if ok(cand[0], sum(c["sse"] for c in choice.values())) and (best is None or better(cand, best)):
+                best = cand
+    if best is None:
+        raise InputError("no setting of the sweep meets the target; widen the step or lambda grid")
+    choice = best[2]
+    return OperatingPoint(method, {n: c["step"] for n, c in choice.items()}, {n: c["lam"] for n, c in choice.items()},
+                          float(best[0]), float(sum(c["sse"] for c in choice.values())), numel, signal)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plotting (matplotlib is optional: `pip install gpucabac[plot]`)
+
+
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(rate, snr) points on the upper-left front: no other point has less rate and more SNR."""
+    front, best = [], -math.inf
+    for r, s in sorted(points):
+        if s > best:
+            front.append((r, s))
+            best = s
+    return front
+
+
+def plot_sweeps(paths: Sequence, output, *, rate: str = "exact", title: str | None = None) -> None:
+    """RD curves (bits/weight vs SNR) of one or more sweep JSON files on one figure: per method the
+    Pareto front over all (step, lam) settings, the settings themselves faint, and NNCodec's points
+    where a file holds them (key "nncodec": [{"label", "bpw", "snr_db"}])."""
+    try:
+        import matplotlib  # noqa: PLC0415
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError as e:  # pragma: no cover
+        raise InputError("plotting needs matplotlib: pip install 'gpucabac[plot]'") from e
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for path in paths:
+        res = SweepResult.from_json(path)
+        tag = pathlib.Path(path).stem if len(paths) > 1 else ""
+        for method in res.settings.get("methods", METHODS):
+            pts = [(m.get(f"{rate}_bpw", m["est_bpw"]), m["snr_db"]) for m in res.model if m["method"] == method]
+            if not pts:
+                continue
+            zero = [(m.get(f"{rate}_bpw", m["est_bpw"]), m["snr_db"]) for m in res.model if m["method"] == method and m["lam"] == 0]
+            ax.scatter(*zip(*pts), s=6, alpha=0.25)
+            front = pareto(pts)
+            ax.plot(*zip(*front), "-o", ms=3, label=f"{tag} {method.upper()} + RD (front over step, λ)".strip())
+            if zero:
+                ax.plot(*zip(*sorted(zero)), "--", lw=1, label=f"{tag} {method.upper()} λ=0".strip())
+        for series in res.extra.get("nncodec", []):
+            ax.plot([p["bpw"] for p in series["points"]], [p["snr_db"] for p in series["points"]], "k:^", ms=4,
+                    label=series.get("label", "NNCodec"))
+        for series in res.extra.get("reference", []):
+            ax.plot(series["bpw"], series["snr_db"], ":", color="gray", label=series.get("label", "bound"))
+    ax.set_xlabel(f"bits per weight ({rate})")
+    ax.set_ylabel("SNR (dB)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(output, dpi=130)
+    plt.close(fig)

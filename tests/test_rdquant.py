@@ -1,0 +1,294 @@
+"""The JAX rate-distortion quantizers (gpucabac.rdquant): URQ greedy RDOQ and the rate-aware DQ
+trellis, checked against plain-Python references, the numba quantizers and the real coder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gpucabac
+from gpucabac import codec, rdquant
+from gpucabac.binarize import binarize_level, dq_coded_level, dq_next_state
+from gpucabac.quantize import quantize_levels
+from gpucabac.tables import BIT_COST, CURVE
+
+jax = pytest.importorskip("jax")
+
+N = 11
+
+
+def _ref_bits(levels, slice_size, dq, ctx_init, n=N):
+    """Plain-Python estimator cost (§2.8) of levels coded slice by slice from ctx_init:
+    BIT_COST per regular bin with the states updated as the coder updates them, 1 bit per bypass bin."""
+    s0i, s1i, sh0, sh1 = (a.astype(np.int64) for a in rdquant.context_arrays(ctx_init, n, dq))
+    ctx = np.zeros(64, np.int32)
+    bins = np.zeros(64, np.int32)
+    total = 0
+    for start in range(0, len(levels), slice_size):
+        s0, s1 = s0i.copy(), s1i.copy()
+        prev, state = 0, 0
+        for r in levels[start : start + slice_size]:
+            q = dq_coded_level(int(r), state) if dq else int(r)
+            nreg, _, nsuf = binarize_level(q, prev, state, n, ctx, bins)
+            for j in range(nreg):
+                c, b = int(ctx[j]), int(bins[j])
+                total += int(BIT_COST[512 + ((int(s1[c]) + 16 * int(s0[c])) >> 3), b])
+                sg = 2 * b - 1
+                a0, a1 = int(s0[c]), int(s1[c])
+                s0[c] = a0 + sg * (int(CURVE[16 + ((sg * a0) >> 3)]) >> int(sh0[c]))
+                s1[c] = a1 + sg * (int(CURVE[16 + ((sg * a1) >> 7)]) >> int(sh1[c]))
+            total += 32768 * nsuf
+            prev = q
+            if dq:
+                state = dq_next_state(state, q)
+    return total / 32768.0
+
+
+def _gauss(n, sigma=0.02, seed=0):
+    return (np.random.default_rng(seed).standard_normal(n) * sigma).astype(np.float32)
+
+
+STEP = 2.0 ** -6
+
+
+@pytest.mark.parametrize("dq", [False, True])
+def test_estimated_rate_is_the_estimator_cost_of_the_chosen_levels(dq):
+    # The survivor's rate equals the plain-Python estimator run over its levels: the scan keeps
+    # exact integer context states (per survivor under DQ) and resets them per slice.
+    w = _gauss(700, seed=1)
+    w[5] = 0.4  # an Exp-Golomb remainder
+    res = rdquant.rd_quantize_tensor(w, [STEP], [0.0, 0.1, 0.4], dq=dq, slice_size=256)
+    for li in range(3):
+        ref = _ref_bits(res.levels[0, li], 256, dq, res.ctx_init[0])
+        assert res.bits[0, li] == pytest.approx(ref, rel=1e-5)
+        d = np.sum((w.astype(np.float64) - res.levels[0, li] * np.float64(np.float32(STEP))) ** 2)
+        assert res.dist[0, li] == pytest.approx(d, rel=1e-4)
+
+
+@settings(max_examples=25)
+@given(
+    st.lists(st.floats(-40, 40, width=32), min_size=1, max_size=300),
+    st.sampled_from([1.0, 0.5, 0.37, 3.0]),
+)
+def test_urq_lambda_zero_is_rounding(values, step):
+    x = np.array(values, np.float32)
+    x[::7] = np.float32(step) * (np.round(x[::7]) + 0.5)  # exact ties
+    got = rdquant.rd_levels(x, step, 0.0, slice_size=64)
+    np.testing.assert_array_equal(got, quantize_levels(x, step, slice_size=64))
+
+
+def _greedy_dq(x):
+    """A valid DQ path: in each state, the nearest point of its quantizer."""
+    state, out = 0, []
+    for v in x:
+        qid = state & 1
+        lo = 2 * np.floor(v / 2) if qid == 0 else 2 * np.floor((v - 1) / 2) + 1
+        r = int(lo if v - lo <= lo + 2 - v else lo + 2)
+        k = 0 if r == 0 else (r + qid) // 2 if r > 0 else -((-r + qid) // 2)
+        out.append(r)
+        state = dq_next_state(state, k)
+    return np.array(out)
+
+
+@settings(max_examples=15)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([2.0 ** -6, 2.0 ** -4, 0.013]))
+def test_trellis_lambda_zero_distortion_bounds(seed, step):
+    # The distortion-only trellis is optimal over DQ paths: never worse than the greedy per-state
+    # rounding path, and equal (up to float32) to the numba Viterbi at the same step.
+    w = _gauss(300, seed=seed)
+    res = rdquant.rd_quantize_tensor(w, [step], [0.0], dq=True, slice_size=300)
+    x = w.astype(np.float64) / np.float32(step)
+    d_greedy = np.sum((x - _greedy_dq(x)) ** 2)
+    d_numba = np.sum((x - quantize_levels(w, step, dq=True, slice_size=300)) ** 2)
+    d_rd = np.sum((x - res.levels[0, 0]) ** 2)
+    assert d_rd <= d_greedy * (1 + 1e-6) + 1e-9
+    assert d_rd == pytest.approx(d_numba, rel=1e-5, abs=1e-6)
+
+
+def _exact_bits(levels, slice_size, dq):
+    _, data, _ = codec.encode_levels(levels, slice_size, dq, N)
+    return 8 * data.size
+
+
+@pytest.mark.parametrize("dq", [False, True])
+def test_rate_falls_with_lambda_and_matches_the_coder(dq):
+    w = _gauss(1 << 15, seed=3)
+    lams = [0.0, 0.05, 0.1, 0.2, 0.4]
+    res = rdquant.rd_quantize_tensor(w, [STEP], lams, dq=dq, slice_size=8192)
+    exact = [_exact_bits(res.levels[0, i], 8192, dq) for i in range(len(lams))]
+    assert all(np.diff(res.bits[0]) <= 0), res.bits[0]
+    assert all(np.diff(exact) <= 0), exact
+    assert all(np.diff(res.dist[0]) >= 0), res.dist[0]
+    for est, ex in zip(res.bits[0], exact):
+        assert abs(ex - est) <= 0.02 * ex, (est, ex)
+
+
+def test_jit_equals_eager():
+    w = _gauss(40, seed=4)
+    w[3] = 0.3  # an Exp-Golomb remainder
+    for dq in (False, True):
+        with jax.numpy_dtype_promotion("strict"):
+            a = rdquant.rd_quantize_tensor(w, [STEP, 1.5 * STEP], [0.0, 0.3], dq=dq, slice_size=24)
+            b = rdquant.rd_quantize_tensor(w, [STEP, 1.5 * STEP], [0.0, 0.3], dq=dq, slice_size=24, jit=False)
+        np.testing.assert_array_equal(a.levels, b.levels)
+        np.testing.assert_allclose(a.bits, b.bits, rtol=1e-6)
+
+
+def test_vectorised_equals_single_settings():
+    w = _gauss(3000, seed=5)
+    grid = rdquant.rd_quantize_tensor(w, [STEP, 2 * STEP], [0.05, 0.2], dq=True, slice_size=1024)
+    for k, s in enumerate([STEP, 2 * STEP]):
+        for l_, lam in enumerate([0.05, 0.2]):
+            np.testing.assert_array_equal(grid.levels[k, l_], rdquant.rd_levels(w, s, lam, dq=True, slice_size=1024))
+
+
+@pytest.mark.parametrize("dq", [False, True])
+def test_round_trip_with_rd_levels(dq):
+    rng = np.random.default_rng(6)
+    t = {"a.weight": (rng.standard_normal((40, 50)) * 0.02).astype(np.float32),
+         "a.bias": (rng.standard_normal(50) * 0.02).astype(np.float32)}
+    kw = dict(qp=-30, dq=dq, slice_size=512)
+    data = gpucabac.encode(t, lam=0.2, **kw)
+    out = gpucabac.decode(data)
+    want = gpucabac.quantize(t, lam=0.2, **kw)
+    for k in t:
+        np.testing.assert_array_equal(out[k], want[k])
+    assert len(data) < len(gpucabac.encode(t, **kw))
+    assert gpucabac.encode(t, lam=0.0, **kw) == gpucabac.encode(t, **kw)
+    # per-tensor steps and lambdas
+    d2 = gpucabac.encode(t, lam={"a.weight": 0.1}, tensor_steps={"a.weight": 0.01}, **kw)
+    assert gpucabac.info(d2).tensors[0].step == pytest.approx(0.01)
+    np.testing.assert_array_equal(gpucabac.decode(d2)["a.weight"],
+                                  gpucabac.quantize(t, lam={"a.weight": 0.1}, tensor_steps={"a.weight": 0.01}, **kw)["a.weight"])
+
+
+def test_importance_weights():
+    w = _gauss(2000, seed=7)
+    f = np.ones_like(w)
+    f[:1000] = 1e6  # these must stay at rounding
+    lv = rdquant.rd_levels(w, STEP, 0.4, importance=f, slice_size=2000)
+    r = quantize_levels(w, STEP, slice_size=2000)
+    np.testing.assert_array_equal(lv[:1000], r[:1000])
+    assert np.abs(lv[1000:]).sum() < np.abs(r[1000:]).sum()
+
+
+def test_fisher_diagonal():
+    jnp = jax.numpy
+    params = {"w": jnp.array([[1.0, -2.0], [0.5, 0.0]])}
+    xs = jnp.array([[1.0, 2.0], [0.0, 1.0], [3.0, -1.0]])
+
+    def loss(p, x):
+        return 0.5 * jnp.sum(jnp.square(p["w"] @ x))
+
+    fis = rdquant.fisher_diagonal(loss, params, xs)
+    want = np.mean([np.square(np.outer(np.asarray(params["w"]) @ np.asarray(x), np.asarray(x))) for x in xs], axis=0)
+    np.testing.assert_allclose(np.asarray(fis["w"]), want, rtol=1e-6)
+    norm = rdquant.fisher_diagonal(loss, params, xs, normalize=True)
+    assert float(jnp.mean(norm["w"])) == pytest.approx(1.0)
+
+
+# --- sweeps, operating points, CLI ------------------------------------------------------------
+
+
+def _small_model():
+    rng = np.random.default_rng(8)
+    return {"fc1.weight": (rng.standard_normal((64, 96)) * 0.02).astype(np.float32),
+            "fc2.weight": (rng.standard_normal((96, 32)) * 0.05).astype(np.float32),
+            "fc2.bias": np.zeros(32, np.float32)}
+
+
+@pytest.fixture(scope="module")
+def small_sweep():
+    return gpucabac.sweep(_small_model(), [2.0 ** -7, 2.0 ** -6, 2.0 ** -5], [0.0, 0.15], methods=("urq", "dq"),
+                          slice_size=2048)
+
+
+def test_sweep_rows_and_aggregates(small_sweep):
+    res = small_sweep
+    assert {r["tensor"] for r in res.rows} == {"fc1.weight", "fc2.weight"}  # 1-D tensors are not swept
+    assert len(res.model) == 2 * 3 * 2
+    t = _small_model()
+    for m in res.model:
+        rs = [r for r in res.rows if (r["method"], r["step"], r["lam"]) == (m["method"], m["step"], m["lam"])]
+        assert m["exact_bits"] == sum(r["exact_bits"] for r in rs)
+        # the exact rate is the real container's: encode with the same settings
+        data = gpucabac.encode({k: t[k] for k in ("fc1.weight", "fc2.weight")}, step=m["step"], lam=m["lam"],
+                               dq=m["method"] == "dq", slice_size=2048)
+        assert sum(i.coded_bytes + i.header_bytes for i in gpucabac.info(data).tensors) * 8 == m["exact_bits"]
+        assert abs(m["est_bits"] - sum(r["payload_bits"] for r in rs)) <= 0.03 * m["exact_bits"]
+        break  # one setting is enough for the encode cross-check
+
+
+def test_operating_point_meets_its_target(small_sweep, tmp_path):
+    for per_tensor in (True, False):
+        op = gpucabac.choose_operating_point(small_sweep, "dq", target_bpw=4.0, per_tensor=per_tensor)
+        assert op.bpw <= 4.0
+        t = _small_model()
+        data = gpucabac.encode(t, dq=True, tensor_steps=op.steps, lam=op.lams, slice_size=2048)
+        coded = sum(i.coded_bytes + i.header_bytes for i in gpucabac.info(data).tensors if i.name in op.steps)
+        assert coded * 8 == pytest.approx(op.bits)
+    op = gpucabac.choose_operating_point(small_sweep, "urq", target_snr_db=20.0)
+    assert op.snr_db >= 20.0
+    op2 = gpucabac.choose_operating_point(small_sweep, "urq", target_mse=op.sse / op.numel)
+    assert op2.sse <= op.sse and op2.bits <= op.bits
+    with pytest.raises(gpucabac.InputError):
+        gpucabac.choose_operating_point(small_sweep, "urq", target_snr_db=200.0)
+    small_sweep.to_json(tmp_path / "s.json")
+    back = gpucabac.SweepResult.from_json(tmp_path / "s.json")
+    assert [m["exact_bits"] for m in back.model] == [m["exact_bits"] for m in small_sweep.model]
+
+
+def test_cli_sweep_and_plot(tmp_path):
+    from click.testing import CliRunner
+
+    from gpucabac import cli
+    from gpucabac import io as gio
+
+    path = tmp_path / "m.npz"
+    gio.write_model(path, _small_model())
+    r = CliRunner().invoke(cli.main, ["sweep", str(path), "-o", str(tmp_path / "s.json"), "--csv", str(tmp_path / "s.csv"),
+                                      "--qp-range", "-30:-29", "--lams", "0,0.1", "--methods", "urq",
+                                      "--slice-size", "1024"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "s.csv").read_text().count("\n") == 2 * 2 * 2 + 4 + 1
+    pytest.importorskip("matplotlib")
+    r = CliRunner().invoke(cli.main, ["plot", str(tmp_path / "s.json"), "-o", str(tmp_path / "rd.png")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "rd.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_encode_with_lambda(tmp_path):
+    from click.testing import CliRunner
+
+    from gpucabac import cli
+    from gpucabac import io as gio
+
+    path = tmp_path / "m.npz"
+    gio.write_model(path, _small_model())
+    sizes = []
+    for lam in ("0", "0.3"):
+        out = tmp_path / f"m{lam}.gcb"
+        r = CliRunner().invoke(cli.main, ["encode", str(path), "-o", str(out), "--dq", "--lam", lam])
+        assert r.exit_code == 0, r.output
+        sizes.append(out.stat().st_size)
+        np.testing.assert_array_equal(gpucabac.load(out)["fc1.weight"],
+                                      gpucabac.quantize(_small_model(), dq=True, lam=float(lam))["fc1.weight"])
+    assert sizes[1] < sizes[0]
+
+
+@pytest.mark.slow
+def test_bench_rd_smoke(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "bench_rd.py"
+    r = subprocess.run([sys.executable, str(script), "--tiny", "--single-subset", "2", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+
+    res = json.loads((tmp_path / "bench_rd.json").read_text())
+    assert all(v["validated"] for v in res["results"].values())
