@@ -114,7 +114,7 @@ def main() -> None:
                       jax=jax.__version__, jax_backend=jax.default_backend())
     md = header_md("RD quantizer: one vectorised sweep call vs single-setting calls", info, model, settings_d)
     md += md_table(["method", "vectorised s", f"{len(steps) * len(lams)} single calls s", "speed-up", "M weight-settings/s",
-                    "context init s", "compile s", "validated"], rows)
+                    "context init s", "first call s (compile + run)", "validated"], rows)
     if not args.tiny:
         md += "\n\nExtrapolated to the whole model (2-D tensors, %d weights, 256 settings) at the measured rate: %s.\n" % (
             full_numel, ", ".join(f"{m.upper()} {r['full_model_extrapolated_s'] / 60:.0f} min" for m, r in results.items()))

@@ -58,12 +58,45 @@ def at_target(points):
     return None
 
 
+def plot_gaps(results, path):
+    """Gap to the bound (bit/weight) against exact rate, per quantizer; for RD quantizers the best
+    λ's points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, r in results.items():
+        pts = r["points"]
+        if r.get("best_lam") is not None:
+            pts = [p for p in pts if p.get("lam") == r["best_lam"]]
+            label = f"{label}, λ={r['best_lam']:g}" if r["best_lam"] else label
+        pts = sorted((p["bpw"], p["gap"]) for p in pts)
+        ax.plot(*zip(*pts), "-o", ms=3, label=label)
+    ax.axvline(TARGET_BPW, color="gray", lw=0.8)
+    ax.axhline(0.10, color="gray", ls=":", lw=0.8, label="target gap 0.10")
+    ax.set_xlabel("bits per weight (exact, slice 8192)")
+    ax.set_ylabel("bits/weight above the Gaussian RD bound")
+    ax.set_title(f"i.i.d. Gaussian σ={SIGMA}, 1 M values")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="smoke run on 64 k weights")
     ap.add_argument("--out", default=None)
     ap.add_argument("--slice-size", type=int, default=gpucabac.DEFAULT_SLICE_SIZE)
+    ap.add_argument("--replot", action="store_true", help="only redraw rd_gaussian.png from the JSON")
     args = ap.parse_args()
+    if args.replot:
+        d = out_dir(args.out, args.tiny)
+        plot_gaps(json.loads((d / "rd_gaussian.json").read_text())["results"], d / "rd_gaussian.png")
+        return
     from gpucabac import rdquant
 
     shape = (256, 256) if args.tiny else (1024, 1024)
@@ -127,6 +160,10 @@ def main() -> None:
     md += "\n\nRates are exact (the real coder, payload + slice table). Target: DQ + rate ≤ 0.10 bit/weight above the bound.\n"
     d = out_dir(args.out, args.tiny)
     jp, mp = write_results(d, "rd_gaussian", dict(machine=info, settings=settings, results=results), md)
+    try:
+        plot_gaps(results, d / "rd_gaussian.png")
+    except ImportError:
+        pass
     print(md)
     print(f"wrote {jp} and {mp}")
 
