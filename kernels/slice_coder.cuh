@@ -296,19 +296,8 @@ GC_HD long long gc_slice_bound(const int* levels, long long count, int dq, int n
 }
 
 // ---------------------------------------------------------------------------------------------
-// Decoder (§2.7). V is the type of the `value` register. Streams whose first two bytes are
-// 0xFF00 or more are rejected before decoding (gc_decode_slice), so value stays below 2^24 and
-// V = int keeps it in one GPU register.
-
-template <typename V>
-GC_HD V gc_shl(V v, int n) {
-    return (V)((unsigned long long)(long long)v << n);  // two's complement wrap, as numba's int64
-}
-
-template <typename V>
-GC_HD V gc_add(V a, V b) {
-    return (V)((unsigned long long)(long long)a + (unsigned long long)(long long)b);
-}
+// Decoder (§2.7). Streams whose first two bytes are 0xFF00 or more are rejected before decoding
+// (gc_decode_slice), so the value register stays below 2^24 and fits an int (one GPU register).
 
 GC_HD int gc_read_byte(const unsigned char* data, long long len, long long& pos, bool& overrun) {
     int b = 0;
@@ -325,15 +314,15 @@ enum { GC_PHASE_SIG = 0, GC_PHASE_SIGN = 1, GC_PHASE_GT = 2, GC_PHASE_EG = 3 };
 // Decode `count` levels from data[0:len] into sink(i, level); returns a GC_DECODE_* code
 // (GC_DECODE_OK when the slice decoded and ended exactly at its last byte). The binarization is
 // walked as a small state machine (phase = which bin comes next), as in engine_cpu.decode_slice.
-template <typename V, class Sink>
+template <class Sink>
 GC_HD int gc_decode_slice_as(const unsigned char* data, long long len, long long count, int dq, int num_gt_flags,
                              const unsigned char* init, GcCtxArray ctx, const GcTables& t, Sink& sink) {
     gc_ctx_init(ctx, init, t);
     bool overrun = false;
     long long pos = 0;
-    V b0 = gc_read_byte(data, len, pos, overrun);
-    V b1 = gc_read_byte(data, len, pos, overrun);
-    V value = (b0 << 8) | b1;
+    int b0 = gc_read_byte(data, len, pos, overrun);
+    int b1 = gc_read_byte(data, len, pos, overrun);
+    int value = (b0 << 8) | b1;
     int rng = 510;
     int bits = -8;
     const int eg = GC_GT + 2 * num_gt_flags;
@@ -361,18 +350,18 @@ GC_HD int gc_decode_slice_as(const unsigned char* data, long long len, long long
         int pc = p >> 7;
         int rlps = t.rlps[(rng & 0xE0) + (pc >= 0 ? pc : -pc)];
         int rmps = rng - rlps;
-        V scaled = (V)rmps << 7;
+        int scaled = rmps << 7;
         bool lps = value >= scaled;
         int b = (p >= 0 ? 1 : 0) ^ (lps ? 1 : 0);
-        value -= lps ? scaled : (V)0;
+        value -= lps ? scaled : 0;
         rng = lps ? rlps : rmps;
         int n = t.renorm[rng];
         rng <<= n;
-        value = gc_shl<V>(value, n);
+        value <<= n;
         bits += n;
         if (bits >= 0) {
-            V byte = gc_read_byte(data, len, pos, overrun);
-            value = gc_add<V>(value, gc_shl<V>(byte, bits));
+            int byte = gc_read_byte(data, len, pos, overrun);
+            value += byte << bits;
             bits -= 8;
         }
         ctx[c] = gc_ctx_update(w, b, t.curve);
@@ -412,13 +401,13 @@ GC_HD int gc_decode_slice_as(const unsigned char* data, long long len, long long
         } else {
             long long suffix = 0;
             for (int k = 0; k < m; ++k) {  // bypass bins, MSB first
-                value = gc_shl<V>(value, 1);
+                value <<= 1;
                 bits += 1;
                 if (bits >= 0) {
-                    value = gc_add<V>(value, (V)gc_read_byte(data, len, pos, overrun));
+                    value += gc_read_byte(data, len, pos, overrun);
                     bits = -8;
                 }
-                V s = (V)rng << 7;
+                int s = rng << 7;
                 suffix <<= 1;
                 if (value >= s) {
                     value -= s;
@@ -444,7 +433,7 @@ GC_HD int gc_decode_slice_as(const unsigned char* data, long long len, long long
         }
     }
     // Terminate bin: must decode as 1, the slice must end exactly here, with the stop pattern.
-    if (overrun || value < ((V)(rng - 2) << 7) || pos != len) return GC_DECODE_BAD_END;
+    if (overrun || value < ((rng - 2) << 7) || pos != len) return GC_DECODE_BAD_END;
     if ((((int)data[len - 1] << (8 + bits)) & 0xFF) != 0x80) return GC_DECODE_BAD_END;
     return GC_DECODE_OK;
 }
@@ -455,7 +444,7 @@ GC_HD int gc_decode_slice(const unsigned char* data, long long len, long long co
     // A valid slice starts below 0xFF00 (= 510 << 7, the initial range): reject the rest at once,
     // as engine_cpu.decode_slice does, so value always fits an int.
     if (len >= 1 && data[0] == 0xFF) return GC_DECODE_BAD_END;
-    return gc_decode_slice_as<int>(data, len, count, dq, num_gt_flags, init, ctx, t, sink);
+    return gc_decode_slice_as(data, len, count, dq, num_gt_flags, init, ctx, t, sink);
 }
 
 // ---------------------------------------------------------------------------------------------
