@@ -150,4 +150,5 @@ def header_md(title: str, info: dict, model: str, settings: dict) -> str:
         f"- model: {model}",
         "- settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()),
         "",
+        "",
     ])

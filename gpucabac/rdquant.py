@@ -420,6 +420,29 @@ def fisher_diagonal(loss_fn: Callable, params, batch, *, normalize: bool = False
     return fisher
 
 
+def smooth_importance(fisher, *, floor: float = 0.25, min_rows_seen: float = 0.5):
+    """A per-weight importance array for the RD quantizer from a noisy diagonal-Fisher estimate of
+    one tensor, or None (uniform) where it carries no usable shape.
+
+    A 2-D estimate is replaced by the outer product of its row and column means (the shape the
+    Fisher of a linear layer has when its input and output-gradient statistics are independent),
+    which averages the probe noise away; the result is scaled to mean 1 and floored at `floor` so
+    that no weight is treated as free. Tensors whose estimate is all zero, or that have fewer than
+    `min_rows_seen` of their rows touched (an embedding table sees only the calibration's tokens,
+    and that set does not carry over to other inputs), get None."""
+    f = np.asarray(fisher, np.float64)
+    if not np.isfinite(f).all() or (f < 0).any():
+        raise InputError("importance estimate must be finite and non-negative")
+    mean = f.mean() if f.size else 0.0
+    if mean <= 0:
+        return None
+    if f.ndim == 2:
+        if np.count_nonzero(f.sum(axis=1)) < min_rows_seen * f.shape[0]:
+            return None
+        f = np.outer(f.mean(axis=1), f.mean(axis=0)) / mean
+    return np.maximum(f / f.mean(), floor).astype(np.float32)
+
+
 def as_importance(importance: Mapping | None, name: str):
     """The importance array of one tensor from a name -> array mapping (None: uniform)."""
     if importance is None:

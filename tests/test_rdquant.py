@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import gpucabac
 from gpucabac import codec, rdquant
+from gpucabac.errors import InputError
 from gpucabac.binarize import binarize_level, dq_coded_level, dq_next_state
 from gpucabac.quantize import quantize_levels
 from gpucabac.tables import BIT_COST, CURVE
@@ -187,6 +188,32 @@ def test_fisher_diagonal():
     np.testing.assert_allclose(np.asarray(fis["w"]), want, rtol=1e-6)
     norm = rdquant.fisher_diagonal(loss, params, xs, normalize=True)
     assert float(jnp.mean(norm["w"])) == pytest.approx(1.0)
+
+
+
+def test_smooth_importance_recovers_a_rank_one_shape_from_noise():
+    rng = np.random.default_rng(3)
+    rows, cols = rng.uniform(0.1, 10, 48), rng.uniform(0.1, 10, 32)
+    true = np.outer(rows, cols)
+    noisy = true * rng.chisquare(2, true.shape) / 2  # a few-probe estimate: right mean, large spread
+    imp = rdquant.smooth_importance(noisy, floor=0.0)
+    assert imp.shape == true.shape and imp.dtype == np.float32
+    assert imp.mean() == pytest.approx(1.0, rel=1e-5)
+    err_smooth = np.abs(np.log(imp / (true / true.mean()))).mean()
+    err_raw = np.abs(np.log(np.maximum(noisy, 1e-12) / noisy.mean() / (true / true.mean()))).mean()
+    assert err_smooth < 0.25 * err_raw
+    floored = rdquant.smooth_importance(noisy, floor=0.5)
+    assert floored.min() >= 0.5
+
+
+def test_smooth_importance_declines_untouched_or_empty_estimates():
+    table = np.zeros((100, 8))
+    table[:10] = 1.0  # only the calibration's 10 "tokens" have a gradient
+    assert rdquant.smooth_importance(table) is None
+    assert rdquant.smooth_importance(np.zeros((4, 4))) is None
+    np.testing.assert_allclose(rdquant.smooth_importance(np.array([1.0, 3.0]), floor=0.0), [0.5, 1.5])
+    with pytest.raises(InputError, match="non-negative"):
+        rdquant.smooth_importance(np.array([1.0, -1.0]))
 
 
 # --- sweeps, operating points, CLI ------------------------------------------------------------
