@@ -38,8 +38,9 @@ def bound_bpw(snr_db: float) -> float:
 
 
 def measure(w, levels, step, dq, slice_size):
-    _, payload, lengths = codec.encode_levels(levels, slice_size, dq, gpucabac.DEFAULT_GT_FLAGS)
-    hdr = 4 * lengths.size + 64  # slice lengths + the record's fixed part (≈; 0.01% here)
+    ctx_init, payload, lengths = codec.encode_levels(levels, slice_size, dq, gpucabac.DEFAULT_GT_FLAGS)
+    # slice table (u32 length + CRC-32 per slice), context initialisation, the record's fixed part (≈)
+    hdr = 8 * lengths.size + (len(ctx_init) + 1) // 2 + 64
     bits = 8 * (payload.size + hdr)
     rec = dequantize(levels, step, (w.size,), np.float32).astype(np.float64)
     w64 = w.astype(np.float64).ravel()
