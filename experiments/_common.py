@@ -152,3 +152,13 @@ def header_md(title: str, info: dict, model: str, settings: dict) -> str:
         "",
         "",
     ])
+
+
+def save_figure(fig, ax, path) -> None:
+    """Legend, tight layout, write at 130 dpi, close: the common ending of every figure here."""
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)

@@ -23,7 +23,6 @@ from _common import header_md, load_default_model_2d, machine_info, md_table, ou
 
 import gpucabac
 from gpucabac import rdquant
-from gpucabac.quantize import step_from_qp
 
 
 def main() -> None:

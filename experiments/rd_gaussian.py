@@ -23,7 +23,7 @@ import time
 import _common  # noqa: F401  (sys.path)
 import numpy as np
 
-from _common import header_md, machine_info, md_table, out_dir, write_results
+from _common import header_md, machine_info, md_table, out_dir, save_figure, write_results
 
 import gpucabac
 from gpucabac import codec
@@ -81,10 +81,7 @@ def plot_gaps(results, path):
     ax.set_ylabel("bits/weight above the Gaussian RD bound")
     ax.set_title(f"i.i.d. Gaussian σ={SIGMA}, 1 M values")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save_figure(fig, ax, path)
 
 
 def main() -> None:

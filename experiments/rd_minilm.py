@@ -18,11 +18,11 @@ import time
 import _common  # noqa: F401
 import numpy as np
 
-from _common import header_md, load_default_model_2d, machine_info, md_table, out_dir, tiny_model, write_results
+from _common import header_md, load_default_model_2d, machine_info, md_table, out_dir, save_figure, tiny_model
 
 import gpucabac
 from gpucabac.quantize import step_from_qp
-from gpucabac.sweep import pareto, plot_sweeps
+from gpucabac.sweep import plot_sweeps
 
 
 def snr(ref, rec):
@@ -59,11 +59,8 @@ def plot_savings(res, path, title):
     ax.set_xlabel("SNR (dB)")
     ax.set_ylabel("fewer bits than NNCodec DQ at equal SNR (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save_figure(fig, ax, path)
 
 
 def main() -> None:

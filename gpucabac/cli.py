@@ -207,6 +207,26 @@ def main() -> None:
     """Slice-parallel DeepCABAC coding of neural-network weights (.gcb files)."""
 
 
+def _importance_settings(importance: Mapping[str, np.ndarray], tensors: Mapping[str, np.ndarray], step: float,
+                         weighted: bool) -> dict:
+    """encode() settings from an importance file: per-tensor steps, and per-weight importance when
+    `weighted`. Every array must name a tensor of the model and have its shape (tensors that are
+    not quantized, such as integer ones, ignore theirs)."""
+    for name, a in importance.items():
+        if name not in tensors:
+            raise api.InputError(f"importance file: {name!r} is not a tensor of the model")
+        a, x = np.asarray(a), np.asarray(tensors[name])
+        if a.shape != x.shape:
+            raise api.InputError(f"importance file: {name!r} has shape {a.shape}, the tensor {x.shape}")
+    coded = {k: np.asarray(a, np.float64) for k, a in importance.items() if np.asarray(a).ndim >= 2}
+    if not coded:
+        raise api.InputError("importance file: no array of two or more dimensions, nothing to set steps from")
+    out: dict = {"tensor_steps": api.steps_from_importance(coded, step)}
+    if weighted:
+        out["importance"] = {k: f for k, a in coded.items() if (f := api.smooth_importance(a)) is not None}
+    return out
+
+
 @main.command()
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=pathlib.Path),
@@ -228,15 +248,29 @@ def main() -> None:
                    f"[default: the step / {SMALL_STEP_DIVISOR}]")
 @click.option("--lam", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Rate-distortion quantization: weight of the rate, in step² per bit (0: plain quantizer).")
+@click.option("--importance", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path), default=None,
+              help="Importance of every weight (e.g. a diagonal Fisher estimate): a .safetensors/.npz/.pt "
+                   "file of arrays named and shaped like MODEL's tensors. Each named tensor of two or more "
+                   "dimensions gets its own step, the step times (its mean importance / their "
+                   "geometric mean)^(-1/2), clamped to 1/16..16 times.")
+@click.option("--weighted/--no-weighted", default=False, show_default=True,
+              help="With --importance: also weight each weight's error in the quantizer by its "
+                   "(smoothed) importance; runs the JAX rate-distortion quantizer.")
 @_threads_option
-def encode(model, output, qp, step, qp_density, dq, slice_size, gt_flags, small_step, lam, threads):
+def encode(model, output, qp, step, qp_density, dq, slice_size, gt_flags, small_step, lam, importance, weighted,
+           threads):
     """Compress MODEL (a .safetensors/.npz/.pt file or a packaged model name) into a .gcb file."""
     if qp is not None and step is not None:
         raise click.UsageError("give --qp or --step, not both")
+    if weighted and importance is None:
+        raise click.UsageError("--weighted needs --importance")
     tensors = gio.read_model(model)
     weights = _weights(tensors)
     settings = dict(step=step, qp=qp, qp_density=qp_density, dq=dq, slice_size=slice_size,
                     num_gt_flags=gt_flags, small_step=small_step, threads=threads, lam=lam)
+    if importance is not None:
+        base = step if step is not None else api.step_from_qp(api.DEFAULT_QP if qp is None else qp, qp_density)
+        settings.update(_importance_settings(gio.read_model(importance), tensors, base, weighted))
 
     start = time.perf_counter()
     with _progress(weights, "encode") as progress:

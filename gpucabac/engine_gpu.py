@@ -370,7 +370,7 @@ def decode_records(records: Sequence[TensorRecord], payload_of: Callable[[Tensor
     k = k or kernels()
     xp = k.xp
     coded = [r for r in records if r.mode != "raw" and r.numel > 0]
-    pieces, outs, raw_bad = [], {}, {}
+    pieces, outs = [], {}
     # host-side table
     offs, lens, crcs, tens, firsts, counts = [], [], [], [], [], []
     params = np.zeros((len(coded), 4), np.int32)

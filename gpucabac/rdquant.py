@@ -443,6 +443,37 @@ def smooth_importance(fisher, *, floor: float = 0.25, min_rows_seen: float = 0.5
     return np.maximum(f / f.mean(), floor).astype(np.float32)
 
 
+def steps_from_importance(importance: Mapping, step: float, *, max_ratio: float = 16.0) -> dict[str, float]:
+    """Per-tensor steps that spend bits where the importance is: step_t = step * (F_t / F_ref)^(-1/2)
+    for every importance array of two or more dimensions, F_t its mean. This equalises the
+    importance-weighted distortion per weight at high rate, where it is the optimal split for a
+    weighted-MSE objective. F_ref is the numel-weighted geometric mean of the positive F_t, so
+    that the average log-step (and so, roughly, the rate) stays that of `step`. Ratios are
+    clamped to [1/max_ratio, max_ratio]; a tensor with zero importance gets step * max_ratio."""
+    if not (math.isfinite(step) and step > 0):
+        raise InputError(f"step must be a positive number, got {step}")
+    if not max_ratio >= 1:
+        raise InputError(f"max_ratio must be >= 1, got {max_ratio}")
+    means, sizes = {}, {}
+    for name, a in importance.items():
+        a = np.asarray(a)
+        if a.ndim < 2:
+            continue
+        if a.size and (not np.isfinite(a).all() or (a < 0).any()):
+            raise InputError(f"importance of {name!r} must be finite and non-negative")
+        means[name] = float(a.mean(dtype=np.float64)) if a.size else 0.0
+        sizes[name] = a.size
+    positive = [n for n in means if means[n] > 0]
+    if not positive:
+        return {n: float(np.float32(step * max_ratio)) for n in means}
+    log_ref = sum(sizes[n] * math.log(means[n]) for n in positive) / sum(sizes[n] for n in positive)
+    out = {}
+    for name, f in means.items():
+        ratio = max_ratio if f <= 0 else min(max_ratio, max(1.0 / max_ratio, math.exp(-0.5 * (math.log(f) - log_ref))))
+        out[name] = float(np.float32(step * ratio))
+    return out
+
+
 def as_importance(importance: Mapping | None, name: str):
     """The importance array of one tensor from a name -> array mapping (None: uniform)."""
     if importance is None:

@@ -86,6 +86,55 @@ def test_encode_writes_the_stream_the_api_writes(tmp_path, model_file, options, 
     assert re.search(r"[\d.]+ M weights/s", line)
 
 
+
+def test_encode_with_importance_sets_steps_per_tensor(tmp_path, model_file):
+    tensors = gio.read_model(model_file)
+    rng = np.random.default_rng(1)
+    imp = {"layer.weight": rng.uniform(0, 2, (40, 30)).astype(np.float32) * 16,  # 16x the importance
+           "embedding": rng.uniform(0, 2, (70, 100)).astype(np.float32),
+           "layer.bias": np.ones(30, np.float32)}  # 1-D: keeps the small step
+    imp_file = tmp_path / "imp.npz"
+    gio.write_model(imp_file, imp)
+    out = tmp_path / "m.gcb"
+    result = run("encode", model_file, "-o", out, "--qp", "-32", "--dq", "--importance", imp_file)
+    assert result.exit_code == 0, result.output
+    steps = gpucabac.steps_from_importance(imp, gpucabac.step_from_qp(-32))
+    assert set(steps) == {"layer.weight", "embedding"}
+    assert steps["embedding"] / steps["layer.weight"] == pytest.approx(4.0, rel=0.02)
+    data = out.read_bytes()
+    assert data == gpucabac.encode(tensors, qp=-32, dq=True, tensor_steps=steps)
+    got = {t.name: t.step for t in gpucabac.info(data).tensors}
+    assert got["layer.weight"] == pytest.approx(steps["layer.weight"])
+    assert got["layer.bias"] == pytest.approx(gpucabac.step_from_qp(-32) / 16)
+
+    weighted = tmp_path / "w.gcb"
+    result = run("encode", model_file, "-o", weighted, "--qp", "-32", "--dq", "--importance", imp_file, "--weighted")
+    assert result.exit_code == 0, result.output
+    smooth = {k: gpucabac.smooth_importance(v) for k, v in imp.items() if v.ndim == 2}
+    assert weighted.read_bytes() == gpucabac.encode(tensors, qp=-32, dq=True, tensor_steps=steps, importance=smooth)
+
+
+@pytest.mark.parametrize("imp, message", [
+    ({"nope": np.ones((2, 2), np.float32)}, "'nope' is not a tensor of the model"),
+    ({"embedding": np.ones((100, 70), np.float32)}, "has shape (100, 70), the tensor (70, 100)"),
+    ({"layer.bias": np.ones(30, np.float32)}, "no array of two or more dimensions"),
+    ({"embedding": -np.ones((70, 100), np.float32)}, "finite and non-negative"),
+])
+def test_encode_rejects_a_bad_importance_file(tmp_path, model_file, imp, message):
+    imp_file = tmp_path / "imp.safetensors"
+    gio.write_model(imp_file, imp)
+    out = tmp_path / "m.gcb"
+    result = run("encode", model_file, "-o", out, "--importance", imp_file)
+    assert result.exit_code == 1
+    assert message in result.output
+    assert not out.exists()
+
+
+def test_weighted_needs_importance(tmp_path, model_file):
+    result = run("encode", model_file, "-o", tmp_path / "m.gcb", "--weighted")
+    assert result.exit_code == 2 and "--weighted needs --importance" in result.output
+
+
 def test_encode_then_decode_gives_the_quantized_model(tmp_path, model_file):
     gcb = tmp_path / "m.gcb"
     assert run("encode", model_file, "-o", gcb, "--qp", "-34").exit_code == 0

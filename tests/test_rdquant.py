@@ -216,6 +216,26 @@ def test_smooth_importance_declines_untouched_or_empty_estimates():
         rdquant.smooth_importance(np.array([1.0, -1.0]))
 
 
+
+def test_steps_from_importance_follows_the_inverse_square_root_of_the_mean():
+    imp = {"a": np.full((10, 10), 4.0), "b": np.full((10, 10), 1.0), "c": np.full((20, 10), 0.25),
+           "bias": np.full(10, 100.0), "dead": np.zeros((5, 5)), "huge": np.full((1, 4), 1e9)}
+    steps = rdquant.steps_from_importance(imp, 0.01)
+    assert set(steps) == {"a", "b", "c", "dead", "huge"}  # 1-D arrays set no step
+    assert steps["b"] / steps["a"] == pytest.approx(2.0)
+    assert steps["c"] / steps["b"] == pytest.approx(2.0)
+    assert steps["dead"] == pytest.approx(0.16)  # no importance: the largest ratio
+    assert steps["huge"] == pytest.approx(0.01 / 16)  # clamped at the smallest ratio
+    assert min(steps.values()) >= 0.01 / 16 * (1 - 1e-6) and max(steps.values()) <= 0.16 * (1 + 1e-6)
+    # the numel-weighted mean log-step of the unclamped tensors is log(step)
+    live = {"a": imp["a"], "b": imp["b"], "c": imp["c"]}
+    s = rdquant.steps_from_importance(live, 0.01)
+    n = {k: v.size for k, v in live.items()}
+    assert sum(n[k] * np.log(s[k]) for k in s) / sum(n.values()) == pytest.approx(np.log(0.01), abs=1e-6)
+    with pytest.raises(InputError, match="positive"):
+        rdquant.steps_from_importance(live, 0.0)
+
+
 # --- sweeps, operating points, CLI ------------------------------------------------------------
 
 
