@@ -66,14 +66,25 @@ def loadavg() -> list[float] | None:
         return None
 
 
-def load_default_model_2d(name: str | None = None) -> tuple[str, dict[str, np.ndarray]]:
-    """The default model's float32 tensors with ndim == 2 (40 tensors, ~22.7 M weights for MiniLM)."""
-    from safetensors.numpy import load_file
+def read_any_model(spec: str) -> dict[str, np.ndarray]:
+    """A packaged model name, a model file, or a .gcb container (decoded on the CPU: the model as
+    reconstructed at its coding settings). The .gcb form carries a model to a machine where the
+    package holding it cannot be installed (gpu_carry.py)."""
+    import gpucabac
+    from gpucabac.io import read_model
 
-    from gpucabac.models import DEFAULT_MODEL, model_path
+    if str(spec).endswith(".gcb"):
+        return gpucabac.decode(pathlib.Path(spec).read_bytes())
+    return read_model(spec)
+
+
+def load_default_model_2d(name: str | None = None) -> tuple[str, dict[str, np.ndarray]]:
+    """The float32 tensors with ndim == 2 of the default model (40 tensors, ~22.7 M weights for
+    MiniLM), or of `name` (see read_any_model)."""
+    from gpucabac.models import DEFAULT_MODEL
 
     name = name or DEFAULT_MODEL
-    sd = load_file(str(model_path(name)))
+    sd = read_any_model(name)
     ts = {k: np.ascontiguousarray(v) for k, v in sd.items() if v.dtype == np.float32 and v.ndim == 2}
     return name, ts
 

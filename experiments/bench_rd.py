@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--single-subset", type=int, default=16,
                     help="time this many of the single-setting calls and extrapolate (0: all)")
     ap.add_argument("--methods", default="urq,dq")
+    ap.add_argument("--model", default=None, help="a packaged name, a model file or a .gcb (default: minilm)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     info = machine_info()
@@ -41,7 +42,7 @@ def main() -> None:
         model, tensors = "tiny random", {"fc1.weight": tiny_model()["fc1.weight"]}
         qps, lams = list(range(-40, -32)), [0.0, 0.1]
     else:
-        model, all_t = load_default_model_2d()
+        model, all_t = load_default_model_2d(args.model)
         names = [n for n, t in all_t.items() if t.shape == (384, 384)][: args.tensors]
         tensors = {n: all_t[n] for n in names}
         full_numel = sum(t.size for t in all_t.values())

@@ -39,7 +39,6 @@ import ml_dtypes  # noqa: E402
 
 import gpucabac  # noqa: E402
 from gpucabac import codec, container, engine_gpu  # noqa: E402
-from gpucabac import io as gio  # noqa: E402
 from gpucabac.quantize import dequantize  # noqa: E402
 from gpucabac.binarize import MAX_CONTEXTS, used_contexts  # noqa: E402
 from gpucabac.tables import NUM_PRESETS  # noqa: E402
@@ -196,12 +195,12 @@ def synthetic_levels(rng: np.random.Generator, n: int, dq: bool, slice_size: int
     return out
 
 
-def check_bit_exact(eng, tiny: bool, rng: np.random.Generator) -> dict:
+def check_bit_exact(eng, tiny: bool, rng: np.random.Generator, model: str = "minilm") -> dict:
     res = {"model": [], "random_levels": [], "all_equal": True}
     if tiny:
         model_name, tensors = "tiny random (seeded)", C.tiny_model()
     else:
-        model_name, tensors = "minilm", gio.read_model("minilm")
+        model_name, tensors = model, C.read_any_model(model)
     res["model_name"] = model_name
     res["model_weights"] = int(sum(t.size for t in tensors.values()))
     for kw in (dict(qp=-32), dict(qp=-36, dq=True), dict(qp=-32, slice_size=256, num_gt_flags=0)):
@@ -378,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-check-max", type=float, default=64e6, help="compare GPU bytes with the CPU engine up to this size")
     ap.add_argument("--no-nvcomp", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default="minilm",
+                    help="model of the bit-exactness check: a packaged name, a model file, or a .gcb (gpu_carry.py)")
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
@@ -397,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     info = C.machine_info()
     build_s = eng.build()
     print(f"[gpu_check] engine {eng.name} on {eng.device()}, build {build_s:.2f} s", flush=True)
-    exact = check_bit_exact(eng, args.tiny, rng)
+    exact = check_bit_exact(eng, args.tiny, rng, args.model)
     print(f"[gpu_check] bit-exact against the CPU engine: {exact['all_equal']}", flush=True)
     rows = throughput(eng, sizes, slice_sizes, args.repeats, int(args.cpu_check_max), rng, not args.no_nvcomp)
     info["loadavg_end"] = C.loadavg()

@@ -119,8 +119,16 @@ def tables_header() -> str:
 
 def kernel_dir() -> pathlib.Path:
     """The directory of the CUDA sources: the installed `gpucabac.kernels` package (the top-level
-    kernels/ of the repository, mapped into the package by pyproject.toml)."""
-    return pathlib.Path(str(resources.files("gpucabac.kernels")))
+    kernels/ of the repository, mapped into the package by pyproject.toml), or, when gpucabac is
+    imported from a checkout that was never installed (as on a lent GPU machine without a package
+    registry), the checkout's kernels/."""
+    try:
+        return pathlib.Path(str(resources.files("gpucabac.kernels")))
+    except ModuleNotFoundError:
+        checkout = pathlib.Path(__file__).resolve().parent.parent / "kernels"
+        if (checkout / "gpucabac.cu").is_file():
+            return checkout
+        raise
 
 
 def read(name: str) -> str:

@@ -253,6 +253,18 @@ def test_kernel_sources_ship_in_the_package():
         assert (kdir / name).read_bytes() == (ROOT / "kernels" / name).read_bytes(), name
 
 
+
+def test_kernel_sources_found_in_an_uninstalled_checkout(monkeypatch):
+    # gpucabac imported from a plain checkout (no pip install: a lent GPU machine has no
+    # registry) has no gpucabac.kernels package; the checkout's kernels/ must serve instead.
+    def not_installed(name):
+        raise ModuleNotFoundError(f"No module named {name!r}")
+
+    monkeypatch.setattr(kernel_source.resources, "files", not_installed)
+    assert kernel_source.kernel_dir() == ROOT / "kernels"
+    assert "__global__" in kernel_source.assemble()
+
+
 @pytest.mark.slow
 def test_wheel_contains_the_kernel_sources(tmp_path):
     # A non-editable build: the top-level kernels/ must land inside the package (pyproject's

@@ -1,0 +1,59 @@
+"""Prepare experiments/.carry/ for a GPU machine that has no package registry.
+
+The lent GPU machines (see the device tool) have CuPy, JAX, numba and nvcc but neither the default
+model's package (83.5 MB, above what a run can carry) nor nvCOMP. This writes, into the gitignored
+experiments/.carry/:
+
+- minilm.gcb: the default model coded at QP -38 (about 21 MB; decoded there on the CPU, it is
+  MiniLM as reconstructed at that step: real weights for the bit-exactness check);
+- the nvidia-nvcomp-cu13 and nvidia-libnvcomp-cu13 wheels (--no-nvcomp to skip), for Python 3.12,
+  fetched with pip download;
+
+and prints the one command to run there with the device tool (carry=["experiments/.carry"]):
+build, `pytest -m gpu`, gpu_check.py (bit-exactness + throughput) and bench_rd.py on the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import _common
+
+import gpucabac
+from gpucabac.io import atomic_write_bytes, read_model
+
+CARRY = _common.EXPERIMENTS_DIR / ".carry"
+NVCOMP = ["nvidia-nvcomp-cu13==6.0.0.12", "nvidia-libnvcomp-cu13==6.0.0.12"]
+DEVICE_COMMAND = (
+    "set -o pipefail; mkdir -p $OUT/gpu; "
+    "(ls experiments/.carry/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-deps --no-index experiments/.carry/*.whl); "
+    "python3 -m pytest -q -m gpu tests 2>&1 | tail -5 | tee $OUT/gpu/pytest_gpu.txt; "
+    "python3 experiments/gpu_check.py --model experiments/.carry/minilm.gcb --out $OUT/gpu 2>&1 | tail -60; "
+    "python3 experiments/bench_rd.py --model experiments/.carry/minilm.gcb --out $OUT/gpu 2>&1 | tail -20"
+)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--no-nvcomp", action="store_true")
+    ap.add_argument("--qp", type=int, default=-38)
+    args = ap.parse_args()
+    CARRY.mkdir(exist_ok=True)
+    tensors = read_model("minilm")
+    data = gpucabac.encode(tensors, qp=args.qp)
+    atomic_write_bytes(CARRY / "minilm.gcb", data)
+    print(f"{CARRY / 'minilm.gcb'}: {len(data):,} bytes")
+    if not args.no_nvcomp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
+                        "--platform", "manylinux_2_28_x86_64", "-d", str(CARRY), *NVCOMP], check=True)
+    total = sum(p.stat().st_size for p in CARRY.iterdir() if p.is_file())
+    print(f"{CARRY}: {total / 2**20:.1f} MiB in all (the device tool carries at most 64 MiB)")
+    if total > 64 * 2**20:
+        sys.exit("too large to carry: drop the wheels (--no-nvcomp) or raise --qp")
+    print("\nOn the GPU machine (device tool `run`, carry=[\"experiments/.carry\"]):\n" + DEVICE_COMMAND)
+
+
+if __name__ == "__main__":
+    main()
