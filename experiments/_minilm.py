@@ -113,26 +113,12 @@ class TaskCheck:
 
 def output_sensitivity(weights: dict[str, np.ndarray], texts: list[str], *, probes: int = 32,
                        chunk: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
-    """Diagonal Gauss-Newton estimate of how much each weight moves the embeddings:
-    F_i = sum over sentences s of |d e_s / d w_i|^2, so that sum_i F_i dw_i^2 ~ sum_s |e_s(w + dw) - e_s(w)|^2
-    = 2 sum_s (1 - cos_s) for small dw. Estimated with Rademacher probes v (E[(J^T v)^2] = diag(J^T J)),
-    through gpucabac.rdquant.fisher_diagonal with the probes as its batch."""
+    """How much each weight moves the embeddings of `texts` (gpucabac.output_sensitivity):
+    sum_i F_i dw_i^2 ~ sum_s |e_s(w + dw) - e_s(w)|^2 = 2 sum_s (1 - cos_s) for small dw."""
     import jax.numpy as jnp
 
-    from gpucabac.rdquant import fisher_diagonal
+    from gpucabac.rdquant import output_sensitivity as sensitivity
 
     ids, mask = tokenize(texts)
     params = {k: jnp.asarray(v) for k, v in weights.items()}
-
-    def probe_loss(p, v):
-        return jnp.sum(embed(p, ids, mask) * v)
-
-    rng = np.random.default_rng(seed)
-    total = None
-    for start in range(0, probes, chunk):
-        n = min(chunk, probes - start)
-        v = rng.choice(np.array([-1.0, 1.0], np.float32), size=(n, ids.shape[0], 384))
-        f = fisher_diagonal(probe_loss, params, jnp.asarray(v))
-        f = {k: np.asarray(a, np.float64) * n for k, a in f.items()}
-        total = f if total is None else {k: total[k] + f[k] for k in total}
-    return {k: (a / probes).astype(np.float32) for k, a in total.items()}
+    return sensitivity(lambda p, batch: embed(p, *batch), params, (ids, mask), probes=probes, chunk=chunk, seed=seed)

@@ -29,7 +29,13 @@ from .errors import (
     TensorNotFoundError as TensorNotFoundError,
 )
 from .quantize import quantize_levels as quantize_levels, step_from_qp as step_from_qp
-from .rdquant import fisher_diagonal as fisher_diagonal, rd_levels as rd_levels, smooth_importance as smooth_importance, steps_from_importance as steps_from_importance
+from .rdquant import (
+    fisher_diagonal as fisher_diagonal,
+    output_sensitivity as output_sensitivity,
+    rd_levels as rd_levels,
+    smooth_importance as smooth_importance,
+    steps_from_importance as steps_from_importance,
+)
 from .sweep import (
     OperatingPoint as OperatingPoint,
     SweepResult as SweepResult,
@@ -42,6 +48,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_GT_FLAGS", "DEFAULT_QP", "DEFAULT_SLICE_SIZE", "ContainerInfo", "TensorInfo",
     "decode", "encode", "info", "load", "quantize", "quantize_levels", "step_from_qp",
-    "OperatingPoint", "SweepResult", "choose_operating_point", "fisher_diagonal", "rd_levels", "smooth_importance", "steps_from_importance", "sweep",
+    "OperatingPoint", "SweepResult", "choose_operating_point", "fisher_diagonal", "output_sensitivity", "rd_levels",
+    "smooth_importance", "steps_from_importance", "sweep",
     "FormatError", "GpucabacError", "GpuUnavailableError", "InputError", "ModelFileError", "TensorNotFoundError",
 ]

@@ -420,6 +420,32 @@ def fisher_diagonal(loss_fn: Callable, params, batch, *, normalize: bool = False
     return fisher
 
 
+def output_sensitivity(apply_fn: Callable, params, batch, *, probes: int = 16, chunk: int = 4, seed: int = 0):
+    """Diagonal Gauss-Newton sensitivity of a JAX model's outputs to each parameter:
+    F = diag(J^T J) summed over the batch's outputs, so that sum F * dparams^2 estimates
+    |apply_fn(params + dparams, batch) - apply_fn(params, batch)|^2 for small changes: the
+    importance to give the quantizer when the outputs (not a loss) should stay put. Estimated
+    with `probes` Rademacher vectors v (E[(J^T v)^2] = diag(J^T J)) through `fisher_diagonal`,
+    `chunk` probes per vectorised backward pass. Returns a pytree shaped like `params` (float32)."""
+    jax = _jax()
+    jnp = jax.numpy
+    if probes < 1 or chunk < 1:
+        raise InputError(f"probes and chunk must be >= 1, got {probes} and {chunk}")
+    shape = jax.eval_shape(apply_fn, params, batch)
+
+    def probe_loss(p, v):
+        return jnp.sum(apply_fn(p, batch) * v)
+
+    rng = np.random.default_rng(seed)
+    total = None
+    for start in range(0, probes, chunk):
+        n = min(chunk, probes - start)
+        v = rng.choice(np.array([-1.0, 1.0], np.float32), size=(n, *shape.shape))
+        part = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64) * n, fisher_diagonal(probe_loss, params, jnp.asarray(v)))
+        total = part if total is None else jax.tree_util.tree_map(np.add, total, part)
+    return jax.tree_util.tree_map(lambda a: (a / probes).astype(np.float32), total)
+
+
 def smooth_importance(fisher, *, floor: float = 0.25, min_rows_seen: float = 0.5):
     """A per-weight importance array for the RD quantizer from a noisy diagonal-Fisher estimate of
     one tensor, or None (uniform) where it carries no usable shape.

@@ -236,6 +236,23 @@ def test_steps_from_importance_follows_the_inverse_square_root_of_the_mean():
         rdquant.steps_from_importance(live, 0.0)
 
 
+
+def test_output_sensitivity_of_a_linear_map_is_the_input_energy():
+    jnp = jax.numpy
+    rng = np.random.default_rng(5)
+    W = jnp.asarray(rng.standard_normal((3, 4)), jnp.float32)
+    x = rng.standard_normal((1, 4)).astype(np.float32)
+    # one input: (J^T v)_ij = v_i x_j, and v_i^2 = 1, so every probe gives diag(J^T J) = x_j^2 exactly
+    f = rdquant.output_sensitivity(lambda p, b: b @ p["W"].T, {"W": W}, jnp.asarray(x), probes=3, chunk=2)
+    np.testing.assert_allclose(f["W"], np.broadcast_to(x[0] ** 2, (3, 4)), rtol=1e-6)
+    # several inputs: the probes' mean tends to sum_s x_sj^2 (cross terms average out)
+    xs = rng.standard_normal((5, 4)).astype(np.float32)
+    f = rdquant.output_sensitivity(lambda p, b: b @ p["W"].T, {"W": W}, jnp.asarray(xs), probes=512, chunk=64)
+    np.testing.assert_allclose(f["W"], np.broadcast_to((xs ** 2).sum(0), (3, 4)), rtol=0.25)
+    with pytest.raises(InputError, match="probes"):
+        rdquant.output_sensitivity(lambda p, b: b @ p["W"].T, {"W": W}, jnp.asarray(xs), probes=0)
+
+
 # --- sweeps, operating points, CLI ------------------------------------------------------------
 
 
