@@ -40,6 +40,7 @@ from .sweep import (
     OperatingPoint as OperatingPoint,
     SweepResult as SweepResult,
     choose_operating_point as choose_operating_point,
+    evaluate_task as evaluate_task,
     sweep as sweep,
 )
 
@@ -48,7 +49,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_GT_FLAGS", "DEFAULT_QP", "DEFAULT_SLICE_SIZE", "ContainerInfo", "TensorInfo",
     "decode", "encode", "info", "load", "quantize", "quantize_levels", "step_from_qp",
-    "OperatingPoint", "SweepResult", "choose_operating_point", "fisher_diagonal", "output_sensitivity", "rd_levels",
+    "OperatingPoint", "SweepResult", "choose_operating_point", "evaluate_task", "fisher_diagonal", "output_sensitivity", "rd_levels",
     "smooth_importance", "steps_from_importance", "sweep",
     "FormatError", "GpucabacError", "GpuUnavailableError", "InputError", "ModelFileError", "TensorNotFoundError",
 ]

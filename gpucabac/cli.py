@@ -433,6 +433,25 @@ def demo(model, threads):
         raise _Failure("decoded tensors differ from gpucabac.quantize for: " + "; ".join(failed))
 
 
+def _import_task(spec: str) -> Callable[[dict], float]:
+    """FUNC of MODULE:FUNC, imported with the current directory on the path."""
+    import importlib  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    module, _, func = spec.partition(":")
+    if not module or not func:
+        raise click.BadParameter(f"--task: {spec!r} is not MODULE:FUNC")
+    if "" not in sys.path and str(pathlib.Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(pathlib.Path.cwd()))
+    try:
+        fn = getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError) as e:
+        raise _Failure(f"--task {spec}: cannot import it ({type(e).__name__}: {e})") from e
+    if not callable(fn):
+        raise _Failure(f"--task {spec}: {func!r} is not callable")
+    return fn
+
+
 def _floats(text: str, what: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",") if v.strip()]
@@ -458,8 +477,16 @@ def _floats(text: str, what: str) -> list[float]:
 @click.option("--tensors", "only", default=None, help="Comma-separated tensor names (default: all 2-D+ float tensors).")
 @click.option("--exact/--no-exact", default=True, show_default=True,
               help="Also run the real coder on every setting's levels (exact rates).")
-def sweep(model, output, csv_path, qp_range, steps, qp_density, lams, methods, slice_size, gt_flags, only, exact):
+@click.option("--task", "task_spec", default=None, metavar="MODULE:FUNC",
+              help="Also score every setting with FUNC(model) -> float, imported from MODULE (the current "
+                   "directory is searched); model maps every tensor name to its array, the swept ones "
+                   "quantized at the setting.")
+@click.option("--task-label", default="task metric", show_default=True, help="Name of the task metric in plots.")
+@click.option("--task-lower-is-better", is_flag=True, help="The task metric is a loss (default: higher is better).")
+def sweep(model, output, csv_path, qp_range, steps, qp_density, lams, methods, slice_size, gt_flags, only, exact,
+          task_spec, task_label, task_lower_is_better):
     """RD sweep of MODEL over steps x lambdas x methods: estimated and exact rate, MSE, SNR."""
+    task = None if task_spec is None else _import_task(task_spec)
     tensors = gio.read_model(model)
     if only:
         names = [n.strip() for n in only.split(",") if n.strip()]
@@ -483,6 +510,12 @@ def sweep(model, output, csv_path, qp_range, steps, qp_density, lams, methods, s
     with _progress(total, "sweep") as progress:
         res = api.sweep(swept, step_list, lam_list, methods=method_list, slice_size=slice_size,
                         num_gt_flags=gt_flags, exact=exact, progress=progress)
+    if task is not None:
+        from .sweep import evaluate_task  # noqa: PLC0415
+
+        with _progress(len(res.model), "task") as progress:
+            evaluate_task(res, tensors, task, label=task_label, higher_is_better=not task_lower_is_better,
+                          progress=progress)
     res.settings["model"] = str(model)
     res.settings["seconds"] = time.perf_counter() - start
     res.to_json(output)
@@ -490,8 +523,10 @@ def sweep(model, output, csv_path, qp_range, steps, qp_density, lams, methods, s
         res.to_csv(csv_path)
     key = "exact_bpw" if exact else "est_bpw"
     rows = [[m["method"], f"{m['step']:.6g}", f"{m['lam']:g}", f"{m['est_bpw']:.4f}",
-             f"{m.get('exact_bpw', float('nan')):.4f}", _fmt_snr(m["snr_db"])] for m in sorted(res.model, key=lambda m: (m["method"], m[key]))]
-    click.echo(_table(["method", "step", "lam", "est bpw", "exact bpw", "SNR dB"], rows, right={1, 2, 3, 4, 5}))
+             f"{m.get('exact_bpw', float('nan')):.4f}", _fmt_snr(m["snr_db"])] + ([f"{m['task']:.6g}"] if task else [])
+            for m in sorted(res.model, key=lambda m: (m["method"], m[key]))]
+    headers = ["method", "step", "lam", "est bpw", "exact bpw", "SNR dB"] + ([task_label] if task else [])
+    click.echo(_table(headers, rows, right=set(range(1, len(headers)))))
     click.echo(f"{output}: {len(res.model)} settings over {_count(len(swept), 'tensor')} in {res.settings['seconds']:.1f} s")
 
 
@@ -500,12 +535,15 @@ def sweep(model, output, csv_path, qp_range, steps, qp_density, lams, methods, s
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=pathlib.Path),
               help="Image file (.png, .pdf, .svg).")
 @click.option("--rate", type=click.Choice(["exact", "est"]), default="exact", show_default=True)
+@click.option("--metric", type=click.Choice(["snr", "task"]), default="snr", show_default=True,
+              help="Vertical axis: SNR, or the task metric of `gpucabac sweep --task`.")
 @click.option("--title", default=None)
-def plot(sweeps, output, rate, title):
-    """RD curves (bits/weight vs SNR) of one or more SWEEP JSON files on one figure (needs matplotlib)."""
+def plot(sweeps, output, rate, metric, title):
+    """RD curves (bits/weight vs SNR or a task metric) of one or more SWEEP JSON files on one figure
+    (needs matplotlib)."""
     from .sweep import plot_sweeps  # noqa: PLC0415
 
-    plot_sweeps(list(sweeps), output, rate=rate, title=title)
+    plot_sweeps(list(sweeps), output, rate=rate, title=title, metric=metric)
     click.echo(f"{output}: written")
 
 

@@ -136,6 +136,35 @@ def sweep(tensors: Mapping[str, np.ndarray], steps: Sequence[float], lams: Seque
     return SweepResult(st, rows, model)
 
 
+def evaluate_task(result: SweepResult, tensors: Mapping[str, np.ndarray], task: Callable[[dict], float], *,
+                  label: str = "task", higher_is_better: bool = True,
+                  importance: Mapping[str, np.ndarray] | None = None,
+                  progress: Callable[[int], None] | None = None) -> None:
+    """Add a task metric to every model-level setting of a sweep: the swept tensors are
+    quantized at that (method, step, lam) exactly as `gpucabac.encode` codes them (the same
+    function `gpucabac.quantize`, the sweep's slice size, N and `importance`), the other
+    tensors of `tensors` are left as they are, and `task(model) -> float` scores the result.
+    Stored as m["task"] per model row, with the label and direction in result.settings["task"];
+    `plot_sweeps(..., metric="task")` draws it. `progress` is called with 1 per setting."""
+    from .codec import quantize  # noqa: PLC0415
+
+    names = result.settings.get("tensors") or []
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise InputError(f"the sweep's tensors {missing} are not in the model given to evaluate_task")
+    swept = {n: tensors[n] for n in names}
+    for m in result.model:
+        rec = quantize(swept, step=m["step"], dq=m["method"] == "dq", lam=m["lam"], importance=importance,
+                       slice_size=result.settings.get("slice_size"), num_gt_flags=result.settings.get("num_gt_flags", 11))
+        value = float(task({**tensors, **rec}))
+        if not math.isfinite(value):
+            raise InputError(f"the task returned {value} at {m['method']} step {m['step']} lam {m['lam']}")
+        m["task"] = value
+        if progress is not None:
+            progress(1)
+    result.settings["task"] = dict(label=label, higher_is_better=bool(higher_is_better))
+
+
 def aggregate(rows: list[dict]) -> list[dict]:
     """Per (method, step, lam): sums over tensors, then bits/weight, MSE and SNR of the model."""
     groups: dict = {}
@@ -240,10 +269,13 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return front
 
 
-def plot_sweeps(paths: Sequence, output, *, rate: str = "exact", title: str | None = None) -> None:
-    """RD curves (bits/weight vs SNR) of one or more sweep JSON files on one figure: per method the
-    Pareto front over all (step, lam) settings, the settings themselves faint, and NNCodec's points
-    where a file holds them (key "nncodec": [{"label", "bpw", "snr_db"}])."""
+def plot_sweeps(paths: Sequence, output, *, rate: str = "exact", title: str | None = None, metric: str = "snr") -> None:
+    """RD curves (bits/weight vs SNR, or vs the task metric of `evaluate_task` with metric="task")
+    of one or more sweep JSON files on one figure: per method the Pareto front over all (step, lam)
+    settings, the settings themselves faint, and NNCodec's points where a file holds them (key
+    "nncodec": [{"label", "bpw", "snr_db"}]; drawn for metric="snr")."""
+    if metric not in ("snr", "task"):
+        raise InputError(f"metric must be 'snr' or 'task', got {metric!r}")
     try:
         import matplotlib  # noqa: PLC0415
 
@@ -252,26 +284,34 @@ def plot_sweeps(paths: Sequence, output, *, rate: str = "exact", title: str | No
     except ImportError as e:  # pragma: no cover
         raise InputError("plotting needs matplotlib: pip install 'gpucabac[plot]'") from e
     fig, ax = plt.subplots(figsize=(7, 5))
+    ylabel = "SNR (dB)"
     for path in paths:
         res = SweepResult.from_json(path)
         tag = pathlib.Path(path).stem if len(paths) > 1 else ""
+        sign, key = 1.0, "snr_db"
+        if metric == "task":
+            info = res.settings.get("task")
+            if not info:
+                raise InputError(f"{path}: the sweep has no task metric (gpucabac sweep --task, or sweep.evaluate_task)")
+            ylabel, key = info["label"], "task"
+            sign = 1.0 if info["higher_is_better"] else -1.0
         for method in res.settings.get("methods", METHODS):
-            pts = [(m.get(f"{rate}_bpw", m["est_bpw"]), m["snr_db"]) for m in res.model if m["method"] == method]
+            pts = [(m.get(f"{rate}_bpw", m["est_bpw"]), m[key]) for m in res.model if m["method"] == method]
             if not pts:
                 continue
-            zero = [(m.get(f"{rate}_bpw", m["est_bpw"]), m["snr_db"]) for m in res.model if m["method"] == method and m["lam"] == 0]
+            zero = [(m.get(f"{rate}_bpw", m["est_bpw"]), m[key]) for m in res.model if m["method"] == method and m["lam"] == 0]
             ax.scatter(*zip(*pts), s=6, alpha=0.25)
-            front = pareto(pts)
+            front = [(r, sign * y) for r, y in pareto([(r, sign * y) for r, y in pts])]
             ax.plot(*zip(*front), "-o", ms=3, label=f"{tag} {method.upper()} + RD (front over step, λ)".strip())
             if zero:
                 ax.plot(*zip(*sorted(zero)), "--", lw=1, label=f"{tag} {method.upper()} λ=0".strip())
-        for series in res.extra.get("nncodec", []):
+        for series in res.extra.get("nncodec", []) if metric == "snr" else []:
             ax.plot([p["bpw"] for p in series["points"]], [p["snr_db"] for p in series["points"]], "k:^", ms=4,
                     label=series.get("label", "NNCodec"))
-        for series in res.extra.get("reference", []):
+        for series in res.extra.get("reference", []) if metric == "snr" else []:
             ax.plot(series["bpw"], series["snr_db"], ":", color="gray", label=series.get("label", "bound"))
     ax.set_xlabel(f"bits per weight ({rate})")
-    ax.set_ylabel("SNR (dB)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     if title:

@@ -323,6 +323,74 @@ def test_cli_sweep_and_plot(tmp_path):
     assert (tmp_path / "rd.png").read_bytes()[:4] == b"\x89PNG"
 
 
+
+_PROBE = np.random.default_rng(11).standard_normal((4, 64)).astype(np.float32)
+
+
+def _task_agreement(model):
+    """A stand-in task: how close a two-layer linear map stays to the original's outputs."""
+    t = _small_model()
+    ref = _PROBE @ t["fc1.weight"] @ t["fc2.weight"]
+    out = _PROBE @ model["fc1.weight"] @ model["fc2.weight"]
+    return float(1.0 - np.sum((out - ref) ** 2) / np.sum(ref ** 2))
+
+
+def test_evaluate_task_scores_the_quantized_model_of_each_setting(small_sweep, tmp_path):
+    import copy
+
+    res = copy.deepcopy(small_sweep)
+    t = _small_model()
+    gpucabac.evaluate_task(res, t, _task_agreement, label="agreement")
+    assert res.settings["task"] == {"label": "agreement", "higher_is_better": True}
+    swept = {k: t[k] for k in ("fc1.weight", "fc2.weight")}
+    for m in res.model:
+        rec = gpucabac.quantize(swept, step=m["step"], dq=m["method"] == "dq", lam=m["lam"], slice_size=2048)
+        assert m["task"] == _task_agreement(rec)
+        # the task saw the very reconstruction the sweep measured
+        sse = sum(float(np.sum((rec[k].astype(np.float64) - swept[k]) ** 2)) for k in swept)
+        assert sse == pytest.approx(m["sse"], rel=1e-9)
+    coarse, fine = (max(res.model, key=lambda m: m["step"]), min(res.model, key=lambda m: m["step"]))
+    assert fine["task"] > coarse["task"]
+    with pytest.raises(gpucabac.InputError, match="not in the model"):
+        gpucabac.evaluate_task(res, {"fc1.weight": t["fc1.weight"]}, _task_agreement)
+    with pytest.raises(gpucabac.InputError, match="returned nan"):
+        gpucabac.evaluate_task(res, t, lambda model: float("nan"))
+    pytest.importorskip("matplotlib")
+    res.to_json(tmp_path / "task.json")
+    from gpucabac.sweep import plot_sweeps
+
+    plot_sweeps([tmp_path / "task.json"], tmp_path / "task.png", metric="task")
+    assert (tmp_path / "task.png").read_bytes()[:4] == b"\x89PNG"
+    small_sweep.to_json(tmp_path / "plain.json")
+    with pytest.raises(gpucabac.InputError, match="no task metric"):
+        plot_sweeps([tmp_path / "plain.json"], tmp_path / "x.png", metric="task")
+
+
+def test_cli_sweep_with_a_task(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from gpucabac import cli
+    from gpucabac import io as gio
+
+    path = tmp_path / "m.npz"
+    gio.write_model(path, _small_model())
+    (tmp_path / "mytask.py").write_text("def score(model):\n    return float(-abs(model['fc1.weight']).sum())\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["sweep", str(path), "-o", str(tmp_path / "s.json"), "--qp-range", "-30:-29", "--lams", "0",
+            "--methods", "urq", "--slice-size", "1024"]
+    r = CliRunner().invoke(cli.main, args + ["--task", "mytask:score", "--task-label", "neg L1", "--task-lower-is-better"])
+    assert r.exit_code == 0, r.output
+    back = gpucabac.SweepResult.from_json(tmp_path / "s.json")
+    assert back.settings["task"] == {"label": "neg L1", "higher_is_better": False}
+    assert all(isinstance(m["task"], float) for m in back.model) and len(back.model) == 2
+    assert "neg L1" in r.output
+    for bad, message in (("mytask", "is not MODULE:FUNC"), ("nosuchmodule:f", "cannot import"),
+                         ("mytask:nosuch", "cannot import")):
+        r = CliRunner().invoke(cli.main, args + ["--task", bad])
+        assert r.exit_code != 0 and message in r.output, (bad, r.output)
+
+
 def test_cli_encode_with_lambda(tmp_path):
     from click.testing import CliRunner
 
