@@ -109,7 +109,8 @@ def sweep(tensors: Mapping[str, np.ndarray], steps: Sequence[float], lams: Seque
                     hdr = _header_bytes(name, x, step, method, num_gt_flags, S, n_used)
                     for li, lam in enumerate(lams):
                         row = dict(method=method, step=step, lam=lam, tensor=name, numel=int(x.size),
-                                   est_bits=float(res.bits[ki, li]), header_bits=8 * hdr,
+                                   est_payload_bits=float(res.bits[ki, li]), header_bits=8 * hdr,
+                                   est_bits=float(res.bits[ki, li]) + 8 * hdr,
                                    wsse=float(res.wdist[ki, li]), sse=float(res.dist[ki, li]), signal=signal)
                         if exact:
                             lv = res.levels[ki, li]
@@ -131,7 +132,8 @@ def sweep(tensors: Mapping[str, np.ndarray], steps: Sequence[float], lams: Seque
     st = dict(steps=steps, lams=lams, methods=list(methods), slice_size=slice_size, num_gt_flags=num_gt_flags,
               importance=importance is not None, exact=exact, tensors=names,
               numel=int(sum(np.asarray(tensors[n]).size for n in names)),
-              rate_units="bits; exact = payload + tensor header record; est = estimator (§2.8) bits of the bins",
+              rate_units="bits; exact = coded payload + tensor header record; est = estimator (§2.8) bits of the "
+                         "bins + the same header record (known without coding); est_payload = the bins alone",
               lam_units="step^2 per bit")
     return SweepResult(st, rows, model)
 
@@ -174,7 +176,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
     for (method, step, lam), rs in groups.items():
         n = sum(r["numel"] for r in rs)
         m = dict(method=method, step=step, lam=lam, numel=n, tensors=len(rs),
-                 est_bits=sum(r["est_bits"] for r in rs), sse=sum(r["sse"] for r in rs),
+                 est_bits=sum(r["est_bits"] for r in rs), est_payload_bits=sum(r.get("est_payload_bits", 0.0) for r in rs),
+                 sse=sum(r["sse"] for r in rs),
                  wsse=sum(r["wsse"] for r in rs), signal=sum(r["signal"] for r in rs))
         m.update(est_bpw=m["est_bits"] / n, mse=m["sse"] / n, wmse=m["wsse"] / n, snr_db=_snr(m["signal"], m["sse"]))
         if all("exact_bits" in r for r in rs):
