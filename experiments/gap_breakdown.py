@@ -31,12 +31,12 @@ from _common import header_md, machine_info, md_table, out_dir, write_results
 
 import gpucabac
 from gpucabac import codec
-from gpucabac.binarize import MAX_REGULAR_BINS, binarize_level, dq_coded_level, dq_next_state
+from gpucabac.binarize import MAX_REGULAR_BINS, binarize_level, dq_coded_level, dq_next_state, full_context_init
 from gpucabac.quantize import dequantize, step_from_qp
-from gpucabac.tables import BIT_COST, CURVE, PRESETS
+from gpucabac.engine_cpu import _cost_and_update
+from gpucabac.tables import PRESETS
 
 SIGMA = 0.02
-_BIT_COST = BIT_COST.ravel().copy()
 
 
 @nb.njit(cache=True)
@@ -74,20 +74,17 @@ def _bin_streams(levels, slice_size, dq):
 
 @nb.njit(cache=True)
 def _adaptive_bits(bins, slices, sh0, sh1, s0_init, s1_init):
-    a0 = s0_init
-    a1 = s1_init
+    """§2.8 cost of one context's bins under the estimator, reset at every slice start."""
+    s0 = np.empty(1, np.int32)
+    s1 = np.empty(1, np.int32)
     total = 0
     last = -1
     for t in range(bins.shape[0]):
         if slices[t] != last:
-            a0 = s0_init
-            a1 = s1_init
+            s0[0] = s0_init
+            s1[0] = s1_init
             last = slices[t]
-        b = bins[t]
-        total += _BIT_COST[2 * (512 + ((a1 + 16 * a0) >> 3)) + b]
-        sg = 2 * b - 1
-        a0 = a0 + sg * (CURVE[16 + ((sg * a0) >> 3)] >> sh0)
-        a1 = a1 + sg * (CURVE[16 + ((sg * a1) >> 7)] >> sh1)
+        total += _cost_and_update(s0, s1, 0, bins[t], sh0, sh1)
     return total / 32768.0
 
 
@@ -107,7 +104,7 @@ def breakdown(w: np.ndarray, levels: np.ndarray, step: float, dq: bool, slice_si
     # entropy of the levels given the DQ state (one state for URQ)
     level_bits = sum(_entropy_bits(np.unique(levels[states == s], return_counts=True)[1]) for s in np.unique(states))
     static = float(bypass)
-    init = codec._full_init(ctx_init, gpucabac.DEFAULT_GT_FLAGS, dq)
+    init = full_context_init(ctx_init, gpucabac.DEFAULT_GT_FLAGS, dq)
     adaptive = best = 0.0
     grid = [(sh0, sh1) for sh0 in (4, 5, 6, 7) for sh1 in (4, 5, 6, 7)]
     for c in np.unique(ctxs):

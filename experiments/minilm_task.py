@@ -42,6 +42,7 @@ from _common import header_md, machine_info, md_table, out_dir, save_figure, wri
 import gpucabac
 from gpucabac.quantize import step_from_qp
 from gpucabac.rdquant import smooth_importance, steps_from_importance
+from gpucabac.sweep import pareto
 
 def nncodec_rate_at(curve: list[tuple[float, float]], loss: float) -> float | None:
     """Rate (bpw) of the lower envelope `curve` [(bpw, loss)] at quality loss `loss`, interpolated
@@ -55,11 +56,7 @@ def nncodec_rate_at(curve: list[tuple[float, float]], loss: float) -> float | No
 
 def lower_envelope(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """Points (bpw, loss) not beaten by another point with both lower rate and lower loss."""
-    out = []
-    for bpw, loss in sorted(points):
-        if not out or loss < out[-1][1]:
-            out.append((bpw, loss))
-    return out
+    return [(bpw, -neg) for bpw, neg in pareto([(bpw, -loss) for bpw, loss in points])]
 
 
 def plot(results: dict, path) -> None:

@@ -50,6 +50,13 @@ def used_contexts(num_gt_flags: int, dq: bool) -> np.ndarray:
     return np.concatenate([sig, rest]).astype(np.int32)
 
 
+def full_context_init(ctx_init: np.ndarray, num_gt_flags: int, dq: bool) -> np.ndarray:
+    """The engines' per-context preset table (MAX_CONTEXTS entries) from a tensor's used-context choice."""
+    init = np.zeros(MAX_CONTEXTS, np.int32)
+    init[used_contexts(num_gt_flags, dq)] = ctx_init
+    return init
+
+
 @nb.njit(inline="always", cache=True)
 def neighbour_class(prev: int) -> int:
     return 0 if prev == 0 else (1 if prev < 0 else 2)

@@ -19,7 +19,7 @@ import numba
 import numpy as np
 
 from . import container, engine_cpu
-from .binarize import MAX_CONTEXTS, used_contexts
+from .binarize import full_context_init, used_contexts
 from .container import FLOAT_DTYPES, ITEMSIZE, TensorRecord
 from .errors import FormatError, GpuUnavailableError, InputError, TensorNotFoundError
 from .quantize import dequantize, fit_dtype_range, quantize_levels, step_from_qp
@@ -251,12 +251,6 @@ def _bad_level(levels: np.ndarray, i: int, dq: bool) -> InputError:
     return InputError(f"level {int(levels[i])} at position {i} {what}")
 
 
-def _full_init(ctx_init: np.ndarray, num_gt_flags: int, dq: bool) -> np.ndarray:
-    init = np.zeros(MAX_CONTEXTS, np.int32)
-    init[used_contexts(num_gt_flags, dq)] = ctx_init
-    return init
-
-
 def encode_levels_gpu(levels: np.ndarray, slice_size: int, dq: bool, num_gt_flags: int,
                       ctx_init: np.ndarray | None = None, k=None):
     """encode_levels on the GPU engine (context initialisation still chosen on the CPU).
@@ -274,7 +268,7 @@ def encode_levels_gpu(levels: np.ndarray, slice_size: int, dq: bool, num_gt_flag
             if (bad >= 0).any():
                 raise _bad_level(levels, int(bad[bad >= 0][0]), dq)
             ctx_init = choose_context_init(levels, slice_size, dq, num_gt_flags)
-    init = _full_init(ctx_init, num_gt_flags, dq).astype(np.uint8)
+    init = full_context_init(ctx_init, num_gt_flags, dq)
     payload, lengths, crcs, bad = engine_gpu.encode_slices(levels, slice_size, dq, num_gt_flags, init, k=k)
     if bad >= 0:
         raise _bad_level(levels, bad, dq)
@@ -293,7 +287,7 @@ def encode_levels(levels: np.ndarray, slice_size: int, dq: bool, num_gt_flags: i
         raise _bad_level(levels, int(bad[bad >= 0][0]), dq)
     if ctx_init is None:
         ctx_init = choose_context_init(levels, slice_size, dq, num_gt_flags)
-    init = _full_init(ctx_init, num_gt_flags, dq)
+    init = full_context_init(ctx_init, num_gt_flags, dq)
     nslices = bounds.size
     lengths = np.zeros(nslices, np.int64)
     pieces = []
@@ -390,11 +384,6 @@ def quantize(tensors: Mapping[str, np.ndarray], *, step: float | None = None, qp
 
 # --- decoding ------------------------------------------------------------------------------------
 
-_DECODE_ERRORS = {
-    engine_cpu.DECODE_OVERRUN: "the arithmetic decoder ran past the slice's end",
-    engine_cpu.DECODE_BAD_LEVEL: "an Exp-Golomb prefix is longer than any valid level",
-    engine_cpu.DECODE_BAD_END: "the slice does not end with the terminate bin and stop pattern",
-}
 
 
 def decode_levels(rec: TensorRecord, payload: np.ndarray) -> np.ndarray:
@@ -407,14 +396,14 @@ def decode_levels(rec: TensorRecord, payload: np.ndarray) -> np.ndarray:
     if bad.size:
         raise FormatError(f"tensor {rec.name!r}: checksum mismatch in slice {int(bad[0])} of {rec.num_slices} ({bad.size} corrupt)")
     dq = rec.mode == "dq"
-    init = _full_init(rec.ctx_init, rec.num_gt_flags, dq)  # count checked by container.parse
+    init = full_context_init(rec.ctx_init, rec.num_gt_flags, dq)  # count checked by container.parse
     out = np.empty(n, np.int32)
     errors = np.zeros(rec.num_slices, np.int32)
     engine_cpu.decode_slices_into(payload, offsets, lengths, 0, rec.num_slices, n, rec.slice_size, dq, rec.num_gt_flags, init, out, errors)
     bad = np.flatnonzero(errors)
     if bad.size:
         s = int(bad[0])
-        raise FormatError(f"tensor {rec.name!r}, slice {s}: {_DECODE_ERRORS.get(int(errors[s]), 'decoding failed')}")
+        raise FormatError(f"tensor {rec.name!r}, slice {s}: {engine_cpu.DECODE_ERROR_MESSAGES.get(int(errors[s]), 'decoding failed')}")
     return out
 
 

@@ -41,6 +41,11 @@ DECODE_OK = 0
 DECODE_OVERRUN = 1  # the arithmetic decoder needed bytes past the slice's end
 DECODE_BAD_LEVEL = 2  # an Exp-Golomb prefix longer than any valid level allows
 DECODE_BAD_END = 3  # missing terminate bin or stop pattern, or unused bytes at the end
+DECODE_ERROR_MESSAGES = {
+    DECODE_OVERRUN: "the arithmetic decoder ran past the slice's end",
+    DECODE_BAD_LEVEL: "an Exp-Golomb prefix is longer than any valid level",
+    DECODE_BAD_END: "the slice does not end with the terminate bin and stop pattern",
+}
 
 # ---------------------------------------------------------------------------------------------
 # Probability model: per context (S0, S1, sh0, sh1); P = S1 + 16*S0 (§2.2).

@@ -40,15 +40,16 @@ import ml_dtypes
 import numpy as np
 
 from . import kernel_source
-from .binarize import MAX_CONTEXTS, used_contexts
-from .container import TensorRecord
+from .binarize import MAX_CONTEXTS, full_context_init
+from .container import FLOAT_DTYPES, TensorRecord
+from .engine_cpu import DECODE_ERROR_MESSAGES
 from .errors import FormatError, GpucabacError, GpuUnavailableError
 
 log = logging.getLogger("gpucabac")
 
 DTYPE_CODES = kernel_source.DTYPE_CODES
 DECODE_CRC = kernel_source.DECODE_CRC
-FLOAT_NAMES = ("float32", "float16", "bfloat16", "float64")
+FLOAT_NAMES = FLOAT_DTYPES
 
 # Launch geometry. The coder kernels keep GC_MAX_CONTEXTS 32-bit context words per thread in
 # shared memory: 64 threads use 25 KiB, under the 48 KiB a block gets without opting in.
@@ -225,9 +226,12 @@ class Kernels:
             )
         return out
 
-    def decode(self, t: "DecodeTable"):
+    def decode(self, t: "DecodeTable", *, validate: bool = True):
+        """Decode every slice of table t; `validate=False` skips `t.check` (four device reductions)
+        for a table already checked, as when the same table is decoded again and again in a benchmark."""
         xp = self.xp
-        t.check(xp)
+        if validate:
+            t.check(xp)
         ns = t.num_slices
         errors = xp.zeros(ns, np.int32)
         if ns:
@@ -353,11 +357,6 @@ def _device_dtype(name: str, k) -> np.dtype:
     return np.dtype(name)
 
 
-_DECODE_ERRORS = {
-    1: "the arithmetic decoder ran past the slice's end",
-    2: "an Exp-Golomb prefix is longer than any valid level",
-    3: "the slice does not end with the terminate bin and stop pattern",
-}
 
 
 def decode_records(records: Sequence[TensorRecord], payload_of: Callable[[TensorRecord], np.ndarray], *,
@@ -400,7 +399,7 @@ def decode_records(records: Sequence[TensorRecord], payload_of: Callable[[Tensor
             params[t] = (int(dq), rec.num_gt_flags, DTYPE_CODES[rec.dtype], DTYPE_CODES[target])
             out = xp.empty(rec.numel, _device_dtype(target, k))
         steps[t] = np.float32(rec.step)
-        inits[t, used_contexts(rec.num_gt_flags, dq)] = rec.ctx_init
+        inits[t] = full_context_init(rec.ctx_init, rec.num_gt_flags, dq)
         ptrs[t] = k.address(out)
         outs[rec.name] = out
 
@@ -448,7 +447,7 @@ def decode_records(records: Sequence[TensorRecord], payload_of: Callable[[Tensor
             bad = np.flatnonzero(err)
             if bad.size:
                 s = int(bad[0])
-                raise FormatError(f"tensor {rec.name!r}, slice {s}: {_DECODE_ERRORS.get(int(err[s]), 'decoding failed')}")
+                raise FormatError(f"tensor {rec.name!r}, slice {s}: {DECODE_ERROR_MESSAGES.get(int(err[s]), 'decoding failed')}")
             x = outs[rec.name]
             if rec.mode == "int":
                 lo, hi = (0, 1) if rec.dtype == "bool" else (np.iinfo(rec.dtype).min, np.iinfo(rec.dtype).max)

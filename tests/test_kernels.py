@@ -29,7 +29,7 @@ import pytest
 
 import gpucabac
 from gpucabac import codec, container, engine_cpu, engine_gpu, kernel_source
-from gpucabac.binarize import MAX_CONTEXTS, used_contexts
+from gpucabac.binarize import MAX_CONTEXTS, full_context_init, used_contexts
 from gpucabac.errors import FormatError, GpuUnavailableError, InputError
 from gpucabac.quantize import dequantize
 from gpucabac.tables import MAX_ABS_LEVEL, NUM_PRESETS, PRESETS
@@ -470,8 +470,7 @@ def test_encode_slices_equals_cpu_engine(shim, n, slice_size, dq):
         levels = random_levels(rng, n, dq, slice_size=slice_size)
         ctx_init = rng.integers(0, NUM_PRESETS, len(used_contexts(ngt, dq))).astype(np.uint8)
         _, want_payload, want_lengths = codec.encode_levels(levels, slice_size, dq, ngt, ctx_init)
-        init = np.zeros(MAX_CONTEXTS, np.uint8)
-        init[used_contexts(ngt, dq)] = ctx_init
+        init = full_context_init(ctx_init, ngt, dq).astype(np.uint8)
         payload, lengths, crcs, bad = engine_gpu.encode_slices(levels, slice_size, dq, ngt, init, k=k)
         assert bad == -1
         assert lengths.dtype == np.uint32 and np.array_equal(lengths, want_lengths)
@@ -775,8 +774,7 @@ def test_gpu_kernels_equal_cpu_engine(dq):
             levels = random_levels(rng, n, dq, slice_size=s)
             ctx_init = rng.integers(0, NUM_PRESETS, len(used_contexts(ngt, dq))).astype(np.uint8)
             _, want_payload, want_lengths = codec.encode_levels(levels, s, dq, ngt, ctx_init)
-            init = np.zeros(MAX_CONTEXTS, np.uint8)
-            init[used_contexts(ngt, dq)] = ctx_init
+            init = full_context_init(ctx_init, ngt, dq).astype(np.uint8)
             payload, lengths, crcs, bad = engine_gpu.encode_slices(levels, s, dq, ngt, init, k=k)
             assert bad == -1
             assert k.to_host(payload).tobytes() == want_payload.tobytes()
