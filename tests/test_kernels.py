@@ -461,17 +461,23 @@ def test_bad_level_code_on_a_long_prefix(shim):
 SLICE_CASES = [(n, s) for s in (1, 7, 64) for n in sorted({1, s - 1, s, s + 1, 3 * s, 3 * s + 5}) if n > 0]
 
 
+def _encode_both(rng, k, n, slice_size, dq, ngt):
+    """Random levels and context choice coded by the CPU engine and by engine_gpu on kernels k:
+    (levels, ctx_init, CPU payload, CPU lengths, engine_gpu.encode_slices' result)."""
+    levels = random_levels(rng, n, dq, slice_size=slice_size)
+    ctx_init = rng.integers(0, NUM_PRESETS, len(used_contexts(ngt, dq))).astype(np.uint8)
+    _, want_payload, want_lengths = codec.encode_levels(levels, slice_size, dq, ngt, ctx_init)
+    got = engine_gpu.encode_slices(levels, slice_size, dq, ngt, full_context_init(ctx_init, ngt, dq), k=k)
+    return levels, ctx_init, want_payload, want_lengths, got
+
+
 @pytest.mark.parametrize("n,slice_size", SLICE_CASES)
 @pytest.mark.parametrize("dq", [False, True])
 def test_encode_slices_equals_cpu_engine(shim, n, slice_size, dq):
     rng = np.random.default_rng(n * 131 + slice_size + dq)
     k = ShimKernels(shim)
     for ngt in (0, 11):
-        levels = random_levels(rng, n, dq, slice_size=slice_size)
-        ctx_init = rng.integers(0, NUM_PRESETS, len(used_contexts(ngt, dq))).astype(np.uint8)
-        _, want_payload, want_lengths = codec.encode_levels(levels, slice_size, dq, ngt, ctx_init)
-        init = full_context_init(ctx_init, ngt, dq).astype(np.uint8)
-        payload, lengths, crcs, bad = engine_gpu.encode_slices(levels, slice_size, dq, ngt, init, k=k)
+        levels, ctx_init, want_payload, want_lengths, (payload, lengths, crcs, bad) = _encode_both(rng, k, n, slice_size, dq, ngt)
         assert bad == -1
         assert lengths.dtype == np.uint32 and np.array_equal(lengths, want_lengths)
         assert payload.tobytes() == want_payload.tobytes()
@@ -771,11 +777,7 @@ def test_gpu_kernels_equal_cpu_engine(dq):
     rng = np.random.default_rng(31 + dq)
     for n, s in [(1, 1), (63, 64), (64, 64), (65, 64), (5000, 256), (100_000, 8192), (3, 7)]:
         for ngt in GT_FLAGS:
-            levels = random_levels(rng, n, dq, slice_size=s)
-            ctx_init = rng.integers(0, NUM_PRESETS, len(used_contexts(ngt, dq))).astype(np.uint8)
-            _, want_payload, want_lengths = codec.encode_levels(levels, s, dq, ngt, ctx_init)
-            init = full_context_init(ctx_init, ngt, dq).astype(np.uint8)
-            payload, lengths, crcs, bad = engine_gpu.encode_slices(levels, s, dq, ngt, init, k=k)
+            _, _, want_payload, want_lengths, (payload, lengths, crcs, bad) = _encode_both(rng, k, n, s, dq, ngt)
             assert bad == -1
             assert k.to_host(payload).tobytes() == want_payload.tobytes()
             assert np.array_equal(k.to_host(lengths), want_lengths)
