@@ -131,9 +131,12 @@ def out_dir(arg: str | None, tiny: bool) -> pathlib.Path:
 
 
 def write_results(directory: pathlib.Path, stem: str, payload: dict, markdown: str) -> tuple[pathlib.Path, pathlib.Path]:
+    """<stem>.json and <stem>.md, each written atomically."""
+    from gpucabac.io import atomic_write_bytes
+
     jp, mp = directory / f"{stem}.json", directory / f"{stem}.md"
-    jp.write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
-    mp.write_text(markdown.rstrip() + "\n")
+    atomic_write_bytes(jp, (json.dumps(payload, indent=1, default=_json_default) + "\n").encode())
+    atomic_write_bytes(mp, (markdown.rstrip() + "\n").encode())
     return jp, mp
 
 
@@ -166,10 +169,12 @@ def header_md(title: str, info: dict, model: str, settings: dict) -> str:
 
 
 def save_figure(fig, ax, path) -> None:
-    """Legend, tight layout, write at 130 dpi, close: the common ending of every figure here."""
+    """Legend, tight layout, write at 130 dpi (atomically), close: the common ending of every figure here."""
     import matplotlib.pyplot as plt
+
+    from gpucabac.sweep import save_figure_atomic
 
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    save_figure_atomic(fig, path)
     plt.close(fig)

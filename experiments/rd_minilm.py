@@ -21,6 +21,7 @@ import numpy as np
 from _common import header_md, load_default_model_2d, machine_info, md_table, out_dir, save_figure, tiny_model
 
 import gpucabac
+from gpucabac.io import atomic_write_bytes
 from gpucabac.quantize import step_from_qp
 from gpucabac.sweep import plot_sweeps
 
@@ -141,7 +142,7 @@ def main() -> None:
     md += md_table(["setting", "min saving %", "mean saving %", "points"],
                    [[k, "-" if v["min"] is None else f"{v['min']:+.2f}", "-" if v["mean"] is None else f"{v['mean']:+.2f}", str(v["n"])]
                     for k, v in summary.items()])
-    (d / "rd_minilm.md").write_text(md + "\n")
+    atomic_write_bytes(d / "rd_minilm.md", (md + "\n").encode())
     print(md)
     print(f"wrote {d / 'rd_minilm.json'}, .md, .png")
 

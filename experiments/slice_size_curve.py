@@ -22,6 +22,7 @@ import numpy as np
 import gpucabac
 from gpucabac import codec, container
 from gpucabac.binarize import used_contexts
+from gpucabac.io import atomic_write_bytes
 
 SIZES = [256, 1024, 2048, 4096, 8192, 16384, 65536]
 
@@ -83,8 +84,8 @@ def main(argv=None) -> int:
         out = pathlib.Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         tag = f"slice_size_curve_qp{args.qp}{'_dq' if args.dq else ''}"
-        (out / f"{tag}.json").write_text(json.dumps(result, indent=1))
-        (out / f"{tag}.md").write_text(text + f"\n\n{result['machine']}, {result['date']}, commit {result['commit']}\n")
+        atomic_write_bytes(out / f"{tag}.json", json.dumps(result, indent=1).encode())
+        atomic_write_bytes(out / f"{tag}.md", (text + f"\n\n{result['machine']}, {result['date']}, commit {result['commit']}\n").encode())
     return 0
 
 

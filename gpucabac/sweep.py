@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import pathlib
@@ -19,6 +20,7 @@ import numpy as np
 
 from . import container
 from .errors import InputError
+from .io import atomic_write_bytes
 from .quantize import dequantize
 
 METHODS = ("urq", "dq")
@@ -41,22 +43,30 @@ class SweepResult:
     extra: dict = dataclasses.field(default_factory=dict)  # e.g. {"nncodec": [points]}
 
     def to_json(self, path) -> None:
-        pathlib.Path(path).write_text(json.dumps(
-            {"kind": "gpucabac-sweep", "settings": self.settings, "model": self.model, "tensors": self.rows, **self.extra},
-            indent=1, default=float) + "\n")
+        """Write the sweep as JSON, atomically (a failed run leaves no partial file)."""
+        text = json.dumps({"kind": "gpucabac-sweep", "settings": self.settings, "model": self.model,
+                           "tensors": self.rows, **self.extra}, indent=1, default=float) + "\n"
+        atomic_write_bytes(path, text.encode())
 
     def to_csv(self, path) -> None:
+        """Write the per-tensor rows, then one "(model)" row per setting, as CSV, atomically."""
         keys = list(self.rows[0]) if self.rows else []
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(self.rows)
-            for m in self.model:
-                w.writerow({**{k: "" for k in keys}, **{k: v for k, v in m.items() if k in keys}, "tensor": "(model)"})
+        buf = io.StringIO(newline="")
+        w = csv.DictWriter(buf, fieldnames=keys)
+        w.writeheader()
+        w.writerows(self.rows)
+        for m in self.model:
+            w.writerow({**{k: "" for k in keys}, **{k: v for k, v in m.items() if k in keys}, "tensor": "(model)"})
+        atomic_write_bytes(path, buf.getvalue().encode())
 
     @classmethod
     def from_json(cls, path) -> SweepResult:
-        d = json.loads(pathlib.Path(path).read_text())
+        try:
+            d = json.loads(pathlib.Path(path).read_bytes())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InputError(f"{path}: not a sweep file (not JSON: {e})") from e
+        if not isinstance(d, dict) or d.get("kind") != "gpucabac-sweep":
+            raise InputError(f"{path}: not a sweep file (written by gpucabac sweep / SweepResult.to_json)")
         extra = {k: v for k, v in d.items() if k not in ("kind", "settings", "model", "tensors")}
         return cls(d.get("settings", {}), d.get("tensors", []), d.get("model", []), extra)
 
@@ -69,15 +79,22 @@ def _snr(signal: float, noise: float) -> float:
 
 def sweep(tensors: Mapping[str, np.ndarray], steps: Sequence[float], lams: Sequence[float], *,
           methods: Sequence[str] = ("urq", "dq"), slice_size: int = 8192, num_gt_flags: int = 11,
-          importance: Mapping[str, np.ndarray] | None = None, exact: bool = True,
-          progress: Callable[[int], None] | None = None, level_bytes: int = 256 << 20) -> SweepResult:
+          importance: Mapping[str, np.ndarray] | None = None, tensor_weights: Mapping[str, float] | None = None,
+          exact: bool = True, progress: Callable[[int], None] | None = None,
+          level_bytes: int = 256 << 20) -> SweepResult:
     """RD-quantize every float tensor of two or more dimensions at every (method, step, lam).
 
     Per setting and tensor: estimated bits (the estimator the quantizer optimises), exact bits
     (codec.encode_levels on the chosen levels; payload plus the tensor's header record) when
     `exact`, weighted and plain squared error, MSE and SNR; then the same per model. `progress`
     is called with the number of weight-settings finished. Steps are in weight units; lam in
-    step² per bit (see gpucabac.rdquant)."""
+    step² per bit (see gpucabac.rdquant).
+
+    `importance` F (per tensor, its shape) weights each weight's error in the quantizer and in
+    the weighted error; `tensor_weights` (per tensor, a positive number, default 1) multiplies a
+    tensor's weighted error only, not what its quantizer sees: importance shapes of mean 1 (so
+    that lam means the same in every tensor) plus tensor weights from `importance_scales` let
+    `choose_operating_point(per_tensor=True)` give the important tensors the bits."""
     from .codec import encode_levels  # noqa: PLC0415
     from .binarize import used_contexts  # noqa: PLC0415
     from .rdquant import rd_quantize_tensor  # noqa: PLC0415
@@ -90,6 +107,17 @@ def sweep(tensors: Mapping[str, np.ndarray], steps: Sequence[float], lams: Seque
     names = [n for n, x in tensors.items() if np.asarray(x).ndim >= 2 and np.asarray(x).dtype.kind == "f"]
     if not names:
         raise InputError("no floating-point tensors with two or more dimensions to sweep")
+    weights = {n: 1.0 for n in names}
+    for n, v in (tensor_weights or {}).items():
+        if n not in weights:
+            raise InputError(f"tensor_weights names {n!r}, which is not a swept tensor")
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            v = math.nan
+        if not (math.isfinite(v) and v > 0):
+            raise InputError(f"tensor_weights[{n!r}] must be a positive number, got {tensor_weights[n]!r}")
+        weights[n] = v
     rows = []
     for method in methods:
         dq = method == "dq"
@@ -111,7 +139,8 @@ def sweep(tensors: Mapping[str, np.ndarray], steps: Sequence[float], lams: Seque
                         row = dict(method=method, step=step, lam=lam, tensor=name, numel=int(x.size),
                                    est_payload_bits=float(res.bits[ki, li]), header_bits=8 * hdr,
                                    est_bits=float(res.bits[ki, li]) + 8 * hdr,
-                                   wsse=float(res.wdist[ki, li]), sse=float(res.dist[ki, li]), signal=signal)
+                                   wsse=weights[name] * float(res.wdist[ki, li]), sse=float(res.dist[ki, li]),
+                                   signal=signal)
                         if exact:
                             lv = res.levels[ki, li]
                             _, payload, _ = encode_levels(lv, S, dq, num_gt_flags)
@@ -119,7 +148,7 @@ def sweep(tensors: Mapping[str, np.ndarray], steps: Sequence[float], lams: Seque
                             row["exact_bits"] = 8 * int(payload.size) + 8 * hdr
                             row["payload_bits"] = 8 * int(payload.size)
                             row["sse"] = float(err @ err)
-                            row["wsse"] = float((err * err) @ f) if f is not None else row["sse"]
+                            row["wsse"] = weights[name] * (float((err * err) @ f) if f is not None else row["sse"])
                         n = x.size
                         row.update(est_bpw=row["est_bits"] / n, mse=row["sse"] / n, wmse=row["wsse"] / n,
                                    snr_db=_snr(signal, row["sse"]))
@@ -131,6 +160,7 @@ def sweep(tensors: Mapping[str, np.ndarray], steps: Sequence[float], lams: Seque
     model = aggregate(rows)
     st = dict(steps=steps, lams=lams, methods=list(methods), slice_size=slice_size, num_gt_flags=num_gt_flags,
               importance=importance is not None, exact=exact, tensors=names,
+              tensor_weights=None if tensor_weights is None else weights,
               numel=int(sum(np.asarray(tensors[n]).size for n in names)),
               rate_units="bits; exact = coded payload + tensor header record; est = estimator (§2.8) bits of the "
                          "bins + the same header record (known without coding); est_payload = the bins alone",
@@ -196,6 +226,7 @@ class OperatingPoint:
     lams: dict
     bits: float  # predicted, from the sweep (exact if it has exact rates)
     sse: float
+    wsse: float  # the sweep's weighted error (importance and tensor weights), = sse without them
     numel: int
     signal: float
 
@@ -255,7 +286,7 @@ def choose_operating_point(result: SweepResult, method: str, *, target_bpw: floa
         raise InputError("no setting of the sweep meets the target; widen the step or lambda grid")
     choice = best[2]
     return OperatingPoint(method, {n: c["step"] for n, c in choice.items()}, {n: c["lam"] for n, c in choice.items()},
-                          float(best[0]), float(sum(c["sse"] for c in choice.values())), numel, signal)
+                          float(best[0]), float(sum(c["sse"] for c in choice.values())), float(best[1]), numel, signal)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,5 +351,19 @@ def plot_sweeps(paths: Sequence, output, *, rate: str = "exact", title: str | No
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(output, dpi=130)
+    save_figure_atomic(fig, output)
     plt.close(fig)
+
+
+def save_figure_atomic(fig, path) -> None:
+    """Render a matplotlib figure in memory in the format its file name asks for, then write it
+    atomically: an unknown extension is an InputError and no file is written."""
+    path = pathlib.Path(path)
+    fmt = path.suffix.lstrip(".").lower()
+    supported = fig.canvas.get_supported_filetypes()
+    if fmt not in supported:
+        raise InputError(f"{path}: cannot write a figure as {fmt or '(no extension)'!r}; "
+                         f"use one of {', '.join('.' + k for k in sorted(supported))}")
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=130)
+    atomic_write_bytes(path, buf.getvalue())
