@@ -31,6 +31,7 @@ from .errors import (
 from .quantize import quantize_levels as quantize_levels, step_from_qp as step_from_qp
 from .rdquant import (
     fisher_diagonal as fisher_diagonal,
+    importance_scales as importance_scales,
     output_sensitivity as output_sensitivity,
     rd_levels as rd_levels,
     smooth_importance as smooth_importance,
@@ -49,7 +50,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_GT_FLAGS", "DEFAULT_QP", "DEFAULT_SLICE_SIZE", "ContainerInfo", "TensorInfo",
     "decode", "encode", "info", "load", "quantize", "quantize_levels", "step_from_qp",
-    "OperatingPoint", "SweepResult", "choose_operating_point", "evaluate_task", "fisher_diagonal", "output_sensitivity", "rd_levels",
-    "smooth_importance", "steps_from_importance", "sweep",
+    "OperatingPoint", "SweepResult", "choose_operating_point", "evaluate_task", "fisher_diagonal", "importance_scales",
+    "output_sensitivity", "rd_levels", "smooth_importance", "steps_from_importance", "sweep",
     "FormatError", "GpucabacError", "GpuUnavailableError", "InputError", "ModelFileError", "TensorNotFoundError",
 ]

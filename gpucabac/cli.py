@@ -207,24 +207,104 @@ def main() -> None:
     """Slice-parallel DeepCABAC coding of neural-network weights (.gcb files)."""
 
 
-def _importance_settings(importance: Mapping[str, np.ndarray], tensors: Mapping[str, np.ndarray], step: float,
-                         weighted: bool) -> dict:
-    """encode() settings from an importance file: per-tensor steps, and per-weight importance when
-    `weighted`. Every array must name a tensor of the model and have its shape (tensors that are
-    not quantized, such as integer ones, ignore theirs)."""
+def _read_importance(path: pathlib.Path, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The arrays of an importance file (float64). Every array must name a tensor of the model
+    and have its shape (tensors that are not quantized, such as integer ones, ignore theirs)."""
+    importance = gio.read_model(path)
     for name, a in importance.items():
         if name not in tensors:
             raise api.InputError(f"importance file: {name!r} is not a tensor of the model")
         a, x = np.asarray(a), np.asarray(tensors[name])
         if a.shape != x.shape:
             raise api.InputError(f"importance file: {name!r} has shape {a.shape}, the tensor {x.shape}")
-    coded = {k: np.asarray(a, np.float64) for k, a in importance.items() if np.asarray(a).ndim >= 2}
+    return {k: np.asarray(a, np.float64) for k, a in importance.items()}
+
+
+def _importance_settings(importance: Mapping[str, np.ndarray], step: float, weighted: bool) -> dict:
+    """encode() settings from an importance file's arrays: per-tensor steps, and per-weight
+    importance when `weighted`."""
+    coded = {k: a for k, a in importance.items() if a.ndim >= 2}
     if not coded:
         raise api.InputError("importance file: no array of two or more dimensions, nothing to set steps from")
     out: dict = {"tensor_steps": api.steps_from_importance(coded, step)}
     if weighted:
-        out["importance"] = {k: f for k, a in coded.items() if (f := api.smooth_importance(a)) is not None}
+        out["importance"] = _importance_shapes(coded)
     return out
+
+
+def _importance_shapes(importance: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-weight importance of mean 1 (smooth_importance) where an array has a usable shape."""
+    return {k: f for k, a in importance.items() if (f := api.smooth_importance(a)) is not None}
+
+
+def _sweep_importance(importance: Mapping[str, np.ndarray], names: list[str]) -> tuple[dict, dict]:
+    """What a sweep with an importance file weights: each swept tensor's per-weight shape (mean 1,
+    in the quantizer and the weighted error) and its scale against the other swept tensors (the
+    weighted error only; importance_scales)."""
+    missing = [n for n in names if n not in importance]
+    if missing:
+        raise api.InputError(f"importance file: no array for the swept tensor(s) {', '.join(map(repr, missing))}")
+    arrays = {n: importance[n] for n in names}
+    return _importance_shapes(arrays), api.importance_scales(arrays)
+
+
+def _file_digest(path: pathlib.Path) -> str:
+    import hashlib  # noqa: PLC0415
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _explicit(name: str) -> bool:
+    """Whether the user gave option `name` on the command line (not its default)."""
+    return click.get_current_context().get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+
+
+def _operating_point(path: pathlib.Path, tensors: Mapping[str, np.ndarray], targets: dict, method: str | None,
+                     per_tensor: bool, importance: pathlib.Path | None) -> tuple[api.OperatingPoint, dict, dict]:
+    """The sweep's best setting for the target, checked against the model and importance file it
+    was run with; returns it, the encode() settings that reproduce it, and the sweep's settings."""
+    res = api.SweepResult.from_json(path)
+    st = res.settings
+    for name in st.get("tensors", []):
+        row = next((r for r in res.rows if r["tensor"] == name), None)
+        x = tensors.get(name)
+        if x is None or row is None:
+            raise api.InputError(f"{path}: the sweep's tensor {name!r} is not in the model")
+        x64 = np.asarray(x, np.float64).reshape(-1)
+        if x.size != row["numel"] or not math.isclose(float(x64 @ x64), row["signal"], rel_tol=1e-9):
+            raise api.InputError(f"{path}: the sweep was run on other weights for {name!r} than the model's")
+    recorded = st.get("importance_file")
+    if st.get("importance") and not recorded:
+        raise api.InputError(f"{path}: the sweep was weighted by importance arrays from Python; "
+                             "encode its operating point from Python (gpucabac.encode) with the same arrays")
+    if recorded and importance is None:
+        raise click.UsageError(f"the sweep was run with --importance {recorded['path']}; give the same file")
+    if importance is not None and not recorded:
+        raise click.UsageError("the sweep was run without --importance; drop --importance or sweep again with it")
+    if importance is not None and _file_digest(importance) != recorded["sha256"]:
+        raise api.InputError(f"{importance}: not the importance file the sweep was run with ({recorded['path']})")
+    methods = [method] if method else list(st.get("methods", []))
+    candidates = []
+    for m in methods:
+        try:
+            candidates.append(api.choose_operating_point(res, m, per_tensor=per_tensor, **targets))
+        except api.InputError:
+            continue
+    if not candidates:
+        raise api.InputError(f"{path}: no setting of the sweep ({', '.join(methods)}) meets the target; "
+                             "sweep a wider step or lambda grid")
+    rate_target = "target_bpw" in targets
+    point = min(candidates, key=lambda op: (op.wsse, op.bits) if rate_target else (op.bits, op.wsse))
+    settings = dict(dq=point.method == "dq", tensor_steps=point.steps, lam=point.lams,
+                    slice_size=st["slice_size"], num_gt_flags=st["num_gt_flags"])
+    if importance is not None:
+        shapes, _ = _sweep_importance(_read_importance(importance, tensors), list(point.steps))
+        settings["importance"] = shapes
+    return point, settings, st
 
 
 @main.command()
@@ -256,21 +336,57 @@ def _importance_settings(importance: Mapping[str, np.ndarray], tensors: Mapping[
 @click.option("--weighted/--no-weighted", default=False, show_default=True,
               help="With --importance: also weight each weight's error in the quantizer by its "
                    "(smoothed) importance; runs the JAX rate-distortion quantizer.")
+@click.option("--sweep", "sweep_path", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
+              default=None,
+              help="Code the swept tensors at the operating point this `gpucabac sweep` file finds for "
+                   "the --target-* given: each tensor its own (step, lambda) from the sweep, the sweep's "
+                   "slice size and flags; the method is the one that meets the target best unless "
+                   "--dq/--no-dq is given. Other tensors follow --qp/--step as usual.")
+@click.option("--target-bpw", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="With --sweep: at most this many bits per swept weight, least (weighted) error.")
+@click.option("--target-snr", type=float, default=None,
+              help="With --sweep: at least this SNR (dB) over the swept tensors, fewest bits.")
+@click.option("--target-mse", type=click.FloatRange(min=0), default=None,
+              help="With --sweep: at most this MSE over the swept tensors, fewest bits.")
+@click.option("--one-setting", is_flag=True,
+              help="With --sweep: one (step, lambda) for all swept tensors instead of one per tensor.")
 @_threads_option
 def encode(model, output, qp, step, qp_density, dq, slice_size, gt_flags, small_step, lam, importance, weighted,
-           threads):
+           sweep_path, target_bpw, target_snr, target_mse, one_setting, threads):
     """Compress MODEL (a .safetensors/.npz/.pt file or a packaged model name) into a .gcb file."""
     if qp is not None and step is not None:
         raise click.UsageError("give --qp or --step, not both")
     if weighted and importance is None:
         raise click.UsageError("--weighted needs --importance")
+    targets = {k: v for k, v in (("target_bpw", target_bpw), ("target_snr_db", target_snr),
+                                 ("target_mse", target_mse)) if v is not None}
+    if sweep_path is None and (targets or one_setting):
+        raise click.UsageError("--target-bpw, --target-snr, --target-mse and --one-setting need --sweep")
+    if sweep_path is not None:
+        if len(targets) != 1:
+            raise click.UsageError("--sweep needs exactly one of --target-bpw, --target-snr, --target-mse")
+        clashing = [f"--{o.replace('_', '-')}" for o in ("lam", "weighted", "slice_size", "gt_flags") if _explicit(o)]
+        if clashing:
+            raise click.UsageError(f"--sweep sets {', '.join(clashing)} from the sweep; "
+                                   f"do not give {'it' if len(clashing) == 1 else 'them'}")
     tensors = gio.read_model(model)
     weights = _weights(tensors)
     settings = dict(step=step, qp=qp, qp_density=qp_density, dq=dq, slice_size=slice_size,
                     num_gt_flags=gt_flags, small_step=small_step, threads=threads, lam=lam)
-    if importance is not None:
+    point = None
+    if sweep_path is not None:
+        method = ("dq" if dq else "urq") if _explicit("dq") else None
+        point, chosen, swept = _operating_point(sweep_path, tensors, targets, method, not one_setting, importance)
+        settings.update(chosen)
+        steps = sorted(point.steps.values())
+        click.echo(f"operating point from {sweep_path}: {point.method.upper()}, "
+                   f"{_count(len(steps), 'tensor')} at steps {steps[0]:.6g}..{steps[-1]:.6g}, "
+                   f"lambda {', '.join(f'{v:g}' for v in sorted(set(point.lams.values())))}; "
+                   f"predicted {point.bpw:.3f} bits/weight ({'exact' if swept.get('exact') else 'estimated'}), "
+                   f"SNR {_fmt_snr(point.snr_db)} dB over the swept tensors")
+    elif importance is not None:
         base = step if step is not None else api.step_from_qp(api.DEFAULT_QP if qp is None else qp, qp_density)
-        settings.update(_importance_settings(gio.read_model(importance), tensors, base, weighted))
+        settings.update(_importance_settings(_read_importance(importance, tensors), base, weighted))
 
     start = time.perf_counter()
     with _progress(weights, "encode") as progress:
@@ -288,6 +404,11 @@ def encode(model, output, qp, step, qp_density, dq, slice_size, gt_flags, small_
         f"SNR {_fmt_snr(snr_db(tensors, expected))} dB, "
         f"{seconds:.2f} s ({_rate(weights, seconds):.2f} M weights/s)"
     )
+    if point is not None:
+        coded = {t.name: 8 * (t.coded_bytes + t.header_bytes) for t in api.info(data).tensors if t.name in point.steps}
+        swept_snr = snr_db({n: tensors[n] for n in coded}, {n: expected[n] for n in coded})
+        click.echo(f"swept tensors: {sum(coded.values()) / point.numel:.3f} bits/weight, "
+                   f"SNR {_fmt_snr(swept_snr)} dB (predicted {point.bpw:.3f}, {_fmt_snr(point.snr_db)} dB)")
 
 
 @main.command()
@@ -484,8 +605,13 @@ def _floats(text: str, what: str) -> list[float]:
                    "quantized at the setting.")
 @click.option("--task-label", default="task metric", show_default=True, help="Name of the task metric in plots.")
 @click.option("--task-lower-is-better", is_flag=True, help="The task metric is a loss (default: higher is better).")
+@click.option("--importance", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path), default=None,
+              help="Importance of every weight (as for encode), one array per swept tensor: each weight's "
+                   "error is weighted by its smoothed importance (mean 1 per tensor, so lambda means the same "
+                   "in every tensor), and each tensor's weighted error by its mean importance relative to "
+                   "the others', so that `encode --sweep` gives the important tensors the bits.")
 def sweep(model, output, csv_path, qp_range, steps, qp_density, lams, methods, slice_size, gt_flags, only, exact,
-          task_spec, task_label, task_lower_is_better):
+          task_spec, task_label, task_lower_is_better, importance):
     """RD sweep of MODEL over steps x lambdas x methods: estimated and exact rate, MSE, SNR."""
     task = None if task_spec is None else _import_task(task_spec)
     tensors = gio.read_model(model)
@@ -506,17 +632,23 @@ def sweep(model, output, csv_path, qp_range, steps, qp_density, lams, methods, s
     lam_list = _floats(lams, "--lams")
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     swept = {n: t for n, t in tensors.items() if t.ndim >= 2 and t.dtype.kind == "f"}
+    weighting: dict = {}
+    if importance is not None:
+        shapes, scales = _sweep_importance(_read_importance(importance, tensors), list(swept))
+        weighting = dict(importance=shapes, tensor_weights=scales)
     total = _weights(swept) * len(step_list) * len(lam_list) * len(method_list)
     start = time.perf_counter()
     with _progress(total, "sweep") as progress:
         res = api.sweep(swept, step_list, lam_list, methods=method_list, slice_size=slice_size,
-                        num_gt_flags=gt_flags, exact=exact, progress=progress)
+                        num_gt_flags=gt_flags, exact=exact, progress=progress, **weighting)
+    if importance is not None:
+        res.settings["importance_file"] = dict(path=str(importance), sha256=_file_digest(importance))
     if task is not None:
         from .sweep import evaluate_task  # noqa: PLC0415
 
         with _progress(len(res.model), "task") as progress:
             evaluate_task(res, tensors, task, label=task_label, higher_is_better=not task_lower_is_better,
-                          progress=progress)
+                          importance=weighting.get("importance"), progress=progress)
     res.settings["model"] = str(model)
     res.settings["seconds"] = time.perf_counter() - start
     res.to_json(output)

@@ -473,17 +473,9 @@ def smooth_importance(fisher, *, floor: float = 0.25, min_rows_seen: float = 0.5
     return np.maximum(f / f.mean(), floor).astype(np.float32)
 
 
-def steps_from_importance(importance: Mapping, step: float, *, max_ratio: float = 16.0) -> dict[str, float]:
-    """Per-tensor steps that spend bits where the importance is: step_t = step * (F_t / F_ref)^(-1/2)
-    for every importance array of two or more dimensions, F_t its mean. This equalises the
-    importance-weighted distortion per weight at high rate, where it is the optimal split for a
-    weighted-MSE objective. F_ref is the numel-weighted geometric mean of the positive F_t, so
-    that the average log-step (and so, roughly, the rate) stays that of `step`. Ratios are
-    clamped to [1/max_ratio, max_ratio]; a tensor with zero importance gets step * max_ratio."""
-    if not (math.isfinite(step) and step > 0):
-        raise InputError(f"step must be a positive number, got {step}")
-    if not max_ratio >= 1:
-        raise InputError(f"max_ratio must be >= 1, got {max_ratio}")
+def _importance_means(importance: Mapping) -> tuple[dict[str, float], float | None]:
+    """Mean importance F_t of every array of two or more dimensions, and log F_ref: the
+    numel-weighted mean of log F_t over the positive ones (None when none is positive)."""
     means, sizes = {}, {}
     for name, a in importance.items():
         a = np.asarray(a)
@@ -495,13 +487,48 @@ def steps_from_importance(importance: Mapping, step: float, *, max_ratio: float 
         sizes[name] = a.size
     positive = [n for n in means if means[n] > 0]
     if not positive:
+        return means, None
+    return means, sum(sizes[n] * math.log(means[n]) for n in positive) / sum(sizes[n] for n in positive)
+
+
+def _check_max_ratio(max_ratio: float) -> None:
+    if not max_ratio >= 1:
+        raise InputError(f"max_ratio must be >= 1, got {max_ratio}")
+
+
+def steps_from_importance(importance: Mapping, step: float, *, max_ratio: float = 16.0) -> dict[str, float]:
+    """Per-tensor steps that spend bits where the importance is: step_t = step * (F_t / F_ref)^(-1/2)
+    for every importance array of two or more dimensions, F_t its mean. This equalises the
+    importance-weighted distortion per weight at high rate, where it is the optimal split for a
+    weighted-MSE objective. F_ref is the numel-weighted geometric mean of the positive F_t, so
+    that the average log-step (and so, roughly, the rate) stays that of `step`. Ratios are
+    clamped to [1/max_ratio, max_ratio]; a tensor with zero importance gets step * max_ratio."""
+    if not (math.isfinite(step) and step > 0):
+        raise InputError(f"step must be a positive number, got {step}")
+    _check_max_ratio(max_ratio)
+    means, log_ref = _importance_means(importance)
+    if log_ref is None:
         return {n: float(np.float32(step * max_ratio)) for n in means}
-    log_ref = sum(sizes[n] * math.log(means[n]) for n in positive) / sum(sizes[n] for n in positive)
     out = {}
     for name, f in means.items():
         ratio = max_ratio if f <= 0 else min(max_ratio, max(1.0 / max_ratio, math.exp(-0.5 * (math.log(f) - log_ref))))
         out[name] = float(np.float32(step * ratio))
     return out
+
+
+def importance_scales(importance: Mapping, *, max_ratio: float = 16.0) -> dict[str, float]:
+    """How much each tensor's error counts against the others': F_t / F_ref (F_t the mean of its
+    importance array, F_ref as in steps_from_importance) for every array of two or more
+    dimensions, clamped to [1/max_ratio², max_ratio²] (a tensor with zero importance gets the
+    smallest). The same clamp as steps_from_importance: that rule's step is step * scale^(-1/2).
+    A sweep multiplies each tensor's weighted error by its scale (`sweep(tensor_weights=)`), so
+    that the per-tensor choice of an operating point spends bits where the importance is."""
+    _check_max_ratio(max_ratio)
+    means, log_ref = _importance_means(importance)
+    lo, hi = max_ratio ** -2, max_ratio ** 2
+    if log_ref is None:
+        return {n: lo for n in means}
+    return {n: lo if f <= 0 else min(hi, max(lo, math.exp(math.log(f) - log_ref))) for n, f in means.items()}
 
 
 def as_importance(importance: Mapping | None, name: str):

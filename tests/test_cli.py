@@ -135,6 +135,119 @@ def test_weighted_needs_importance(tmp_path, model_file):
     assert result.exit_code == 2 and "--weighted needs --importance" in result.output
 
 
+# --- sweep, then encode at a target -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """A model, an importance file (layer.weight 30x as important as the rest) and a sweep of both."""
+    d = tmp_path_factory.mktemp("swept")
+    tensors = _tiny_model()
+    gio.write_model(d / "tiny.safetensors", tensors)
+    rng = np.random.default_rng(2)
+    imp = {k: (rng.uniform(0.5, 1.5, tensors[k].shape) * (30.0 if k == "layer.weight" else 1.0)).astype(np.float32)
+           for k in ("layer.weight", "embedding", "half")}
+    gio.write_model(d / "imp.safetensors", imp)
+    result = run("sweep", d / "tiny.safetensors", "-o", d / "s.json", "--qp-range", "-36:-20", "--lams", "0,0.1",
+                 "--slice-size", "1024", "--importance", d / "imp.safetensors")
+    assert result.exit_code == 0, result.output
+    return d, tensors, imp
+
+
+@pytest.mark.parametrize("target", [["--target-bpw", "4"], ["--target-snr", "24"], ["--target-bpw", "3.5", "--no-dq"],
+                                    ["--target-bpw", "4", "--one-setting"]])
+def test_encode_at_the_sweeps_operating_point(tmp_path, swept, target):
+    d, tensors, imp = swept
+    out = tmp_path / "m.gcb"
+    result = run("encode", d / "tiny.safetensors", "-o", out, "--sweep", d / "s.json", "--importance",
+                 d / "imp.safetensors", *target)
+    assert result.exit_code == 0, result.output
+    res = gpucabac.SweepResult.from_json(d / "s.json")
+    assert res.settings["importance"] and res.settings["tensor_weights"]["layer.weight"] > 10
+    key, value = target[0][len("--target-"):].replace("snr", "snr_db"), float(target[1])
+    methods = ["urq"] if "--no-dq" in target else ["urq", "dq"]
+    points = []
+    for m in methods:
+        try:
+            points.append(gpucabac.choose_operating_point(res, m, per_tensor="--one-setting" not in target,
+                                                          **{f"target_{key}": value}))
+        except gpucabac.InputError:  # this method cannot meet the target
+            continue
+    # the method that meets the target best: least weighted error for a rate, fewest bits for a quality
+    op = min(points, key=lambda p: p.wsse if key == "bpw" else p.bits)
+    shapes = {k: gpucabac.smooth_importance(np.asarray(a, np.float64)) for k, a in imp.items()}
+    data = out.read_bytes()
+    assert data == gpucabac.encode(tensors, dq=op.method == "dq", tensor_steps=op.steps, lam=op.lams, importance=shapes,
+                                   slice_size=1024)
+    coded = sum(8 * (t.coded_bytes + t.header_bytes) for t in gpucabac.info(data).tensors if t.name in op.steps)
+    assert coded == op.bits  # the sweep's exact rate is the coder's
+    if key == "bpw":
+        assert coded <= value * op.numel
+    else:
+        assert op.snr_db >= value
+    if "--one-setting" in target:
+        assert len(set(op.steps.values())) == 1
+    else:  # the 30x more important tensor gets a finer step
+        assert op.steps["layer.weight"] < op.steps["embedding"]
+    assert f"predicted {op.bpw:.3f} bits/weight (exact)" in result.output
+    assert f"swept tensors: {op.bpw:.3f} bits/weight" in result.output
+
+
+def test_importance_buys_weighted_error_at_the_same_rate(tmp_path, swept):
+    """Per-tensor steps chosen with importance: less importance-weighted error than one setting
+    for all tensors, at no more bits."""
+    d, _, _ = swept
+    res = gpucabac.SweepResult.from_json(d / "s.json")
+    per_tensor = gpucabac.choose_operating_point(res, "dq", target_bpw=4.0)
+    one = gpucabac.choose_operating_point(res, "dq", target_bpw=4.0, per_tensor=False)
+    assert per_tensor.bits <= 4.0 * per_tensor.numel and one.bits <= 4.0 * one.numel
+    assert per_tensor.wsse < 0.8 * one.wsse
+
+
+@pytest.mark.parametrize("extra, code, message", [
+    (["--target-bpw", "4"], 2, "the sweep was run with --importance"),
+    (["--target-bpw", "4", "--importance", "{d}/tiny.safetensors"], 1, "not the importance file the sweep was run with"),
+    (["--target-bpw", "0.05", "--importance", "{d}/imp.safetensors"], 1, "meets the target"),
+    (["--target-bpw", "4", "--target-snr", "20"], 2, "exactly one of --target-bpw"),
+    (["--target-bpw", "4", "--lam", "0.1"], 2, "--sweep sets --lam from the sweep"),
+    (["--target-bpw", "4", "--slice-size", "512", "--weighted", "--importance", "{d}/imp.safetensors"], 2, "--sweep sets --weighted, --slice-size"),
+])
+def test_encode_at_a_target_rejects_bad_requests(tmp_path, swept, extra, code, message):
+    d, _, _ = swept
+    out = tmp_path / "m.gcb"
+    result = run("encode", d / "tiny.safetensors", "-o", out, "--sweep", d / "s.json", *[e.format(d=d) for e in extra])
+    assert result.exit_code == code, result.output
+    assert message in result.output
+    assert not out.exists()
+
+
+def test_encode_at_a_target_checks_the_sweep_file_and_model(tmp_path, swept):
+    d, tensors, _ = swept
+    out = tmp_path / "m.gcb"
+    assert "need --sweep" in run("encode", d / "tiny.safetensors", "-o", out, "--target-bpw", "4").output
+    (tmp_path / "x.json").write_text('{"kind": "something else"}')
+    result = run("encode", d / "tiny.safetensors", "-o", out, "--sweep", tmp_path / "x.json", "--target-bpw", "4")
+    assert result.exit_code == 1 and "not a sweep file" in result.output
+    (tmp_path / "y.json").write_bytes(b"\x00garbage")
+    result = run("encode", d / "tiny.safetensors", "-o", out, "--sweep", tmp_path / "y.json", "--target-bpw", "4")
+    assert result.exit_code == 1 and "not a sweep file (not JSON" in result.output
+    other = dict(tensors, embedding=tensors["embedding"] * np.float32(1.01))
+    gio.write_model(tmp_path / "other.safetensors", other)
+    result = run("encode", tmp_path / "other.safetensors", "-o", out, "--sweep", d / "s.json", "--target-bpw", "4",
+                 "--importance", d / "imp.safetensors")
+    assert result.exit_code == 1 and "other weights for 'embedding'" in result.output
+    assert not out.exists()
+
+
+def test_sweep_needs_importance_for_every_swept_tensor(tmp_path, swept):
+    d, _, imp = swept
+    gio.write_model(tmp_path / "part.safetensors", {"embedding": imp["embedding"]})
+    result = run("sweep", d / "tiny.safetensors", "-o", tmp_path / "s.json", "--qp-range", "-30:-30", "--lams", "0",
+                 "--methods", "urq", "--importance", tmp_path / "part.safetensors")
+    assert result.exit_code == 1 and "no array for the swept tensor(s) 'layer.weight', 'half'" in result.output
+    assert not (tmp_path / "s.json").exists()
+
+
 def test_encode_then_decode_gives_the_quantized_model(tmp_path, model_file):
     gcb = tmp_path / "m.gcb"
     assert run("encode", model_file, "-o", gcb, "--qp", "-34").exit_code == 0

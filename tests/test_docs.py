@@ -1,4 +1,5 @@
-"""The documentation runs: the README's Python example and the package docstring examples."""
+"""The documentation runs: the README's Python example, its command lines' options and the package
+docstring examples."""
 
 import doctest
 import pathlib
@@ -28,3 +29,23 @@ def test_readme_names_the_ci_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     command = "bash scripts/setup.sh --torch && .venv/bin/python -m pytest -q"
     assert command in readme and command in ci
+
+
+def test_readme_command_lines_use_real_options():
+    from gpucabac import cli
+
+    text = (ROOT / "README.md").read_text()
+    lines = [ln for block in re.findall(r"```sh\n(.*?)```", text, flags=re.S) for ln in block.splitlines()]
+    checked = 0
+    for line in lines:
+        words = line.split("#")[0].split()
+        if words[:1] != ["gpucabac"] or len(words) < 2:
+            continue
+        command = cli.main.commands.get(words[1])
+        assert command is not None, f"README: no command {words[1]!r} in: {line}"
+        options = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+        for w in words[2:]:
+            if w.startswith("--"):
+                assert w.split("=")[0] in options, f"README: gpucabac {words[1]} has no option {w} (in: {line})"
+        checked += 1
+    assert checked >= 5

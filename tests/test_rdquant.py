@@ -306,6 +306,54 @@ def test_operating_point_meets_its_target(small_sweep, tmp_path):
     assert [m["exact_bits"] for m in back.model] == [m["exact_bits"] for m in small_sweep.model]
 
 
+def test_importance_scales_share_the_steps_rule_and_its_clamp():
+    imp = {"a": np.full((4, 4), 4.0), "b": np.full((4, 4), 1.0), "dead": np.zeros((2, 2)), "bias": np.ones(3)}
+    scales = rdquant.importance_scales(imp)
+    assert set(scales) == {"a", "b", "dead"}
+    assert scales["a"] / scales["b"] == pytest.approx(4.0)
+    assert scales["a"] * scales["b"] == pytest.approx(1.0)  # equal sizes: the reference is their geometric mean
+    assert scales["dead"] == pytest.approx(16.0 ** -2)
+    steps = rdquant.steps_from_importance(imp, 0.01)
+    for n in scales:  # steps_from_importance's step is step * scale^(-1/2)
+        assert steps[n] == pytest.approx(0.01 * scales[n] ** -0.5, rel=1e-6)
+    assert rdquant.importance_scales({"x": np.full((2, 2), 1e9), "y": np.full((2, 2), 1e-9)}, max_ratio=4) == {
+        "x": pytest.approx(16.0), "y": pytest.approx(1 / 16)}
+    with pytest.raises(gpucabac.InputError, match="max_ratio"):
+        rdquant.importance_scales(imp, max_ratio=0.5)
+
+
+def test_tensor_weights_scale_the_weighted_error_only(small_sweep):
+    t = {k: v for k, v in _small_model().items() if k in ("fc1.weight", "fc2.weight")}
+    kw = dict(methods=("dq",), slice_size=2048)
+    steps, lams = small_sweep.settings["steps"][:2], [0.0, 0.1]
+    plain = gpucabac.sweep(t, steps, lams, **kw)
+    weighted = gpucabac.sweep(t, steps, lams, tensor_weights={"fc1.weight": 8.0}, **kw)
+    assert weighted.settings["tensor_weights"] == {"fc1.weight": 8.0, "fc2.weight": 1.0}
+    for a, b in zip(plain.rows, weighted.rows):
+        assert (a["exact_bits"], a["sse"]) == (b["exact_bits"], b["sse"])  # the quantizer saw the same
+        assert b["wsse"] == pytest.approx(a["wsse"] * (8.0 if a["tensor"] == "fc1.weight" else 1.0))
+    for bad, message in (({"nope": 1.0}, "not a swept tensor"), ({"fc1.weight": 0.0}, "positive number"),
+                         ({"fc1.weight": "x"}, "positive number"), ({"fc1.weight": float("inf")}, "positive number")):
+        with pytest.raises(gpucabac.InputError, match=message):
+            gpucabac.sweep(t, steps, lams, tensor_weights=bad, **kw)
+
+
+def test_sweep_files_and_figures_are_written_whole_or_not_at_all(small_sweep, tmp_path):
+    from gpucabac.sweep import plot_sweeps
+
+    small_sweep.to_json(tmp_path / "s.json")
+    small_sweep.to_csv(tmp_path / "s.csv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.csv", "s.json"]  # no temporary files left
+    with pytest.raises(gpucabac.InputError, match="not a sweep file"):
+        gpucabac.SweepResult.from_json(tmp_path / "s.csv")
+    pytest.importorskip("matplotlib")
+    with pytest.raises(gpucabac.InputError, match="cannot write a figure as 'xyz'"):
+        plot_sweeps([tmp_path / "s.json"], tmp_path / "rd.xyz")
+    plot_sweeps([tmp_path / "s.json"], tmp_path / "rd.svg")
+    assert (tmp_path / "rd.svg").read_bytes().lstrip().startswith(b"<?xml")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rd.svg", "s.csv", "s.json"]
+
+
 def test_cli_sweep_and_plot(tmp_path):
     from click.testing import CliRunner
 
