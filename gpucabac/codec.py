@@ -20,7 +20,7 @@ import numpy as np
 
 from . import container, engine_cpu
 from .binarize import full_context_init, used_contexts
-from .container import FLOAT_DTYPES, ITEMSIZE, TensorRecord
+from .container import FLOAT_DTYPES, ITEMSIZE, TensorRecord, check_int_range, numpy_dtype, raw_values
 from .errors import FormatError, GpuUnavailableError, InputError, TensorNotFoundError
 from .quantize import dequantize, fit_dtype_range, quantize_levels, step_from_qp
 from .tables import MAX_ABS_LEVEL, MAX_GT_FLAGS
@@ -161,10 +161,6 @@ def dtype_name(x: np.ndarray) -> str:
     return name
 
 
-def _numpy_dtype(name: str) -> np.dtype:
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
-
-
 def _plan(x: np.ndarray, s: _Settings) -> _Plan:
     dtype = dtype_name(x)
     n = x.size
@@ -194,15 +190,15 @@ def _levels(x: np.ndarray, plan: _Plan, num_gt_flags: int = DEFAULT_GT_FLAGS, im
             raise InputError(f"importance weights of shape {np.shape(importance)} do not match the tensor's {x.shape}")
         levels = rd_levels(x, plan.step, plan.lam, dq=plan.mode == "dq", slice_size=plan.slice_size,
                            num_gt_flags=num_gt_flags, importance=importance)
-        return fit_dtype_range(levels, plan.step, _numpy_dtype(plan.dtype), dq=plan.mode == "dq")
+        return fit_dtype_range(levels, plan.step, numpy_dtype(plan.dtype), dq=plan.mode == "dq")
     levels = quantize_levels(x, plan.step, dq=plan.mode == "dq", slice_size=plan.slice_size)
-    return fit_dtype_range(levels, plan.step, _numpy_dtype(plan.dtype), dq=plan.mode == "dq")
+    return fit_dtype_range(levels, plan.step, numpy_dtype(plan.dtype), dq=plan.mode == "dq")
 
 
 def _reconstruct(levels: np.ndarray, plan: _Plan, shape) -> np.ndarray:
     if plan.mode == "int":
-        return levels.astype(_numpy_dtype(plan.dtype)).reshape(shape)
-    return dequantize(levels, plan.step, shape, _numpy_dtype(plan.dtype))
+        return levels.astype(numpy_dtype(plan.dtype)).reshape(shape)
+    return dequantize(levels, plan.step, shape, numpy_dtype(plan.dtype))
 
 
 @contextlib.contextmanager
@@ -409,18 +405,14 @@ def decode_levels(rec: TensorRecord, payload: np.ndarray) -> np.ndarray:
 
 def _decode_record(rec: TensorRecord, payload: np.ndarray, dtype) -> np.ndarray:
     if rec.mode == "raw":
-        if zlib.crc32(payload) != int(rec.slice_crcs[0]):
-            raise FormatError(f"tensor {rec.name!r}: checksum mismatch in its raw payload")
-        x = payload.view(_numpy_dtype(rec.dtype).newbyteorder("<")).astype(_numpy_dtype(rec.dtype)).reshape(rec.shape)
+        x = raw_values(rec, payload).reshape(rec.shape)
     else:
         levels = decode_levels(rec, payload)
         if rec.mode == "int" and levels.size:
-            lo, hi = (0, 1) if rec.dtype == "bool" else (np.iinfo(rec.dtype).min, np.iinfo(rec.dtype).max)
-            if levels.min() < lo or levels.max() > hi:
-                raise FormatError(f"tensor {rec.name!r}: decoded values {int(levels.min())}..{int(levels.max())} do not fit its dtype {rec.dtype}")
+            check_int_range(rec, int(levels.min()), int(levels.max()))
         x = _reconstruct(levels, _Plan(rec.mode, rec.step, rec.slice_size, rec.dtype), rec.shape)
     if dtype is not None and rec.dtype in FLOAT_DTYPES:
-        x = x.astype(_numpy_dtype(dtype) if isinstance(dtype, str) else dtype)
+        x = x.astype(numpy_dtype(dtype) if isinstance(dtype, str) else dtype)
     return x
 
 

@@ -11,6 +11,7 @@ import math
 import struct
 import zlib
 
+import ml_dtypes
 import numba as nb
 import numpy as np
 
@@ -289,3 +290,28 @@ def parse_container(buf: bytes | memoryview) -> Header:
         raise FormatError(f"tensor table of {table_len} bytes runs past the end of the file ({len(buf)} bytes)")
     return parse(memoryview(buf)[PREAMBLE_SIZE : PREAMBLE_SIZE + table_len], count, table_crc, len(buf))
 
+
+
+# ---------------------------------------------------------------------------------------------
+# What a record's dtype and mode mean for its decoded values (shared by the CPU and GPU decoders)
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The NumPy dtype of a dtype name of the format (bfloat16 from ml_dtypes)."""
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def raw_values(rec: TensorRecord, payload: np.ndarray) -> np.ndarray:
+    """The values of a raw (uncoded) tensor from its payload bytes, after its CRC check; flat,
+    in the record's dtype (the payload is little-endian)."""
+    if zlib.crc32(payload) != int(rec.slice_crcs[0]):
+        raise FormatError(f"tensor {rec.name!r}: checksum mismatch in its raw payload")
+    dtype = numpy_dtype(rec.dtype)
+    return np.asarray(payload, np.uint8).view(dtype.newbyteorder("<")).astype(dtype)
+
+
+def check_int_range(rec: TensorRecord, vmin: int, vmax: int) -> None:
+    """An integer tensor's decoded values must fit its dtype (a corrupt stream may decode to any level)."""
+    lo, hi = (0, 1) if rec.dtype == "bool" else (np.iinfo(rec.dtype).min, np.iinfo(rec.dtype).max)
+    if vmin < lo or vmax > hi:
+        raise FormatError(f"tensor {rec.name!r}: decoded values {vmin}..{vmax} do not fit its dtype {rec.dtype}")

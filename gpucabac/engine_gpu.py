@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import zlib
 from collections.abc import Callable, Sequence
 
 import ml_dtypes
@@ -41,7 +40,7 @@ import numpy as np
 
 from . import kernel_source
 from .binarize import MAX_CONTEXTS, full_context_init
-from .container import FLOAT_DTYPES, TensorRecord
+from .container import FLOAT_DTYPES, TensorRecord, check_int_range, numpy_dtype, raw_values
 from .engine_cpu import DECODE_ERROR_MESSAGES
 from .errors import FormatError, GpucabacError, GpuUnavailableError
 
@@ -425,19 +424,14 @@ def decode_records(records: Sequence[TensorRecord], payload_of: Callable[[Tensor
     result = {}
     for rec in records:
         if rec.mode == "raw":
-            raw = np.ascontiguousarray(payload_of(rec), dtype=np.uint8)
-            if zlib.crc32(raw) != int(rec.slice_crcs[0]):
-                raise FormatError(f"tensor {rec.name!r}: checksum mismatch in its raw payload")
-            np_dtype = ml_dtypes.bfloat16 if rec.dtype == "bfloat16" else np.dtype(rec.dtype)
-            host_x = raw.view(np.dtype(np_dtype).newbyteorder("<")).astype(np_dtype)
+            host_x = raw_values(rec, np.ascontiguousarray(payload_of(rec), dtype=np.uint8))
             target = _target_dtype(rec, dtype)
             if target != rec.dtype:
-                host_x = host_x.astype(ml_dtypes.bfloat16 if target == "bfloat16" else target)
+                host_x = host_x.astype(numpy_dtype(target))
             x = _upload(k, host_x, target)
         elif rec.numel == 0:
             target = _target_dtype(rec, dtype)
-            np_dtype = ml_dtypes.bfloat16 if target == "bfloat16" else (np.bool_ if target == "bool" else np.dtype(target))
-            x = _upload(k, np.zeros(0, np_dtype), target)
+            x = _upload(k, np.zeros(0, numpy_dtype(target)), target)
         else:
             s0 = slice_base[rec.name]
             err = errors[s0 : s0 + rec.num_slices]
@@ -450,11 +444,8 @@ def decode_records(records: Sequence[TensorRecord], payload_of: Callable[[Tensor
                 raise FormatError(f"tensor {rec.name!r}, slice {s}: {DECODE_ERROR_MESSAGES.get(int(err[s]), 'decoding failed')}")
             x = outs[rec.name]
             if rec.mode == "int":
-                lo, hi = (0, 1) if rec.dtype == "bool" else (np.iinfo(rec.dtype).min, np.iinfo(rec.dtype).max)
-                vmin, vmax = int(x.min()), int(x.max())
-                if vmin < lo or vmax > hi:
-                    raise FormatError(f"tensor {rec.name!r}: decoded values {vmin}..{vmax} do not fit its dtype {rec.dtype}")
-                x = x.astype(np.bool_ if rec.dtype == "bool" else np.dtype(rec.dtype))
+                check_int_range(rec, int(x.min()), int(x.max()))
+                x = x.astype(numpy_dtype(rec.dtype))
             elif _target_dtype(rec, dtype) == "bfloat16":
                 x = k.bfloat16_array(x)
         result[rec.name] = x.reshape(rec.shape)

@@ -625,6 +625,29 @@ def test_corrupt_containers_raise_the_cpu_errors(host_gpu):
     assert {"checksum", "decoder"} <= kinds
 
 
+def test_raw_and_integer_tensors_fail_alike_on_both_paths(host_gpu):
+    """A corrupt raw payload, and an integer tensor whose levels do not fit its dtype (a container
+    that says uint8 for int32 levels), give the same FormatError on the CPU and the GPU path."""
+    tensors = {"ints": np.array([0, 7, 300, -2], np.int32), "huge": np.array([2**40, -5, 7], np.int64)}
+    data = gpucabac.encode(tensors)
+    header = container.parse_container(data)
+    payload = np.frombuffer(data, np.uint8)[header.payload_start:]
+    raw = next(r for r in header.records if r.name == "huge")
+    assert raw.mode == "raw"
+    bad = bytearray(data)
+    bad[header.payload_start + raw.offset + 3] ^= 0x10
+    narrowed = container.write([dataclasses.replace(r, dtype="uint8") if r.name == "ints" else r for r in header.records],
+                               payload)
+    for variant, message in ((bytes(bad), "'huge': checksum mismatch in its raw payload"),
+                             (narrowed, "'ints': decoded values -2..300 do not fit its dtype uint8")):
+        with pytest.raises(FormatError) as cpu:
+            gpucabac.decode(variant)
+        assert message in str(cpu.value)
+        with pytest.raises(FormatError) as gpu:
+            gpucabac.decode(variant, device="gpu")
+        assert str(gpu.value) == str(cpu.value)
+
+
 def test_device_argument_is_checked(monkeypatch):
     data = gpucabac.encode({"w": np.ones((4, 4), np.float32)})
     with pytest.raises(InputError, match="device must be one of"):
