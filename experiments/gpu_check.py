@@ -38,7 +38,7 @@ import _common as C  # noqa: E402  (also puts the repo root on sys.path)
 import ml_dtypes  # noqa: E402
 
 import gpucabac  # noqa: E402
-from gpucabac import codec, container, engine_gpu  # noqa: E402
+from gpucabac import codec, container, engine_cpu, engine_gpu  # noqa: E402
 from gpucabac.quantize import dequantize  # noqa: E402
 from gpucabac.binarize import full_context_init, used_contexts  # noqa: E402
 from gpucabac.tables import NUM_PRESETS  # noqa: E402
@@ -292,7 +292,7 @@ def throughput(eng, sizes, slice_sizes, repeats, cpu_check_max, rng, with_nvcomp
         for s in slice_sizes:
             if s > n:
                 continue
-            ctx_init = codec.choose_context_init(levels_h, s, False, NUM_GT_FLAGS)
+            ctx_init = engine_cpu.choose_context_init(levels_h, s, False, NUM_GT_FLAGS)
             init = full_context_init(ctx_init, NUM_GT_FLAGS, False).astype(np.uint8)
             first_payload = None
             t_enc, t_dec = [], []

@@ -31,9 +31,6 @@ DEFAULT_GT_FLAGS = 11  # NNCodec 2 codes N = 11 greater-than flags (methods_spec
 # Tensors of at most one dimension (biases, norms) get step / SMALL_STEP_DIVISOR by default:
 # they are a tiny share of the weights and sensitive, so fine steps cost little (DESIGN §4).
 SMALL_STEP_DIVISOR = 16
-# Levels over which the context initialisation is measured (evenly spaced slices); the choice
-# costs about 9 coder passes over them, so sampling keeps encoding fast on large tensors.
-CTX_INIT_SAMPLE = 1 << 18
 # Slices are encoded in batches whose worst-case output fits this scratch budget.
 _SCRATCH_BYTES = 64 << 20
 
@@ -227,21 +224,6 @@ def _as_array(name, x) -> np.ndarray:
 
 # --- encoding ------------------------------------------------------------------------------------
 
-def choose_context_init(levels: np.ndarray, slice_size: int, dq: bool, num_gt_flags: int,
-                        sample: int | None = CTX_INIT_SAMPLE) -> np.ndarray:
-    """Per used context, the preset (tables.PRESETS) with the least estimated cost (§2.8 bit
-    costs) summed over the tensor's slices: all of them (sample None), or evenly spaced slices
-    holding about `sample` levels. Contexts restart at every slice, so a spread of slices
-    measures the start-up cost the whole tensor pays. A slice is always measured whole: a prefix
-    can mislead (the first rows of an embedding table are often untrained tokens)."""
-    nslices = -(-levels.size // slice_size)
-    every = 1 if sample is None else max(1, (nslices * slice_size) // max(sample, slice_size))
-    ngroups = max(1, min(4 * numba.get_num_threads(), -(-nslices // every)))
-    cost = engine_cpu.preset_costs(levels, slice_size, dq, num_gt_flags, ngroups, every)
-    used = used_contexts(num_gt_flags, dq)
-    return np.argmin(cost[used], axis=1).astype(np.uint8)
-
-
 def _bad_level(levels: np.ndarray, i: int, dq: bool) -> InputError:
     what = "is not on the dependent quantizer of its state" if dq and abs(int(levels[i])) <= MAX_ABS_LEVEL else f"exceeds the largest codable level {MAX_ABS_LEVEL}"
     return InputError(f"level {int(levels[i])} at position {i} {what}")
@@ -263,7 +245,7 @@ def encode_levels_gpu(levels: np.ndarray, slice_size: int, dq: bool, num_gt_flag
             _, bad = engine_cpu.slice_bounds(levels, slice_size, dq, num_gt_flags)
             if (bad >= 0).any():
                 raise _bad_level(levels, int(bad[bad >= 0][0]), dq)
-            ctx_init = choose_context_init(levels, slice_size, dq, num_gt_flags)
+            ctx_init = engine_cpu.choose_context_init(levels, slice_size, dq, num_gt_flags)
     init = full_context_init(ctx_init, num_gt_flags, dq)
     payload, lengths, crcs, bad = engine_gpu.encode_slices(levels, slice_size, dq, num_gt_flags, init, k=k)
     if bad >= 0:
@@ -282,7 +264,7 @@ def encode_levels(levels: np.ndarray, slice_size: int, dq: bool, num_gt_flags: i
     if (bad >= 0).any():
         raise _bad_level(levels, int(bad[bad >= 0][0]), dq)
     if ctx_init is None:
-        ctx_init = choose_context_init(levels, slice_size, dq, num_gt_flags)
+        ctx_init = engine_cpu.choose_context_init(levels, slice_size, dq, num_gt_flags)
     init = full_context_init(ctx_init, num_gt_flags, dq)
     nslices = bounds.size
     lengths = np.zeros(nslices, np.int64)

@@ -17,6 +17,7 @@ import numpy as np
 
 from .binarize import (
     MAX_CONTEXTS,
+    used_contexts,
     MAX_REGULAR_BINS,
     binarize_level,
     dq_coded_level,
@@ -474,6 +475,11 @@ def _preset_costs_slice(levels, start, end, dq, num_gt_flags, cost, group_cost):
             state = dq_next_state(state, q)
 
 
+# Levels over which the context initialisation is measured (evenly spaced slices); the choice
+# costs about 9 coder passes over them, so sampling keeps encoding fast on large tensors.
+CTX_INIT_SAMPLE = 1 << 18
+
+
 @nb.njit(parallel=True, cache=True)
 def preset_costs(levels, slice_size, dq, num_gt_flags, ngroups, every):
     """cost[c, p] summed over every `every`-th slice, in `ngroups` parallel groups of slices."""
@@ -491,3 +497,18 @@ def preset_costs(levels, slice_size, dq, num_gt_flags, ngroups, every):
     for p in range(NUM_PRESETS):
         cost[:, p] += group[:, _SHIFT_GROUP[p]]
     return cost
+
+
+def choose_context_init(levels: np.ndarray, slice_size: int, dq: bool, num_gt_flags: int,
+                        sample: int | None = CTX_INIT_SAMPLE) -> np.ndarray:
+    """Per used context, the preset (tables.PRESETS) with the least estimated cost (§2.8 bit
+    costs) summed over the tensor's slices: all of them (sample None), or evenly spaced slices
+    holding about `sample` levels. Contexts restart at every slice, so a spread of slices
+    measures the start-up cost the whole tensor pays. A slice is always measured whole: a prefix
+    can mislead (the first rows of an embedding table are often untrained tokens)."""
+    nslices = -(-levels.size // slice_size)
+    every = 1 if sample is None else max(1, (nslices * slice_size) // max(sample, slice_size))
+    ngroups = max(1, min(4 * nb.get_num_threads(), -(-nslices // every)))
+    cost = preset_costs(levels, slice_size, dq, num_gt_flags, ngroups, every)
+    used = used_contexts(num_gt_flags, dq)
+    return np.argmin(cost[used], axis=1).astype(np.uint8)

@@ -299,7 +299,7 @@ def context_arrays(ctx_init: np.ndarray, num_gt_flags: int, dq: bool):
 def initial_context(x: np.ndarray, step: float, *, dq: bool, slice_size: int, num_gt_flags: int) -> np.ndarray:
     """The tensor's context init chosen from its plain levels (rounding, or the distortion-only
     trellis), the way the encoder would choose it for them."""
-    from .codec import choose_context_init  # noqa: PLC0415  (the encoder's one definition)
+    from .engine_cpu import choose_context_init  # noqa: PLC0415  (the encoder's one definition)
     from .quantize import quantize_levels  # noqa: PLC0415
 
     levels = quantize_levels(x, step, dq=dq, slice_size=slice_size)
@@ -397,7 +397,7 @@ def rd_levels(x, step: float, lam: float, *, dq: bool = False, slice_size: int =
     res = rd_quantize_tensor(x, [step], [lam], dq=dq, slice_size=slice_size, num_gt_flags=num_gt_flags,
                              importance=importance)
     for _ in range(max(0, int(iterations) - 1)):
-        from .codec import choose_context_init  # noqa: PLC0415
+        from .engine_cpu import choose_context_init  # noqa: PLC0415
 
         S = max(1, min(int(slice_size), max(np.size(x), 1)))
         init = choose_context_init(res.levels[0, 0], S, dq, num_gt_flags)
