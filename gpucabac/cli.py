@@ -288,6 +288,8 @@ def _operating_point(path: pathlib.Path, tensors: Mapping[str, np.ndarray], targ
     if importance is not None and _file_digest(importance) != recorded["sha256"]:
         raise api.InputError(f"{importance}: not the importance file the sweep was run with ({recorded['path']})")
     methods = [method] if method else list(st.get("methods", []))
+    if method and method not in st.get("methods", []):
+        raise api.InputError(f"{path}: the sweep has no {method} settings (it has {', '.join(st.get('methods', []))})")
     candidates = []
     for m in methods:
         try:

@@ -225,6 +225,13 @@ def test_encode_at_a_target_checks_the_sweep_file_and_model(tmp_path, swept):
     d, tensors, _ = swept
     out = tmp_path / "m.gcb"
     assert "need --sweep" in run("encode", d / "tiny.safetensors", "-o", out, "--target-bpw", "4").output
+    urq_only = gpucabac.SweepResult.from_json(d / "s.json")
+    urq_only.settings["methods"] = ["urq"]
+    urq_only.rows = [r for r in urq_only.rows if r["method"] == "urq"]
+    urq_only.to_json(tmp_path / "urq.json")
+    result = run("encode", d / "tiny.safetensors", "-o", out, "--sweep", tmp_path / "urq.json", "--target-bpw", "6",
+                 "--importance", d / "imp.safetensors", "--dq")
+    assert result.exit_code == 1 and "the sweep has no dq settings (it has urq)" in result.output
     (tmp_path / "x.json").write_text('{"kind": "something else"}')
     result = run("encode", d / "tiny.safetensors", "-o", out, "--sweep", tmp_path / "x.json", "--target-bpw", "4")
     assert result.exit_code == 1 and "not a sweep file" in result.output
