@@ -245,8 +245,10 @@ def choose_operating_point(result: SweepResult, method: str, *, target_bpw: floa
     """The sweep's best setting for one target (exactly one of bits/weight, SNR in dB, MSE).
 
     per_tensor: every tensor picks its own (step, lam) at a common slope μ (minimising weighted
-    error + μ·bits), and μ is scanned to meet the target (least error for a rate target, least
-    rate for a quality target). Otherwise one (step, lam) for all tensors."""
+    error + μ·bits); every μ at which some tensor's choice changes is tried (the breakpoints of
+    the tensors' lower convex hulls, so no range or resolution of μ is assumed), and the best
+    allocation meeting the target is kept (least weighted error for a rate target, least rate
+    for a quality target). Otherwise one (step, lam) for all tensors."""
     if sum(t is not None for t in (target_bpw, target_snr_db, target_mse)) != 1:
         raise InputError("give exactly one of target_bpw, target_snr_db, target_mse")
     rows = [r for r in result.rows if r["method"] == method]
@@ -265,28 +267,65 @@ def choose_operating_point(result: SweepResult, method: str, *, target_bpw: floa
             return _snr(signal, sse) >= target_snr_db
         return sse / numel <= target_mse
 
-    def better(a, b):  # a, b: (bits, wsse, choice)
+    def better(a, b):  # a, b: (bits, wsse, ...)
         return a[1] < b[1] if target_bpw is not None else a[0] < b[0]
 
     best = None
     if per_tensor:
-        for mu in np.geomspace(1e-16, 1e2, 900):
-            choice = {n: min(by[n], key=lambda r: r["wsse"] + mu * r[key]) for n in names}
-            cand = (sum(c[key] for c in choice.values()), sum(c["wsse"] for c in choice.values()), choice)
-            if ok(cand[0], sum(c["sse"] for c in choice.values())) and (best is None or better(cand, best)):
-                best = cand
+        for bits, wsse, sse, choice in _slope_allocations(by, key):
+            if ok(bits, sse) and (best is None or better((bits, wsse), best)):
+                best = (bits, wsse, dict(choice))  # the generator changes `choice` in place
     else:
         settings = sorted({(r["step"], r["lam"]) for r in rows})
         for st in settings:
             choice = {n: next(r for r in by[n] if (r["step"], r["lam"]) == st) for n in names}
-            cand = (sum(c[key] for c in choice.values()), sum(c["wsse"] for c in choice.values()), choice)
-            if ok(cand[0], sum(c["sse"] for c in choice.values())) and (best is None or better(cand, best)):
-                best = cand
+            bits, wsse, sse = (math.fsum(c[k] for c in choice.values()) for k in (key, "wsse", "sse"))
+            if ok(bits, sse) and (best is None or better((bits, wsse), best)):
+                best = (bits, wsse, choice)
     if best is None:
         raise InputError("no setting of the sweep meets the target; widen the step or lambda grid")
     choice = best[2]
+    bits, wsse, sse = (math.fsum(c[k] for c in choice.values()) for k in (key, "wsse", "sse"))
     return OperatingPoint(method, {n: c["step"] for n, c in choice.items()}, {n: c["lam"] for n, c in choice.items()},
-                          float(best[0]), float(sum(c["sse"] for c in choice.values())), float(best[1]), numel, signal)
+                          bits, sse, wsse, numel, signal)
+
+
+def _lower_hull(rows: list[dict], key: str) -> list[dict]:
+    """The rows on the lower convex hull of (bits, weighted error), by increasing bits: the only
+    settings a common slope can pick."""
+    pts = sorted(rows, key=lambda r: (r[key], r["wsse"]))
+    front = []
+    for r in pts:  # drop settings that more bits do not improve
+        if not front or r["wsse"] < front[-1]["wsse"]:
+            front.append(r)
+    hull: list[dict] = []
+    for r in front:
+        while len(hull) >= 2:
+            (a, b), c = hull[-2:], r
+            turn = (b[key] - a[key]) * (c["wsse"] - a["wsse"]) - (b["wsse"] - a["wsse"]) * (c[key] - a[key])
+            if turn > 0:
+                break
+            hull.pop()
+        hull.append(r)
+    return hull
+
+
+def _slope_allocations(by: dict[str, list[dict]], key: str):
+    """Every per-tensor choice that minimises weighted error + μ·bits for some μ, from μ = ∞ (each
+    tensor at its fewest bits) down to μ = 0, one hull edge at a time, steepest first: yields
+    (bits, weighted error, error, choice), `choice` a dict updated in place."""
+    hulls = {n: _lower_hull(rs, key) for n, rs in by.items()}
+    edges = [((h[j]["wsse"] - h[j + 1]["wsse"]) / (h[j + 1][key] - h[j][key]), n, j + 1)
+             for n, h in hulls.items() for j in range(len(h) - 1)]
+    choice = {n: h[0] for n, h in hulls.items()}
+
+    def totals():  # exact sums (fsum), so that the kept point reports what was compared to the target
+        return tuple(math.fsum(c[k] for c in choice.values()) for k in (key, "wsse", "sse"))
+
+    yield (*totals(), choice)
+    for _, n, j in sorted(edges, key=lambda e: -e[0]):  # a tensor's own slopes decrease along its hull
+        choice[n] = hulls[n][j]
+        yield (*totals(), choice)
 
 
 # ---------------------------------------------------------------------------------------------

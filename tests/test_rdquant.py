@@ -306,6 +306,57 @@ def test_operating_point_meets_its_target(small_sweep, tmp_path):
     assert [m["exact_bits"] for m in back.model] == [m["exact_bits"] for m in small_sweep.model]
 
 
+def _synthetic_sweep(tables: list[list[tuple[int, float]]], scale: float = 1.0) -> gpucabac.SweepResult:
+    """A sweep of made-up tensors: per tensor, (exact bits, weighted error = error) per step."""
+    rows = [dict(method="dq", step=float(i + 1), lam=0.0, tensor=f"t{t}", numel=100, signal=50.0,
+                 exact_bits=bits, wsse=err * scale, sse=err)
+            for t, table in enumerate(tables) for i, (bits, err) in enumerate(table)]
+    return gpucabac.SweepResult(dict(methods=["dq"]), rows, [])
+
+
+_tables = st.lists(st.lists(st.tuples(st.integers(0, 2000), st.floats(0.0, 50.0)), min_size=1, max_size=8),
+                   min_size=1, max_size=5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_tables, st.floats(0.5, 20.0))
+def test_per_tensor_choice_is_never_beaten_by_a_common_slope(tables, bpw):
+    """For a rate target, no per-tensor choice at any common slope (a dense scan of it here) that
+    meets the target has less weighted error than the chosen one."""
+    res = _synthetic_sweep(tables)
+    budget = bpw * 100 * len(tables)
+    best = None
+    slopes = [0.0, *np.geomspace(1e-6, 1e6, 400)]
+    for mu in slopes:
+        choice = [min(table, key=lambda be: (be[1] + mu * be[0], be[0])) for table in tables]
+        bits, err = sum(c[0] for c in choice), sum(c[1] for c in choice)
+        if bits <= budget and (best is None or err < best):
+            best = err
+    try:
+        op = gpucabac.choose_operating_point(res, "dq", target_bpw=bpw)
+    except gpucabac.InputError:
+        assert best is None
+        return
+    assert op.bits <= budget
+    assert best is None or op.wsse <= best + 1e-9 * max(1.0, best)
+
+
+def test_per_tensor_choice_has_no_preset_range_of_slopes():
+    """Weighted errors of any scale (raw importance) give the same choice: the slopes come from the
+    sweep, not from a fixed scan."""
+    rng = np.random.default_rng(5)
+    tables = []
+    for _ in range(6):
+        bits = np.sort(rng.integers(100, 3000, 10))
+        tables.append([(int(b), float(e)) for b, e in zip(bits, np.sort(rng.uniform(0.01, 40, 10))[::-1])])
+    picks = {}
+    for scale in (1e-30, 1.0, 1e30):
+        op = gpucabac.choose_operating_point(_synthetic_sweep(tables, scale), "dq", target_bpw=12.0)
+        picks[scale] = op.steps
+        assert op.wsse == pytest.approx(scale * op.sse)
+    assert picks[1e-30] == picks[1.0] == picks[1e30]
+
+
 def test_importance_scales_share_the_steps_rule_and_its_clamp():
     imp = {"a": np.full((4, 4), 4.0), "b": np.full((4, 4), 1.0), "dead": np.zeros((2, 2)), "bias": np.ones(3)}
     scales = rdquant.importance_scales(imp)
