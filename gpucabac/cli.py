@@ -301,6 +301,9 @@ def _operating_point(path: pathlib.Path, tensors: Mapping[str, np.ndarray], targ
                              "sweep a wider step or lambda grid")
     rate_target = "target_bpw" in targets
     point = min(candidates, key=lambda op: (op.wsse, op.bits) if rate_target else (op.bits, op.wsse))
+    missing = [k for k in ("slice_size", "num_gt_flags") if not isinstance(st.get(k), int)]
+    if missing:
+        raise api.InputError(f"{path}: the sweep does not record its {' and '.join(missing)}")
     settings = dict(dq=point.method == "dq", tensor_steps=point.steps, lam=point.lams,
                     slice_size=st["slice_size"], num_gt_flags=st["num_gt_flags"])
     if importance is not None:

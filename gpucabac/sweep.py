@@ -33,6 +33,12 @@ def _header_bytes(name, x, step, mode, n_gt, slice_size, n_used) -> int:
     return container.record_size(rec)
 
 
+_NUMBER = (int, float)
+_MODEL_KEYS = dict(method=str, step=_NUMBER, lam=_NUMBER, numel=int, sse=_NUMBER, wsse=_NUMBER, signal=_NUMBER,
+                   est_bits=_NUMBER, est_bpw=_NUMBER, snr_db=_NUMBER)
+_ROW_KEYS = dict(_MODEL_KEYS, tensor=str)  # what choose_operating_point, aggregate and the plots read
+
+
 @dataclasses.dataclass
 class SweepResult:
     """rows: one dict per (method, step, lam, tensor); model: one per (method, step, lam)."""
@@ -67,6 +73,16 @@ class SweepResult:
             raise InputError(f"{path}: not a sweep file (not JSON: {e})") from e
         if not isinstance(d, dict) or d.get("kind") != "gpucabac-sweep":
             raise InputError(f"{path}: not a sweep file (written by gpucabac sweep / SweepResult.to_json)")
+        for part, keys in (("tensors", _ROW_KEYS), ("model", _MODEL_KEYS)):
+            items = d.get(part, [])
+            if not isinstance(items, list):
+                raise InputError(f"{path}: {part!r} is not a list")
+            for i, r in enumerate(items):
+                bad = [k for k, kind in keys.items() if not isinstance(r, dict) or not isinstance(r.get(k), kind)]
+                if bad:
+                    raise InputError(f"{path}: {part}[{i}] lacks {', '.join(bad)} (or has the wrong type)")
+        if not isinstance(d.get("settings", {}), dict):
+            raise InputError(f"{path}: 'settings' is not an object")
         extra = {k: v for k, v in d.items() if k not in ("kind", "settings", "model", "tensors")}
         return cls(d.get("settings", {}), d.get("tensors", []), d.get("model", []), extra)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -232,7 +233,16 @@ def test_encode_at_a_target_checks_the_sweep_file_and_model(tmp_path, swept):
     result = run("encode", d / "tiny.safetensors", "-o", out, "--sweep", tmp_path / "urq.json", "--target-bpw", "6",
                  "--importance", d / "imp.safetensors", "--dq")
     assert result.exit_code == 1 and "the sweep has no dq settings (it has urq)" in result.output
+    no_slices = gpucabac.SweepResult.from_json(d / "s.json")
+    del no_slices.settings["slice_size"]
+    no_slices.to_json(tmp_path / "no_slices.json")
+    result = run("encode", d / "tiny.safetensors", "-o", out, "--sweep", tmp_path / "no_slices.json", "--target-bpw", "6",
+                 "--importance", d / "imp.safetensors")
+    assert result.exit_code == 1 and "the sweep does not record its slice_size" in result.output
     (tmp_path / "x.json").write_text('{"kind": "something else"}')
+    (tmp_path / "rows.json").write_text(json.dumps({"kind": "gpucabac-sweep", "tensors": [{"tensor": "a"}]}))
+    result = run("encode", d / "tiny.safetensors", "-o", out, "--sweep", tmp_path / "rows.json", "--target-bpw", "4")
+    assert result.exit_code == 1 and "tensors[0] lacks method, step, lam" in result.output
     result = run("encode", d / "tiny.safetensors", "-o", out, "--sweep", tmp_path / "x.json", "--target-bpw", "4")
     assert result.exit_code == 1 and "not a sweep file" in result.output
     (tmp_path / "y.json").write_bytes(b"\x00garbage")
