@@ -337,7 +337,9 @@ def _operating_point(path: pathlib.Path, tensors: Mapping[str, np.ndarray], targ
               help="Importance of every weight (e.g. a diagonal Fisher estimate): a .safetensors/.npz/.pt "
                    "file of arrays named and shaped like MODEL's tensors. Each named tensor of two or more "
                    "dimensions gets its own step, the step times (its mean importance / their "
-                   "geometric mean)^(-1/2), clamped to 1/16..16 times.")
+                   "geometric mean)^(-1/2), clamped to 1/16..16 times. With --sweep: the file the sweep "
+                   "was run with (the sweep's choice sets the steps; the importance weights the quantizer "
+                   "as it did in the sweep).")
 @click.option("--weighted/--no-weighted", default=False, show_default=True,
               help="With --importance: also weight each weight's error in the quantizer by its "
                    "(smoothed) importance; runs the JAX rate-distortion quantizer.")
