@@ -492,6 +492,34 @@ def test_cli_sweep_with_a_task(tmp_path, monkeypatch):
         assert r.exit_code != 0 and message in r.output, (bad, r.output)
 
 
+def test_cli_sweep_task_sees_the_importance_weighted_quantizer(tmp_path, monkeypatch):
+    """With --importance, each setting's task score is of the model quantized as the sweep
+    quantized it: the importance-weighted trellis, not the plain quantizer."""
+    from click.testing import CliRunner
+
+    from gpucabac import cli
+    from gpucabac import io as gio
+
+    t = _small_model()
+    gio.write_model(tmp_path / "m.npz", t)
+    rng = np.random.default_rng(8)
+    imp = {k: rng.uniform(0.1, 3.0, t[k].shape).astype(np.float32) for k in ("fc1.weight", "fc2.weight")}
+    gio.write_model(tmp_path / "imp.npz", imp)
+    (tmp_path / "l1task.py").write_text("def score(model):\n    return float(abs(model['fc1.weight']).sum())\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    r = CliRunner().invoke(cli.main, ["sweep", str(tmp_path / "m.npz"), "-o", str(tmp_path / "s.json"),
+                                      "--qp-range", "-30:-30", "--lams", "0", "--methods", "dq", "--slice-size", "1024",
+                                      "--importance", str(tmp_path / "imp.npz"), "--task", "l1task:score"])
+    assert r.exit_code == 0, r.output
+    (m,) = gpucabac.SweepResult.from_json(tmp_path / "s.json").model
+    shapes = {k: gpucabac.smooth_importance(np.asarray(a, np.float64)) for k, a in imp.items()}
+    weighted = gpucabac.quantize({k: t[k] for k in imp}, step=m["step"], dq=True, importance=shapes, slice_size=1024)
+    plain = gpucabac.quantize({k: t[k] for k in imp}, step=m["step"], dq=True, slice_size=1024)
+    assert m["task"] == float(np.abs(weighted["fc1.weight"]).sum())
+    assert m["task"] != float(np.abs(plain["fc1.weight"]).sum())
+
+
 def test_cli_encode_with_lambda(tmp_path):
     from click.testing import CliRunner
 
