@@ -315,8 +315,10 @@ def _check_range(w: np.ndarray, scales: np.ndarray) -> None:
 
 
 def _pad_rows(b: int) -> int:
-    """Batch sizes rounded up to a power of two, to bound the number of compilations."""
-    return 1 << max(0, (b - 1).bit_length())
+    """A batch of b slices rounded up to one of four sizes per octave (b itself up to 8): at most
+    25% padding, and few enough distinct sizes that compilations stay bounded."""
+    grain = 1 << max(0, (b - 1).bit_length() - 3)
+    return -(-b // grain) * grain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,56 +339,99 @@ def rd_quantize_tensor(x, steps: Sequence[float], lams: Sequence[float], *, dq: 
     """RD-quantize one tensor at every (step, lam) of the grid in one vectorised computation
     (chunked over slices to bound memory). `importance` F has the tensor's shape (default 1).
     `ctx_init` [K, used] or [used] overrides the per-step init chosen from the plain levels."""
-    w = _flat_float32(x)
-    n = w.size
-    steps = np.atleast_1d(np.asarray(steps, np.float64))
+    return rd_quantize_tensors({"": x}, steps, lams, dq=dq, slice_size=slice_size, num_gt_flags=num_gt_flags,
+                               importance=None if importance is None else {"": importance},
+                               ctx_init=None if ctx_init is None else {"": ctx_init}, with_levels=with_levels,
+                               max_lanes=max_lanes, level_bytes=level_bytes, jit=jit)[""]
+
+
+def rd_quantize_tensors(tensors: Mapping, steps: Sequence[float] | Mapping, lams: Sequence[float], *,
+                        dq: bool = False, slice_size: int = 8192, num_gt_flags: int = 11,
+                        importance: Mapping | None = None, ctx_init: Mapping | None = None,
+                        with_levels: bool = True, max_lanes: int = 2048, level_bytes: int = 256 << 20,
+                        jit: bool = True) -> dict[str, RDResult]:
+    """rd_quantize_tensor for several tensors at once: the slices of all of them form one stream,
+    cut into equal batches of lanes (slices × steps × lambdas), so that small tensors share a
+    batch instead of each padding its own (and one batch shape is compiled). `steps` is one grid
+    for every tensor or a mapping name -> grid (all of the same length K); `importance` and
+    `ctx_init` map names to what rd_quantize_tensor takes. A slice never spans two tensors, and
+    every lane runs as it would alone: the results are those of one call per tensor."""
+    names = list(tensors)
     lams = np.atleast_1d(np.asarray(lams, np.float32))
-    if np.any(~np.isfinite(steps)) or np.any(steps <= 0):
-        raise InputError(f"steps must be positive and finite, got {steps}")
     if np.any(~np.isfinite(lams)) or np.any(lams < 0):
         raise InputError(f"lambdas must be finite and >= 0, got {lams}")
-    k, l_ = steps.size, lams.size
-    S = max(1, min(int(slice_size), max(n, 1)))
+    if not names:
+        return {}
     cfg = RDConfig(bool(dq), int(num_gt_flags), bool(with_levels))
-    scales = np.array([scale_of(s) for s in steps], np.float32)
-    _check_range(w, scales)
-    f = np.ones_like(w) if importance is None else _flat_float32(importance)
-    if f.size != n or np.any(~np.isfinite(f)) or np.any(f < 0):
-        raise InputError("importance must have the tensor's size, finite and >= 0")
-    if ctx_init is None:
-        inits = np.stack([initial_context(w, s, dq=cfg.dq, slice_size=S, num_gt_flags=cfg.num_gt_flags) for s in steps])
-    else:
-        inits = np.broadcast_to(np.asarray(ctx_init, np.uint8), (k, len(used_contexts(cfg.num_gt_flags, cfg.dq))))
-    ctx = [np.stack(a) for a in zip(*(context_arrays(i, cfg.num_gt_flags, cfg.dq) for i in inits))]  # 4 x [K, C]
-    rows, valid = slice_rows(w, S)
-    frows, _ = slice_rows(f, S)
-    nsl = rows.shape[0]
+    n_used = len(used_contexts(cfg.num_gt_flags, cfg.dq))
+    flat = {n: _flat_float32(tensors[n]) for n in names}
+    S = max(1, min(int(slice_size), max(max(w.size for w in flat.values()), 1)))
+    grids, scales, inits, ctx, rows, frows, valid = {}, [], {}, [], [], [], []
+    for name in names:
+        w = flat[name]
+        grid = np.atleast_1d(np.asarray(steps[name] if isinstance(steps, Mapping) else steps, np.float64))
+        if np.any(~np.isfinite(grid)) or np.any(grid <= 0):
+            raise InputError(f"steps must be positive and finite, got {grid}")
+        if grids and grid.size != next(iter(grids.values())).size:
+            raise InputError("every tensor needs the same number of steps")
+        grids[name] = grid
+        sc = np.array([scale_of(s) for s in grid], np.float32)
+        _check_range(w, sc)
+        f = as_importance(importance, name)
+        f = np.ones_like(w) if f is None else _flat_float32(f)
+        if f.size != w.size or np.any(~np.isfinite(f)) or np.any(f < 0):
+            raise InputError("importance must have the tensor's size, finite and >= 0")
+        given = None if ctx_init is None else ctx_init.get(name)
+        if given is None:
+            init = np.stack([initial_context(w, s, dq=cfg.dq, slice_size=min(S, max(w.size, 1)),
+                                             num_gt_flags=cfg.num_gt_flags) for s in grid])
+        else:
+            init = np.broadcast_to(np.asarray(given, np.uint8), (grid.size, n_used))
+        inits[name] = np.asarray(init)
+        r, v = slice_rows(w, S)
+        rows.append(r)
+        valid.append(v)
+        frows.append(slice_rows(f, S)[0])
+        scales.append(np.broadcast_to(sc, (r.shape[0], grid.size)))
+        ctx.append([np.broadcast_to(a, (r.shape[0],) + a.shape)
+                    for a in (np.stack(c) for c in zip(*(context_arrays(i, cfg.num_gt_flags, cfg.dq) for i in init)))])
+    counts = [r.shape[0] for r in rows]
+    rows, frows, valid, scales = (np.concatenate(a) for a in (rows, frows, valid, scales))
+    ctx = [np.concatenate([c[i] for c in ctx]) for i in range(4)]  # 4 x [B, K, C]
+    nrows, k, l_ = rows.shape[0], next(iter(grids.values())).size, lams.size
     per_slice = k * l_
-    chunk = max(1, min(nsl, max_lanes // per_slice))
+    chunk = max(1, min(nrows, max_lanes // per_slice))
     if with_levels:
         chunk = max(1, min(chunk, level_bytes // max(1, per_slice * S * 4 * (2 * cfg.num_states + 1))))
-    bits = np.zeros((k, l_))
-    wd = np.zeros((k, l_))
-    d = np.zeros((k, l_))
-    levels = np.zeros((k, l_, nsl * S), np.int32) if with_levels else None
-    for start in range(0, nsl, chunk):
-        stop = min(nsl, start + chunk)
-        b = _pad_rows(stop - start)
-        pad = b - (stop - start)
-        rw = np.concatenate([rows[start:stop], np.zeros((pad, S), np.float32)])
-        rf = np.concatenate([frows[start:stop], np.zeros((pad, S), np.float32)])
-        rv = np.concatenate([valid[start:stop], np.zeros(pad, np.int32)])
-        bc = [np.broadcast_to(a[None], (b,) + a.shape) for a in ctx]
-        out = rd_batch(rw, rf, rv, np.broadcast_to(scales[None], (b, k)), lams, *bc, cfg, jit=jit)
-        ob, ow, od = (np.asarray(o, np.float64)[: stop - start] for o in out[:3])
-        bits += ob.sum(0)
-        wd += ow.sum(0)
-        d += od.sum(0)
+    out_rows = [np.zeros((nrows, k, l_)) for _ in range(3)]  # bits, weighted distortion, distortion
+    firsts = np.concatenate([[0], np.cumsum(counts)])  # tensor t owns rows firsts[t]:firsts[t + 1]
+    levels = {n: np.zeros((k, l_, c * S), np.int32) for n, c in zip(names, counts)} if with_levels else None
+    for start in range(0, nrows, chunk):
+        stop = min(nrows, start + chunk)
+        # full batches of a long stream share one shape; a lone or last batch is rounded up (_pad_rows)
+        batch = chunk if stop - start == chunk and nrows > chunk else _pad_rows(stop - start)
+        take = np.concatenate([np.arange(start, stop), np.full(batch - (stop - start), start)])  # padding: copies
+        rv = valid[take].copy()
+        rv[stop - start :] = 0  # ... that scan nothing
+        out = rd_batch(rows[take], frows[take], rv, scales[take], lams, *(a[take] for a in ctx), cfg, jit=jit)
+        for acc, o in zip(out_rows, out[:3]):
+            acc[start:stop] = np.asarray(o, np.float64)[: stop - start]
         if with_levels:
-            lv = np.asarray(out[3])[: stop - start]  # [b, K, L, S]
-            levels[:, :, start * S : stop * S] = lv.transpose(1, 2, 0, 3).reshape(k, l_, -1)
-    step2 = np.square(np.float32(steps).astype(np.float64))[:, None]
-    return RDResult(bits, wd * step2, d * step2, None if levels is None else levels[:, :, :n], np.asarray(inits))
+            lv = np.asarray(out[3])  # [batch, K, L, S]
+            for t in range(np.searchsorted(firsts, start, "right") - 1, len(names)):
+                a, b = max(start, firsts[t]), min(stop, firsts[t + 1])
+                if a >= b:
+                    break
+                rows_t = lv[a - start : b - start].transpose(1, 2, 0, 3).reshape(k, l_, -1)
+                levels[names[t]][:, :, (a - firsts[t]) * S : (b - firsts[t]) * S] = rows_t
+    results = {}
+    for t, name in enumerate(names):
+        part = slice(firsts[t], firsts[t + 1])
+        step2 = np.square(np.float32(grids[name]).astype(np.float64))[:, None]
+        bits, wd, d = (a[part].sum(0) for a in out_rows)
+        lv = None if levels is None else levels[name][:, :, : flat[name].size]
+        results[name] = RDResult(bits, wd * step2, d * step2, lv, inits[name])
+    return results
 
 
 def rd_levels(x, step: float, lam: float, *, dq: bool = False, slice_size: int = 8192,

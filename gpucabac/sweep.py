@@ -113,7 +113,7 @@ def sweep(tensors: Mapping[str, np.ndarray], steps: Sequence[float], lams: Seque
     `choose_operating_point(per_tensor=True)` give the important tensors the bits."""
     from .codec import encode_levels  # noqa: PLC0415
     from .binarize import used_contexts  # noqa: PLC0415
-    from .rdquant import rd_quantize_tensor  # noqa: PLC0415
+    from .rdquant import rd_quantize_tensors  # noqa: PLC0415
 
     steps = [float(s) for s in steps]
     lams = [float(v) for v in lams]
@@ -134,21 +134,26 @@ def sweep(tensors: Mapping[str, np.ndarray], steps: Sequence[float], lams: Seque
         if not (math.isfinite(v) and v > 0):
             raise InputError(f"tensor_weights[{n!r}] must be a positive number, got {tensor_weights[n]!r}")
         weights[n] = v
+    xs = {n: np.asarray(tensors[n]) for n in names}
+    total = sum(x.size for x in xs.values())
+    imp = {n: np.asarray(importance[n], np.float64).reshape(xs[n].shape) for n in names
+           if importance is not None and n in importance}
     rows = []
     for method in methods:
         dq = method == "dq"
-        for name in names:
-            x = np.asarray(tensors[name])
-            w64 = x.astype(np.float64).reshape(-1)
-            f = None if importance is None or name not in importance else np.asarray(importance[name], np.float64).reshape(-1)
-            signal = float(w64 @ w64)
-            S = min(slice_size, x.size)
-            n_used = len(used_contexts(num_gt_flags, dq))
-            kc = max(1, min(len(steps), level_bytes // max(1, 4 * x.size * len(lams)))) if exact else len(steps)
-            for k0 in range(0, len(steps), kc):
-                ks = steps[k0 : k0 + kc]
-                res = rd_quantize_tensor(x, ks, lams, dq=dq, slice_size=S, num_gt_flags=num_gt_flags,
-                                         importance=None if f is None else f.reshape(x.shape), with_levels=exact)
+        n_used = len(used_contexts(num_gt_flags, dq))
+        by_tensor: dict[str, list[dict]] = {n: [] for n in names}
+        # all tensors' slices in one stream per call; steps chunked so that the levels fit level_bytes
+        kc = max(1, min(len(steps), level_bytes // max(1, 4 * total * len(lams)))) if exact else len(steps)
+        for k0 in range(0, len(steps), kc):
+            ks = steps[k0 : k0 + kc]
+            results = rd_quantize_tensors(xs, ks, lams, dq=dq, slice_size=slice_size, num_gt_flags=num_gt_flags,
+                                          importance=imp or None, with_levels=exact)
+            for name, x in xs.items():
+                res, S = results[name], min(slice_size, x.size)
+                w64 = x.astype(np.float64).reshape(-1)
+                signal = float(w64 @ w64)
+                f = imp[name].reshape(-1) if name in imp else None
                 for ki, step in enumerate(ks):
                     hdr = _header_bytes(name, x, step, method, num_gt_flags, S, n_used)
                     for li, lam in enumerate(lams):
@@ -170,9 +175,10 @@ def sweep(tensors: Mapping[str, np.ndarray], steps: Sequence[float], lams: Seque
                                    snr_db=_snr(signal, row["sse"]))
                         if exact:
                             row["exact_bpw"] = row["exact_bits"] / n
-                        rows.append(row)
-                if progress is not None:
-                    progress(x.size * len(ks) * len(lams))
+                        by_tensor[name].append(row)
+            if progress is not None:
+                progress(total * len(ks) * len(lams))
+        rows += [r for n in names for r in by_tensor[n]]
     model = aggregate(rows)
     st = dict(steps=steps, lams=lams, methods=list(methods), slice_size=slice_size, num_gt_flags=num_gt_flags,
               importance=importance is not None, exact=exact, tensors=names,

@@ -146,6 +146,33 @@ def test_vectorised_equals_single_settings():
 
 
 @pytest.mark.parametrize("dq", [False, True])
+def test_tensors_in_one_stream_equal_one_call_each(dq):
+    """Slices of several tensors batched together (batches that cross tensor boundaries, a tensor
+    smaller than a slice, per-tensor grids and importance) give each tensor what a call of its own
+    gives: the same levels, rates and distortions."""
+    rng = np.random.default_rng(12)
+    tensors = {"a": _gauss(1000, seed=1).reshape(20, 50), "tiny": _gauss(37, seed=2),
+               "b": _gauss(2600, seed=3), "c": _gauss(300, seed=4).reshape(3, 100)}
+    grids = {"a": [STEP, 2 * STEP], "tiny": [STEP / 2, STEP], "b": [2 * STEP, 4 * STEP], "c": [STEP, 3 * STEP]}
+    importance = {"b": rng.uniform(0.2, 2.0, 2600).astype(np.float32)}
+    lams = [0.0, 0.15]
+    together = rdquant.rd_quantize_tensors(tensors, grids, lams, dq=dq, slice_size=256, importance=importance,
+                                          max_lanes=4 * 3)  # 3 slices per batch: batches span tensors
+    assert list(together) == list(tensors)
+    for name, x in tensors.items():
+        alone = rdquant.rd_quantize_tensor(x, grids[name], lams, dq=dq, slice_size=256, importance=importance.get(name))
+        got = together[name]
+        np.testing.assert_array_equal(got.levels, alone.levels)
+        np.testing.assert_array_equal(got.ctx_init, alone.ctx_init)
+        np.testing.assert_allclose(got.bits, alone.bits, rtol=1e-12)
+        np.testing.assert_allclose(got.dist, alone.dist, rtol=1e-12)
+        np.testing.assert_allclose(got.wdist, alone.wdist, rtol=1e-12)
+    with pytest.raises(gpucabac.InputError, match="same number of steps"):
+        rdquant.rd_quantize_tensors(tensors, {**grids, "c": [STEP]}, lams, dq=dq)
+    assert rdquant.rd_quantize_tensors({}, [STEP], lams) == {}
+
+
+@pytest.mark.parametrize("dq", [False, True])
 def test_round_trip_with_rd_levels(dq):
     rng = np.random.default_rng(6)
     t = {"a.weight": (rng.standard_normal((40, 50)) * 0.02).astype(np.float32),
