@@ -265,22 +265,12 @@ def _flat_float32(x) -> np.ndarray:
     w = np.ascontiguousarray(x).reshape(-1)
     if w.dtype.kind != "f" and w.dtype.name != "bfloat16":
         raise InputError(f"RD quantization needs a floating-point tensor, got {w.dtype}")
-    return w.astype(np.float32)
+    return w.astype(np.float32, copy=False)
 
 
 def scale_of(step: float) -> np.float32:
     """1/Δ in float32, computed as quantize.quantize_levels does for float32 tensors."""
     return np.float32(1.0 / np.float32(np.float32(step)))
-
-
-def slice_rows(w: np.ndarray, slice_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """[nslices, S] zero-padded rows of a flat tensor and the real length of each row."""
-    n = w.size
-    ns = max(1, -(-n // slice_size))
-    rows = np.zeros((ns, slice_size), w.dtype)
-    rows.reshape(-1)[:n] = w
-    valid = np.minimum(slice_size, n - slice_size * np.arange(ns)).clip(0).astype(np.int32)
-    return rows, valid
 
 
 def context_arrays(ctx_init: np.ndarray, num_gt_flags: int, dq: bool):
@@ -366,7 +356,7 @@ def rd_quantize_tensors(tensors: Mapping, steps: Sequence[float] | Mapping, lams
     n_used = len(used_contexts(cfg.num_gt_flags, cfg.dq))
     flat = {n: _flat_float32(tensors[n]) for n in names}
     S = max(1, min(int(slice_size), max(max(w.size for w in flat.values()), 1)))
-    grids, scales, inits, ctx, rows, frows, valid = {}, [], {}, [], [], [], []
+    grids, scales, inits, ctx, weights = {}, [], {}, [], []
     for name in names:
         w = flat[name]
         grid = np.atleast_1d(np.asarray(steps[name] if isinstance(steps, Mapping) else steps, np.float64))
@@ -378,9 +368,11 @@ def rd_quantize_tensors(tensors: Mapping, steps: Sequence[float] | Mapping, lams
         sc = np.array([scale_of(s) for s in grid], np.float32)
         _check_range(w, sc)
         f = as_importance(importance, name)
-        f = np.ones_like(w) if f is None else _flat_float32(f)
-        if f.size != w.size or np.any(~np.isfinite(f)) or np.any(f < 0):
-            raise InputError("importance must have the tensor's size, finite and >= 0")
+        if f is not None:
+            f = _flat_float32(f)
+            if f.size != w.size or np.any(~np.isfinite(f)) or np.any(f < 0):
+                raise InputError("importance must have the tensor's size, finite and >= 0")
+        weights.append(f)
         given = None if ctx_init is None else ctx_init.get(name)
         if given is None:
             init = np.stack([initial_context(w, s, dq=cfg.dq, slice_size=min(S, max(w.size, 1)),
@@ -388,42 +380,64 @@ def rd_quantize_tensors(tensors: Mapping, steps: Sequence[float] | Mapping, lams
         else:
             init = np.broadcast_to(np.asarray(given, np.uint8), (grid.size, n_used))
         inits[name] = np.asarray(init)
-        r, v = slice_rows(w, S)
-        rows.append(r)
-        valid.append(v)
-        frows.append(slice_rows(f, S)[0])
-        scales.append(np.broadcast_to(sc, (r.shape[0], grid.size)))
-        ctx.append([np.broadcast_to(a, (r.shape[0],) + a.shape)
-                    for a in (np.stack(c) for c in zip(*(context_arrays(i, cfg.num_gt_flags, cfg.dq) for i in init)))])
-    counts = [r.shape[0] for r in rows]
-    rows, frows, valid, scales = (np.concatenate(a) for a in (rows, frows, valid, scales))
-    ctx = [np.concatenate([c[i] for c in ctx]) for i in range(4)]  # 4 x [B, K, C]
-    nrows, k, l_ = rows.shape[0], next(iter(grids.values())).size, lams.size
+        scales.append(sc)
+        ctx.append([np.stack(c) for c in zip(*(context_arrays(i, cfg.num_gt_flags, cfg.dq) for i in init))])
+    # Per tensor, not per slice: a batch gathers its slices' rows, steps and contexts when it runs,
+    # so memory stays one batch beyond the tensors themselves.
+    scales = np.stack(scales)  # [T, K]
+    ctx = [np.stack([c[i] for c in ctx]) for i in range(4)]  # 4 x [T, K, C]
+    counts = [max(1, -(-w.size // S)) for w in flat.values()]
+    firsts = np.concatenate([[0], np.cumsum(counts)])  # tensor t owns rows firsts[t]:firsts[t + 1]
+    owner = np.repeat(np.arange(len(names)), counts)
+    nrows, k, l_ = int(firsts[-1]), next(iter(grids.values())).size, lams.size
+
+    def spans(start, stop):  # (tensor, first, last) row ranges of the stream's rows start..stop
+        for t in range(int(np.searchsorted(firsts, start, "right")) - 1, len(names)):
+            a, b = max(start, firsts[t]), min(stop, firsts[t + 1])
+            if a >= b:
+                return
+            yield t, int(a - firsts[t]), int(b - firsts[t])
+
+    def rows_of(start, stop):  # weights, importance, valid counts of rows start..stop
+        w_rows = np.zeros((stop - start, S), np.float32)
+        f_rows = np.ones((stop - start, S), np.float32)
+        valid = np.zeros(stop - start, np.int32)
+        at = 0
+        for t, i0, i1 in spans(start, stop):
+            w, f = flat[names[t]], weights[t]
+            seg = slice(i0 * S, min(i1 * S, w.size))
+            w_rows[at : at + i1 - i0].reshape(-1)[: seg.stop - seg.start] = w[seg]
+            if f is not None:
+                f_rows[at : at + i1 - i0].reshape(-1)[: seg.stop - seg.start] = f[seg]
+            valid[at : at + i1 - i0] = np.clip(w.size - S * np.arange(i0, i1), 0, S)
+            at += i1 - i0
+        return w_rows, f_rows, valid
+
     per_slice = k * l_
     chunk = max(1, min(nrows, max_lanes // per_slice))
     if with_levels:
         chunk = max(1, min(chunk, level_bytes // max(1, per_slice * S * 4 * (2 * cfg.num_states + 1))))
     out_rows = [np.zeros((nrows, k, l_)) for _ in range(3)]  # bits, weighted distortion, distortion
-    firsts = np.concatenate([[0], np.cumsum(counts)])  # tensor t owns rows firsts[t]:firsts[t + 1]
     levels = {n: np.zeros((k, l_, c * S), np.int32) for n, c in zip(names, counts)} if with_levels else None
     for start in range(0, nrows, chunk):
         stop = min(nrows, start + chunk)
         # full batches of a long stream share one shape; a lone or last batch is rounded up (_pad_rows)
         batch = chunk if stop - start == chunk and nrows > chunk else _pad_rows(stop - start)
-        take = np.concatenate([np.arange(start, stop), np.full(batch - (stop - start), start)])  # padding: copies
-        rv = valid[take].copy()
-        rv[stop - start :] = 0  # ... that scan nothing
-        out = rd_batch(rows[take], frows[take], rv, scales[take], lams, *(a[take] for a in ctx), cfg, jit=jit)
+        rw, rf, rv = rows_of(start, stop)
+        pad = batch - (stop - start)  # padding rows: copies of the first, scanning nothing
+        rw, rf, rv = (np.concatenate([a, np.repeat(a[:1] if i < 2 else np.zeros(1, a.dtype), pad, axis=0)])
+                      for i, a in enumerate((rw, rf, rv)))
+        who = np.concatenate([owner[start:stop], np.full(pad, owner[start])])
+        out = rd_batch(rw, rf, rv, scales[who], lams, *(c[who] for c in ctx), cfg, jit=jit)
         for acc, o in zip(out_rows, out[:3]):
             acc[start:stop] = np.asarray(o, np.float64)[: stop - start]
         if with_levels:
             lv = np.asarray(out[3])  # [batch, K, L, S]
-            for t in range(np.searchsorted(firsts, start, "right") - 1, len(names)):
-                a, b = max(start, firsts[t]), min(stop, firsts[t + 1])
-                if a >= b:
-                    break
-                rows_t = lv[a - start : b - start].transpose(1, 2, 0, 3).reshape(k, l_, -1)
-                levels[names[t]][:, :, (a - firsts[t]) * S : (b - firsts[t]) * S] = rows_t
+            at = 0
+            for t, i0, i1 in spans(start, stop):
+                block = lv[at : at + i1 - i0].transpose(1, 2, 0, 3).reshape(k, l_, -1)
+                levels[names[t]][:, :, i0 * S : i1 * S] = block
+                at += i1 - i0
     results = {}
     for t, name in enumerate(names):
         part = slice(firsts[t], firsts[t + 1])
