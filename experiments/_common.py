@@ -74,7 +74,7 @@ def read_any_model(spec: str) -> dict[str, np.ndarray]:
     from gpucabac.io import read_model
 
     if str(spec).endswith(".gcb"):
-        return gpucabac.decode(pathlib.Path(spec).read_bytes())
+        return gpucabac.load(spec)
     return read_model(spec)
 
 

@@ -31,16 +31,17 @@ from _common import header_md, machine_info, md_table, out_dir, write_results
 
 import gpucabac
 from gpucabac import codec
-from gpucabac.binarize import MAX_REGULAR_BINS, binarize_level, dq_coded_level, dq_next_state, full_context_init
+from gpucabac.binarize import MAX_REGULAR_BINS, binarize_level, dq_coded_level, dq_next_state
 from gpucabac.quantize import dequantize, step_from_qp
 from gpucabac.engine_cpu import _cost_and_update
-from gpucabac.tables import PRESETS
+from gpucabac.rdquant import context_arrays
 
 SIGMA = 0.02
+N = gpucabac.DEFAULT_GT_FLAGS  # greater-than flags, as the codec codes them
 
 
 @nb.njit(cache=True)
-def _bin_streams(levels, slice_size, dq):
+def _bin_streams(levels, slice_size, dq, num_gt_flags):
     """Regular bins as (context, bin, slice) and the DQ state and coded level of every weight."""
     n = levels.shape[0]
     ctxs = np.empty(n * 40, np.int32)
@@ -59,7 +60,7 @@ def _bin_streams(levels, slice_size, dq):
             states[i] = state
             if dq:
                 q = dq_coded_level(q, state)
-            nreg, _, nsuffix = binarize_level(q, prev, state, 11, ctx, bb)
+            nreg, _, nsuffix = binarize_level(q, prev, state, num_gt_flags, ctx, bb)
             bypass += nsuffix
             for j in range(nreg):
                 ctxs[m] = ctx[j]
@@ -88,6 +89,12 @@ def _adaptive_bits(bins, slices, sh0, sh1, s0_init, s1_init):
     return total / 32768.0
 
 
+def _states_of(p: int) -> tuple[int, int]:
+    """(S0, S1) of a start probability P = S1 + 16 S0 with the two estimators agreeing."""
+    s0 = int(round(p / 32))
+    return s0, p - 16 * s0
+
+
 def _entropy_bits(counts: np.ndarray) -> float:
     counts = counts[counts > 0].astype(np.float64)
     return float(-(counts * np.log2(counts / counts.sum())).sum())
@@ -95,16 +102,16 @@ def _entropy_bits(counts: np.ndarray) -> float:
 
 def breakdown(w: np.ndarray, levels: np.ndarray, step: float, dq: bool, slice_size: int) -> dict:
     n = w.size
-    ctx_init, payload, lengths = codec.encode_levels(levels, slice_size, dq, gpucabac.DEFAULT_GT_FLAGS)
+    ctx_init, payload, lengths = codec.encode_levels(levels, slice_size, dq, N)
     exact = 8 * (payload.size + 8 * lengths.size + 64 + (len(ctx_init) + 1) // 2)
     rec = dequantize(levels, step, (n,), np.float32).astype(np.float64)
     w64 = w.astype(np.float64).ravel()
     snr = 10 * math.log10(float(w64 @ w64) / float(((w64 - rec) ** 2).sum()))
-    ctxs, bins, slices, states, bypass = _bin_streams(levels, slice_size, dq)
+    ctxs, bins, slices, states, bypass = _bin_streams(levels, slice_size, dq, N)
     # entropy of the levels given the DQ state (one state for URQ)
     level_bits = sum(_entropy_bits(np.unique(levels[states == s], return_counts=True)[1]) for s in np.unique(states))
     static = float(bypass)
-    init = full_context_init(ctx_init, gpucabac.DEFAULT_GT_FLAGS, dq)
+    s0_init, s1_init, sh0_init, sh1_init = context_arrays(ctx_init, N, dq)  # the signalled start states
     adaptive = best = 0.0
     grid = [(sh0, sh1) for sh0 in (4, 5, 6, 7) for sh1 in (4, 5, 6, 7)]
     for c in np.unique(ctxs):
@@ -113,10 +120,8 @@ def breakdown(w: np.ndarray, levels: np.ndarray, step: float, dq: bool, slice_si
         sl = slices[mask]
         ones = int(b.sum())
         static += _entropy_bits(np.array([ones, b.size - ones]))
-        p = PRESETS[init[c]]
-        adaptive += _adaptive_bits(b, sl, p[0] + 4, p[1], p[3], p[2] - 16 * p[3])
-        best += min(_adaptive_bits(b, sl, sh0, sh1, s0, P - 16 * s0)
-                    for sh0, sh1 in grid for P in range(-3800, 3801, 100) for s0 in [int(round(P / 32))])
+        adaptive += _adaptive_bits(b, sl, sh0_init[c], sh1_init[c], s0_init[c], s1_init[c])
+        best += min(_adaptive_bits(b, sl, sh0, sh1, *_states_of(P)) for sh0, sh1 in grid for P in range(-3800, 3801, 100))
     adaptive += bypass
     best += bypass
     bound = snr / (20 * math.log10(2))

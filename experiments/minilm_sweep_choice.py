@@ -28,7 +28,7 @@ from _common import RESULTS_DIR, header_md, machine_info, md_table, out_dir, wri
 
 import gpucabac
 from gpucabac.quantize import step_from_qp
-from gpucabac.rdquant import importance_scales, smooth_importance, steps_from_importance
+from gpucabac.rdquant import importance_scales, importance_shapes, steps_from_importance
 from gpucabac.sweep import SweepResult, aggregate
 
 RULE = "gpucabac DQ, importance-weighted trellis, per-tensor steps"
@@ -56,7 +56,7 @@ def main() -> None:
     t = time.perf_counter()
     sens = _minilm.output_sensitivity(weights, calibration, probes=args.probes)
     sens_seconds = time.perf_counter() - t
-    shapes = {k: f for k in coded if (f := smooth_importance(sens[k], floor=args.floor)) is not None}
+    shapes = importance_shapes({k: sens[k] for k in coded}, floor=args.floor)
     scales = importance_scales({k: sens[k] for k in coded})
     cs = [step_from_qp(int(q)) for q in args.qps.split(",")]
 

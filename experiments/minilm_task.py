@@ -41,7 +41,7 @@ from _common import header_md, machine_info, md_table, out_dir, save_figure, wri
 
 import gpucabac
 from gpucabac.quantize import step_from_qp
-from gpucabac.rdquant import smooth_importance, steps_from_importance
+from gpucabac.rdquant import importance_shapes, steps_from_importance
 from gpucabac.sweep import pareto
 
 def nncodec_rate_at(curve: list[tuple[float, float]], loss: float) -> float | None:
@@ -144,7 +144,7 @@ def main() -> None:
     for qp in qps:
         c = step_from_qp(qp)
         ours("gpucabac DQ, per-tensor steps", step=c, tensor_steps=steps_from_importance(sens, c))
-    importance = {k: imp for k in coded if (imp := smooth_importance(sens[k], floor=args.floor)) is not None}
+    importance = importance_shapes({k: sens[k] for k in coded}, floor=args.floor)
     for qp in [int(q) for q in args.rd_qps.split(",") if q.strip()]:
         c = step_from_qp(qp)
         ours("gpucabac DQ, importance-weighted trellis, per-tensor steps", step=c, tensor_steps=steps_from_importance(sens, c),

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import pathlib
 import platform
 import subprocess
 import sys
 
 import numpy as np
+from _common import write_results
 
 import gpucabac
 from gpucabac import codec, container
 from gpucabac.binarize import used_contexts
-from gpucabac.io import atomic_write_bytes
 
 SIZES = [256, 1024, 2048, 4096, 8192, 16384, 65536]
 
@@ -84,8 +83,7 @@ def main(argv=None) -> int:
         out = pathlib.Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         tag = f"slice_size_curve_qp{args.qp}{'_dq' if args.dq else ''}"
-        atomic_write_bytes(out / f"{tag}.json", json.dumps(result, indent=1).encode())
-        atomic_write_bytes(out / f"{tag}.md", (text + f"\n\n{result['machine']}, {result['date']}, commit {result['commit']}\n").encode())
+        write_results(out, tag, result, text + f"\n\n{result['machine']}, {result['date']}, commit {result['commit']}")
     return 0
 
 

@@ -32,6 +32,7 @@ from .quantize import quantize_levels as quantize_levels, step_from_qp as step_f
 from .rdquant import (
     fisher_diagonal as fisher_diagonal,
     importance_scales as importance_scales,
+    importance_shapes as importance_shapes,
     output_sensitivity as output_sensitivity,
     rd_levels as rd_levels,
     smooth_importance as smooth_importance,
@@ -50,7 +51,8 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_GT_FLAGS", "DEFAULT_QP", "DEFAULT_SLICE_SIZE", "ContainerInfo", "TensorInfo",
     "decode", "encode", "info", "load", "quantize", "quantize_levels", "step_from_qp",
-    "OperatingPoint", "SweepResult", "choose_operating_point", "evaluate_task", "fisher_diagonal", "importance_scales",
+    "OperatingPoint", "SweepResult", "choose_operating_point", "evaluate_task", "fisher_diagonal",
+    "importance_scales", "importance_shapes",
     "output_sensitivity", "rd_levels", "smooth_importance", "steps_from_importance", "sweep",
     "FormatError", "GpucabacError", "GpuUnavailableError", "InputError", "ModelFileError", "TensorNotFoundError",
 ]

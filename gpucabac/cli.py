@@ -228,13 +228,8 @@ def _importance_settings(importance: Mapping[str, np.ndarray], step: float, weig
         raise api.InputError("importance file: no array of two or more dimensions, nothing to set steps from")
     out: dict = {"tensor_steps": api.steps_from_importance(coded, step)}
     if weighted:
-        out["importance"] = _importance_shapes(coded)
+        out["importance"] = api.importance_shapes(coded)
     return out
-
-
-def _importance_shapes(importance: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Per-weight importance of mean 1 (smooth_importance) where an array has a usable shape."""
-    return {k: f for k, a in importance.items() if (f := api.smooth_importance(a)) is not None}
 
 
 def _sweep_importance(importance: Mapping[str, np.ndarray], names: list[str]) -> tuple[dict, dict]:
@@ -245,7 +240,7 @@ def _sweep_importance(importance: Mapping[str, np.ndarray], names: list[str]) ->
     if missing:
         raise api.InputError(f"importance file: no array for the swept tensor(s) {', '.join(map(repr, missing))}")
     arrays = {n: importance[n] for n in names}
-    return _importance_shapes(arrays), api.importance_scales(arrays)
+    return api.importance_shapes(arrays), api.importance_scales(arrays)
 
 
 def _file_digest(path: pathlib.Path) -> str:
@@ -267,15 +262,19 @@ def _operating_point(path: pathlib.Path, tensors: Mapping[str, np.ndarray], targ
                      per_tensor: bool, importance: pathlib.Path | None) -> tuple[api.OperatingPoint, dict, dict]:
     """The sweep's best setting for the target, checked against the model and importance file it
     was run with; returns it, the encode() settings that reproduce it, and the sweep's settings."""
+    from .sweep import signal_of  # noqa: PLC0415
+
     res = api.SweepResult.from_json(path)
     st = res.settings
+    first_rows = {}
+    for r in res.rows:
+        first_rows.setdefault(r["tensor"], r)
     for name in st.get("tensors", []):
-        row = next((r for r in res.rows if r["tensor"] == name), None)
+        row = first_rows.get(name)
         x = tensors.get(name)
         if x is None or row is None:
             raise api.InputError(f"{path}: the sweep's tensor {name!r} is not in the model")
-        x64 = np.asarray(x, np.float64).reshape(-1)
-        if x.size != row["numel"] or not math.isclose(float(x64 @ x64), row["signal"], rel_tol=1e-9):
+        if x.size != row["numel"] or not math.isclose(signal_of(x), row["signal"], rel_tol=1e-9):
             raise api.InputError(f"{path}: the sweep was run on other weights for {name!r} than the model's")
     recorded = st.get("importance_file")
     if st.get("importance") and not recorded:

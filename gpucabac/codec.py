@@ -362,8 +362,6 @@ def quantize(tensors: Mapping[str, np.ndarray], *, step: float | None = None, qp
 
 # --- decoding ------------------------------------------------------------------------------------
 
-
-
 def decode_levels(rec: TensorRecord, payload: np.ndarray) -> np.ndarray:
     """Engine entry: the int32 levels of one coded tensor from its payload bytes."""
     n = rec.numel

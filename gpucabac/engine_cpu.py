@@ -17,7 +17,6 @@ import numpy as np
 
 from .binarize import (
     MAX_CONTEXTS,
-    used_contexts,
     MAX_REGULAR_BINS,
     binarize_level,
     dq_coded_level,
@@ -27,6 +26,7 @@ from .binarize import (
     SIG,
     SIGN,
     GT,
+    used_contexts,
 )
 from .tables import BIT_COST, CURVE, EG_PREFIX_BINS, MAX_ABS_LEVEL, NUM_PRESETS, PRESETS, RLPS
 

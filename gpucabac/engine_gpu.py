@@ -48,7 +48,6 @@ log = logging.getLogger("gpucabac")
 
 DTYPE_CODES = kernel_source.DTYPE_CODES
 DECODE_CRC = kernel_source.DECODE_CRC
-FLOAT_NAMES = FLOAT_DTYPES
 
 # Launch geometry. The coder kernels keep GC_MAX_CONTEXTS 32-bit context words per thread in
 # shared memory: 64 threads use 25 KiB, under the 48 KiB a block gets without opting in.
@@ -342,10 +341,10 @@ class DecodeTable:
 
 def _target_dtype(rec: TensorRecord, dtype) -> str | None:
     """The dtype name of the decoded array: the tensor's own, or `dtype` for float tensors."""
-    if dtype is None or rec.dtype not in FLOAT_NAMES:
+    if dtype is None or rec.dtype not in FLOAT_DTYPES:
         return rec.dtype
     name = dtype if isinstance(dtype, str) else ("bfloat16" if np.dtype(dtype) == ml_dtypes.bfloat16 else np.dtype(dtype).name)
-    if name not in FLOAT_NAMES:
+    if name not in FLOAT_DTYPES:
         raise GpucabacError(f"the GPU decoder writes float32, float16, bfloat16 or float64, not {name}")
     return name
 
@@ -354,8 +353,6 @@ def _device_dtype(name: str, k) -> np.dtype:
     if name == "bfloat16":
         return np.dtype(np.uint16) if k.xp is not np else np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
-
-
 
 
 def decode_records(records: Sequence[TensorRecord], payload_of: Callable[[TensorRecord], np.ndarray], *,

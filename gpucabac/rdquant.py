@@ -398,10 +398,10 @@ def rd_quantize_tensors(tensors: Mapping, steps: Sequence[float] | Mapping, lams
                 return
             yield t, int(a - firsts[t]), int(b - firsts[t])
 
-    def rows_of(start, stop):  # weights, importance, valid counts of rows start..stop
-        w_rows = np.zeros((stop - start, S), np.float32)
-        f_rows = np.ones((stop - start, S), np.float32)
-        valid = np.zeros(stop - start, np.int32)
+    def batch_of(start, stop, size):  # weights, importance, valid counts, owners of rows start..stop
+        w_rows = np.zeros((size, S), np.float32)
+        f_rows = np.ones((size, S), np.float32)
+        valid = np.zeros(size, np.int32)
         at = 0
         for t, i0, i1 in spans(start, stop):
             w, f = flat[names[t]], weights[t]
@@ -411,7 +411,10 @@ def rd_quantize_tensors(tensors: Mapping, steps: Sequence[float] | Mapping, lams
                 f_rows[at : at + i1 - i0].reshape(-1)[: seg.stop - seg.start] = f[seg]
             valid[at : at + i1 - i0] = np.clip(w.size - S * np.arange(i0, i1), 0, S)
             at += i1 - i0
-        return w_rows, f_rows, valid
+        w_rows[at:], f_rows[at:] = w_rows[0], f_rows[0]  # padding rows: copies of the first, scanning nothing
+        who = np.full(size, owner[start])
+        who[:at] = owner[start:stop]
+        return w_rows, f_rows, valid, who
 
     per_slice = k * l_
     chunk = max(1, min(nrows, max_lanes // per_slice))
@@ -423,11 +426,7 @@ def rd_quantize_tensors(tensors: Mapping, steps: Sequence[float] | Mapping, lams
         stop = min(nrows, start + chunk)
         # full batches of a long stream share one shape; a lone or last batch is rounded up (_pad_rows)
         batch = chunk if stop - start == chunk and nrows > chunk else _pad_rows(stop - start)
-        rw, rf, rv = rows_of(start, stop)
-        pad = batch - (stop - start)  # padding rows: copies of the first, scanning nothing
-        rw, rf, rv = (np.concatenate([a, np.repeat(a[:1] if i < 2 else np.zeros(1, a.dtype), pad, axis=0)])
-                      for i, a in enumerate((rw, rf, rv)))
-        who = np.concatenate([owner[start:stop], np.full(pad, owner[start])])
+        rw, rf, rv, who = batch_of(start, stop, batch)
         out = rd_batch(rw, rf, rv, scales[who], lams, *(c[who] for c in ctx), cfg, jit=jit)
         for acc, o in zip(out_rows, out[:3]):
             acc[start:stop] = np.asarray(o, np.float64)[: stop - start]
@@ -530,6 +529,12 @@ def smooth_importance(fisher, *, floor: float = 0.25, min_rows_seen: float = 0.5
             return None
         f = np.outer(f.mean(axis=1), f.mean(axis=0)) / mean
     return np.maximum(f / f.mean(), floor).astype(np.float32)
+
+
+def importance_shapes(importance: Mapping, *, floor: float = 0.25) -> dict:
+    """smooth_importance of every array of a name -> estimate mapping, leaving out those without a
+    usable shape (they stay uniform): the per-weight importance to give the quantizer."""
+    return {k: f for k, a in importance.items() if (f := smooth_importance(a, floor=floor)) is not None}
 
 
 def _importance_means(importance: Mapping) -> tuple[dict[str, float], float | None]:

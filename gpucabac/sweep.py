@@ -87,6 +87,12 @@ class SweepResult:
         return cls(d.get("settings", {}), d.get("tensors", []), d.get("model", []), extra)
 
 
+def signal_of(x: np.ndarray) -> float:
+    """Σ w² of a tensor in float64: the sweep's "signal", which also identifies its weights."""
+    w64 = np.asarray(x).astype(np.float64).reshape(-1)
+    return float(w64 @ w64)
+
+
 def _snr(signal: float, noise: float) -> float:
     if noise == 0:
         return math.inf
@@ -138,6 +144,7 @@ def sweep(tensors: Mapping[str, np.ndarray], steps: Sequence[float], lams: Seque
     total = sum(x.size for x in xs.values())
     imp = {n: np.asarray(importance[n], np.float64).reshape(xs[n].shape) for n in names
            if importance is not None and n in importance}
+    signals = {n: signal_of(x) for n, x in xs.items()}
     rows = []
     for method in methods:
         dq = method == "dq"
@@ -150,9 +157,8 @@ def sweep(tensors: Mapping[str, np.ndarray], steps: Sequence[float], lams: Seque
             results = rd_quantize_tensors(xs, ks, lams, dq=dq, slice_size=slice_size, num_gt_flags=num_gt_flags,
                                           importance=imp or None, with_levels=exact)
             for name, x in xs.items():
-                res, S = results[name], min(slice_size, x.size)
-                w64 = x.astype(np.float64).reshape(-1)
-                signal = float(w64 @ w64)
+                res, S, signal = results[name], min(slice_size, x.size), signals[name]
+                w64 = x.astype(np.float64).reshape(-1) if exact else None
                 f = imp[name].reshape(-1) if name in imp else None
                 for ki, step in enumerate(ks):
                     hdr = _header_bytes(name, x, step, method, num_gt_flags, S, n_used)
@@ -183,7 +189,7 @@ def sweep(tensors: Mapping[str, np.ndarray], steps: Sequence[float], lams: Seque
     st = dict(steps=steps, lams=lams, methods=list(methods), slice_size=slice_size, num_gt_flags=num_gt_flags,
               importance=importance is not None, exact=exact, tensors=names,
               tensor_weights=None if tensor_weights is None else weights,
-              numel=int(sum(np.asarray(tensors[n]).size for n in names)),
+              numel=int(total),
               rate_units="bits; exact = coded payload + tensor header record; est = estimator (§2.8) bits of the "
                          "bins + the same header record (known without coding); est_payload = the bins alone",
               lam_units="step^2 per bit")

@@ -87,7 +87,6 @@ def test_encode_writes_the_stream_the_api_writes(tmp_path, model_file, options, 
     assert re.search(r"[\d.]+ M weights/s", line)
 
 
-
 def test_encode_with_importance_sets_steps_per_tensor(tmp_path, model_file):
     tensors = gio.read_model(model_file)
     rng = np.random.default_rng(1)

@@ -253,7 +253,6 @@ def test_kernel_sources_ship_in_the_package():
         assert (kdir / name).read_bytes() == (ROOT / "kernels" / name).read_bytes(), name
 
 
-
 def test_kernel_sources_found_in_an_uninstalled_checkout(monkeypatch):
     # gpucabac imported from a plain checkout (no pip install: a lent GPU machine has no
     # registry) has no gpucabac.kernels package; the checkout's kernels/ must serve instead.

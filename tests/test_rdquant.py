@@ -217,7 +217,6 @@ def test_fisher_diagonal():
     assert float(jnp.mean(norm["w"])) == pytest.approx(1.0)
 
 
-
 def test_smooth_importance_recovers_a_rank_one_shape_from_noise():
     rng = np.random.default_rng(3)
     rows, cols = rng.uniform(0.1, 10, 48), rng.uniform(0.1, 10, 32)
@@ -243,7 +242,6 @@ def test_smooth_importance_declines_untouched_or_empty_estimates():
         rdquant.smooth_importance(np.array([1.0, -1.0]))
 
 
-
 def test_steps_from_importance_follows_the_inverse_square_root_of_the_mean():
     imp = {"a": np.full((10, 10), 4.0), "b": np.full((10, 10), 1.0), "c": np.full((20, 10), 0.25),
            "bias": np.full(10, 100.0), "dead": np.zeros((5, 5)), "huge": np.full((1, 4), 1e9)}
@@ -261,7 +259,6 @@ def test_steps_from_importance_follows_the_inverse_square_root_of_the_mean():
     assert sum(n[k] * np.log(s[k]) for k in s) / sum(n.values()) == pytest.approx(np.log(0.01), abs=1e-6)
     with pytest.raises(InputError, match="positive"):
         rdquant.steps_from_importance(live, 0.0)
-
 
 
 def test_output_sensitivity_of_a_linear_map_is_the_input_energy():
@@ -449,7 +446,6 @@ def test_cli_sweep_and_plot(tmp_path):
     r = CliRunner().invoke(cli.main, ["plot", str(tmp_path / "s.json"), "-o", str(tmp_path / "rd.png")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "rd.png").read_bytes()[:4] == b"\x89PNG"
-
 
 
 _PROBE = np.random.default_rng(11).standard_normal((4, 64)).astype(np.float32)
