@@ -31,7 +31,7 @@ from _common import header_md, machine_info, md_table, out_dir, write_results
 
 import gpucabac
 from gpucabac import codec
-from gpucabac.binarize import MAX_REGULAR_BINS, binarize_level, dq_coded_level, dq_next_state
+from gpucabac.binarize import MAX_REGULAR_BINS, binarize_level, dq_coded_level, dq_next_state, dq_states
 from gpucabac.quantize import dequantize, step_from_qp
 from gpucabac.engine_cpu import _cost_and_update
 from gpucabac.rdquant import context_arrays
@@ -69,7 +69,7 @@ def _bin_streams(levels, slice_size, dq, num_gt_flags):
                 m += 1
             prev = q
             if dq:
-                state = dq_next_state(state, q)
+                state = dq_next_state(dq, state, q)
     return ctxs[:m], bins[:m], slices[:m], states, bypass
 
 
@@ -100,15 +100,17 @@ def _entropy_bits(counts: np.ndarray) -> float:
     return float(-(counts * np.log2(counts / counts.sum())).sum())
 
 
-def breakdown(w: np.ndarray, levels: np.ndarray, step: float, dq: bool, slice_size: int) -> dict:
+def breakdown(w: np.ndarray, levels: np.ndarray, step: float, dq: bool | int, slice_size: int) -> dict:
     n = w.size
+    dq = dq_states(dq)
     ctx_init, payload, lengths = codec.encode_levels(levels, slice_size, dq, N)
     exact = 8 * (payload.size + 8 * lengths.size + 64 + (len(ctx_init) + 1) // 2)
     rec = dequantize(levels, step, (n,), np.float32).astype(np.float64)
     w64 = w.astype(np.float64).ravel()
     snr = 10 * math.log10(float(w64 @ w64) / float(((w64 - rec) ** 2).sum()))
     ctxs, bins, slices, states, bypass = _bin_streams(levels, slice_size, dq, N)
-    # entropy of the levels given the DQ state (one state for URQ)
+    # entropy of the levels given the DQ state as the contexts see it, s & 7 (one state for URQ)
+    states &= 7
     level_bits = sum(_entropy_bits(np.unique(levels[states == s], return_counts=True)[1]) for s in np.unique(states))
     static = float(bypass)
     s0_init, s1_init, sh0_init, sh1_init = context_arrays(ctx_init, N, dq)  # the signalled start states

@@ -85,7 +85,7 @@ class CpuEngine:
         ctx_init = init[used_contexts(ngt, dq)]
         offs = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)[:-1]])
         crcs = container.slice_crcs(payload, offs, lengths.astype(np.int64))
-        rec = container.TensorRecord("t", "float32", (n,), "dq" if dq else "urq", step, ngt, s, ctx_init, 0,
+        rec = container.TensorRecord("t", "float32", (n,), container.dq_mode(dq), step, ngt, s, ctx_init, 0,
                                      lengths.astype(np.uint32), crcs)
         return rec, payload
 
@@ -175,17 +175,17 @@ class GpuEngine:
 # ---------------------------------------------------------------------------------------------
 
 
-def synthetic_levels(rng: np.random.Generator, n: int, dq: bool, slice_size: int = 1 << 62) -> np.ndarray:
+def synthetic_levels(rng: np.random.Generator, n: int, dq: int, slice_size: int = 1 << 62) -> np.ndarray:
     """Levels with the statistics of rounded network weights (|q| mostly 0..3, heavy tail)."""
     k = np.rint(rng.laplace(0.0, 1.2, n)).astype(np.int32)
     k[rng.random(n) < 0.01] *= 9
     if not dq:
         return k
-    # DQ: map coded levels k to reconstruction indices r through the §3.5 state machine
-    from gpucabac.tables import DQ_NEXT_STATE
+    # DQ: map coded levels k to reconstruction indices r through the trellis of dq states (§3.5)
+    from gpucabac.tables import dq_next_table
 
     out = np.empty(n, np.int32)
-    nxt = DQ_NEXT_STATE.ravel()
+    nxt = dq_next_table(dq).ravel()
     state = 0
     for i in range(n):  # small sizes only
         if i % slice_size == 0:
@@ -204,7 +204,7 @@ def check_bit_exact(eng, tiny: bool, rng: np.random.Generator, model: str = "min
         model_name, tensors = model, C.read_any_model(model)
     res["model_name"] = model_name
     res["model_weights"] = int(sum(t.size for t in tensors.values()))
-    for kw in (dict(qp=-32), dict(qp=-36, dq=True), dict(qp=-32, slice_size=256, num_gt_flags=0)):
+    for kw in (dict(qp=-32), dict(qp=-36, dq=True), dict(qp=-32, slice_size=256, num_gt_flags=0), dict(qp=-34, dq=256)):
         data_cpu = gpucabac.encode(tensors, **kw)
         t0 = time.perf_counter()
         data_dev = gpucabac.encode(tensors, **kw, device=eng.name)
@@ -223,7 +223,7 @@ def check_bit_exact(eng, tiny: bool, rng: np.random.Generator, model: str = "min
     # random level sequences straight through the engine contract
     cases = [(1, 1), (63, 64), (64, 64), (65, 64), (1000, 256), (5000, 4096)] + ([] if tiny else [(1_000_003, 8192)])
     for n, s in cases:
-        for dq in (False, True) if n <= 10_000 else (False,):  # synthetic DQ levels come from a Python loop
+        for dq in (0, 8, 256) if n <= 10_000 else (0,):  # synthetic DQ levels come from a Python loop
             for ngt in (0, 1, 11, 20):
                 levels = synthetic_levels(rng, n, dq, s)
                 ctx_init = rng.integers(0, NUM_PRESETS, len(used_contexts(ngt, dq))).astype(np.uint8)

@@ -6,7 +6,8 @@ compare with the Gaussian bound at the same SNR: R*(SNR) = ½·log2(σ̂²/D) = 
 σ̂² the sample power (the SNR's own numerator). Gap = R − R*.
 
 Quantizers: rounding (URQ λ=0), distortion-only DQ (λ=0, NNCodec's default), greedy RDOQ (URQ+λ),
-rate-aware DQ trellis (DQ+λ); and NNCodec's DQ when experiments/.nncodec-venv exists.
+rate-aware DQ trellis (DQ+λ; NNC's 8 states, and gpucabac's 64- and 256-state trellises); and
+NNCodec's DQ when experiments/.nncodec-venv exists.
 Each is scanned over a few steps near 3.5 bpw; the gap is read at 3.5 bpw by interpolating the
 gap against rate between neighbouring points (and the nearest point is reported too).
 
@@ -109,6 +110,9 @@ def main() -> None:
         "DQ, distortion only (λ=0)": dict(dq=True, lams=[0.0], qps=[-33, -32, -31]),
         "URQ + RDOQ": dict(dq=False, lams=[0.05, 0.1, 0.2], qps=[-30, -29, -28, -27]),
         "DQ + rate (trellis)": dict(dq=True, lams=[0.2, 0.3, 0.5], qps=[-33, -32, -31, -30]),
+        # gpucabac's larger trellises (modes dq64, dq256; container version 2)
+        "DQ 64 states + rate": dict(dq=64, lams=[0.2, 0.3], qps=[-33, -32, -31]),
+        "DQ 256 states + rate": dict(dq=256, lams=[0.2, 0.3], qps=[-33, -32, -31]),
     }
     for label, c in configs.items():
         steps = [step_from_qp(q) for q in c["qps"]]

@@ -20,6 +20,7 @@ from .codec import (
     load as load,
     quantize as quantize,
 )
+from .container import dq_mode as dq_mode
 from .errors import (
     FormatError as FormatError,
     GpucabacError as GpucabacError,
@@ -29,6 +30,7 @@ from .errors import (
     TensorNotFoundError as TensorNotFoundError,
 )
 from .quantize import quantize_levels as quantize_levels, step_from_qp as step_from_qp
+from .tables import DQ_STATE_COUNTS as DQ_STATE_COUNTS
 from .rdquant import (
     fisher_diagonal as fisher_diagonal,
     importance_scales as importance_scales,
@@ -49,7 +51,7 @@ from .sweep import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_GT_FLAGS", "DEFAULT_QP", "DEFAULT_SLICE_SIZE", "ContainerInfo", "TensorInfo",
+    "DEFAULT_GT_FLAGS", "DEFAULT_QP", "DEFAULT_SLICE_SIZE", "DQ_STATE_COUNTS", "ContainerInfo", "TensorInfo", "dq_mode",
     "decode", "encode", "info", "load", "quantize", "quantize_levels", "step_from_qp",
     "OperatingPoint", "SweepResult", "choose_operating_point", "evaluate_task", "fisher_diagonal",
     "importance_scales", "importance_shapes",

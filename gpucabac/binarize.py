@@ -9,13 +9,17 @@ Context layout of one tensor (a compact renumbering of NNC's, without TCA/HDSP/r
   ====================  =================================  =========================
   bins                  context index                      selected by
   ====================  =================================  =========================
-  sig                   SIG + 3*s + nb                     DQ state s, neighbour nb
+  sig                   SIG + 3*(s & 7) + nb               DQ state s, neighbour nb
   sign                  SIGN + nb                          neighbour nb
   g_j (j = 1..N)        GT + 2*(j-1) + (q < 0)             flag position, own sign
   EG prefix bin j       GT + 2*N + j   (j = 0..30)         position in the prefix
   ====================  =================================  =========================
 
-nb is 0, 1, 2 for a previous level (in the slice) that is zero, negative, positive.
+nb is 0, 1, 2 for a previous level (in the slice) that is zero, negative, positive. The trellises
+larger than NNC's 8 states (format version 2) share the 8 sets of sig contexts by s & 7 (s & 1 is
+the state's quantizer in every trellis).
+
+`dq` below is the trellis size: 0 without dependent quantization, else 8, 16, ..., 256.
 
 Functions here are numba-compiled and called by the CPU engine; the CUDA kernels implement the
 same rules and are tested against them.
@@ -26,10 +30,9 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from .tables import DQ_NEXT_STATE, EG_PREFIX_BINS, MAX_ABS_LEVEL, MAX_GT_FLAGS
+from .tables import DQ_NEXT_ALL, DQ_STATE_COUNTS, EG_PREFIX_BINS, MAX_ABS_LEVEL, MAX_GT_FLAGS
 
-# numba indexes global 2-D arrays far slower than 1-D ones.
-_DQ_NEXT = DQ_NEXT_STATE.ravel().copy()
+_DQ_NEXT = DQ_NEXT_ALL.copy()
 
 SIG = 0
 SIGN = 24
@@ -43,7 +46,21 @@ def num_contexts(num_gt_flags: int) -> int:
     return GT + 2 * num_gt_flags + EG_PREFIX_BINS
 
 
-def used_contexts(num_gt_flags: int, dq: bool) -> np.ndarray:
+def dq_states(dq) -> int:
+    """The trellis size a `dq` argument means: False/0 → 0 (off), True → NNC's 8 states, or one of
+    8, 16, ..., 256; anything else is a ValueError. The engines index their tables with it."""
+    if isinstance(dq, (bool, np.bool_)) or dq is None:
+        return 8 if dq else 0
+    try:
+        states = int(dq)
+    except (TypeError, ValueError):
+        states = -1
+    if states != dq or (states != 0 and states not in DQ_STATE_COUNTS):
+        raise ValueError(f"dq must be a bool or a trellis size {DQ_STATE_COUNTS}, got {dq!r}")
+    return states
+
+
+def used_contexts(num_gt_flags: int, dq) -> np.ndarray:
     """Indices of the contexts a tensor can use; only these carry a signalled initialisation."""
     sig = np.arange(SIG, SIG + (24 if dq else 3))
     rest = np.arange(SIGN, num_contexts(num_gt_flags))
@@ -84,8 +101,9 @@ def dq_reconstruction_index(k: int, state: int) -> int:
 
 
 @nb.njit(inline="always", cache=True)
-def dq_next_state(state: int, k: int) -> int:
-    return _DQ_NEXT[2 * state + (k & 1)]
+def dq_next_state(dq: int, state: int, k: int) -> int:
+    """Next state in the trellis of size dq (tables.DQ_NEXT_ALL, table at 2 * dq - 16)."""
+    return _DQ_NEXT[2 * dq - 16 + 2 * state + (k & 1)]
 
 
 @nb.njit(inline="always", cache=True)
@@ -96,7 +114,7 @@ def binarize_level(q, prev, dq_state, num_gt_flags, ctx_out, bin_out):
     suffix follows the regular bins (§1.1); |q| must be <= MAX_ABS_LEVEL.
     """
     nbc = neighbour_class(prev)
-    ctx_out[0] = SIG + 3 * dq_state + nbc
+    ctx_out[0] = SIG + 3 * (dq_state & 7) + nbc
     if q == 0:
         bin_out[0] = 0
         return 1, 0, 0

@@ -303,7 +303,7 @@ def _operating_point(path: pathlib.Path, tensors: Mapping[str, np.ndarray], targ
     missing = [k for k in ("slice_size", "num_gt_flags") if not isinstance(st.get(k), int)]
     if missing:
         raise api.InputError(f"{path}: the sweep does not record its {' and '.join(missing)}")
-    settings = dict(dq=point.method == "dq", tensor_steps=point.steps, lam=point.lams,
+    settings = dict(dq=point.dq, tensor_steps=point.steps, lam=point.lams,
                     slice_size=st["slice_size"], num_gt_flags=st["num_gt_flags"])
     if importance is not None:
         shapes, _ = _sweep_importance(_read_importance(importance, tensors), list(point.steps))
@@ -323,6 +323,9 @@ def _operating_point(path: pathlib.Path, tensors: Mapping[str, np.ndarray], targ
 @click.option("--qp-density", type=click.IntRange(0, 7), default=2, show_default=True,
               help="QPs per doubling of the step are 2^density.")
 @click.option("--dq/--no-dq", default=False, show_default=True, help="Dependent (trellis) quantization.")
+@click.option("--trellis", type=click.Choice([str(s) for s in api.DQ_STATE_COUNTS]), default="8", show_default=True,
+              help="States of the DQ trellis (implies --dq): 8 is NNC's; larger ones come closer to the "
+                   "rate-distortion bound at the same decoding speed, encode slower, and need format version 2.")
 @click.option("--slice-size", type=_SliceSize(), default=api.DEFAULT_SLICE_SIZE, show_default=True,
               help="Weights per independently coded slice, or 'whole' for one slice per tensor.")
 @click.option("--gt-flags", type=click.IntRange(min=0), default=api.DEFAULT_GT_FLAGS, show_default=True,
@@ -357,11 +360,16 @@ def _operating_point(path: pathlib.Path, tensors: Mapping[str, np.ndarray], targ
 @click.option("--one-setting", is_flag=True,
               help="With --sweep: one (step, lambda) for all swept tensors instead of one per tensor.")
 @_threads_option
-def encode(model, output, qp, step, qp_density, dq, slice_size, gt_flags, small_step, lam, importance, weighted,
-           sweep_path, target_bpw, target_snr, target_mse, one_setting, threads):
+def encode(model, output, qp, step, qp_density, dq, trellis, slice_size, gt_flags, small_step, lam, importance,
+           weighted, sweep_path, target_bpw, target_snr, target_mse, one_setting, threads):
     """Compress MODEL (a .safetensors/.npz/.pt file or a packaged model name) into a .gcb file."""
     if qp is not None and step is not None:
         raise click.UsageError("give --qp or --step, not both")
+    if _explicit("trellis"):
+        if _explicit("dq") and not dq:
+            raise click.UsageError("--trellis is a DQ setting; it contradicts --no-dq")
+        dq = True
+    dq = int(trellis) if dq else 0
     if weighted and importance is None:
         raise click.UsageError("--weighted needs --importance")
     targets = {k: v for k, v in (("target_bpw", target_bpw), ("target_snr_db", target_snr),
@@ -381,7 +389,7 @@ def encode(model, output, qp, step, qp_density, dq, slice_size, gt_flags, small_
                     num_gt_flags=gt_flags, small_step=small_step, threads=threads, lam=lam)
     point = None
     if sweep_path is not None:
-        method = ("dq" if dq else "urq") if _explicit("dq") else None
+        method = api.dq_mode(dq) if _explicit("dq") or _explicit("trellis") else None
         point, chosen, swept = _operating_point(sweep_path, tensors, targets, method, not one_setting, importance)
         settings.update(chosen)
         steps = sorted(point.steps.values())
@@ -473,7 +481,7 @@ def info(input):
         coded = t.coded_bytes
         total_weights += n
         total_coded += coded
-        step = f"{t.step:.6g}" if t.mode in ("urq", "dq") else "-"
+        step = f"{t.step:.6g}" if t.mode not in ("int", "raw") else "-"
         rows.append([
             t.name, t.dtype, "x".join(map(str, t.shape)) or "scalar", t.mode, step,
             str(t.num_slices), f"{coded:,}", f"{8 * coded / n:.3f}" if n else "-",
@@ -599,7 +607,8 @@ def _floats(text: str, what: str) -> list[float]:
 @click.option("--qp-density", type=click.IntRange(0, 7), default=2, show_default=True)
 @click.option("--lams", default="0,0.05,0.1,0.2", show_default=True,
               help="Comma-separated lambdas, in step² per bit (0: plain quantizer).")
-@click.option("--methods", default="urq,dq", show_default=True, help="Comma-separated: urq, dq.")
+@click.option("--methods", default="urq,dq", show_default=True,
+              help="Comma-separated: urq, dq (NNC's 8-state trellis), dq16, dq32, dq64, dq128, dq256 (larger trellises).")
 @click.option("--slice-size", type=click.IntRange(min=1), default=api.DEFAULT_SLICE_SIZE, show_default=True)
 @click.option("--gt-flags", type=click.IntRange(0, 20), default=api.DEFAULT_GT_FLAGS, show_default=True)
 @click.option("--tensors", "only", default=None, help="Comma-separated tensor names (default: all 2-D+ float tensors).")

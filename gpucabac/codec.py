@@ -19,8 +19,8 @@ import numba
 import numpy as np
 
 from . import container, engine_cpu
-from .binarize import full_context_init, used_contexts
-from .container import FLOAT_DTYPES, ITEMSIZE, TensorRecord, check_int_range, numpy_dtype, raw_values
+from .binarize import dq_states, full_context_init, used_contexts
+from .container import FLOAT_DTYPES, ITEMSIZE, TensorRecord, check_int_range, dq_mode, mode_dq, numpy_dtype, raw_values
 from .errors import FormatError, GpuUnavailableError, InputError, TensorNotFoundError
 from .quantize import dequantize, fit_dtype_range, quantize_levels, step_from_qp
 from .tables import MAX_ABS_LEVEL, MAX_GT_FLAGS
@@ -65,7 +65,7 @@ class TensorInfo:
     name: str
     dtype: str
     shape: tuple[int, ...]
-    mode: str  # 'urq' | 'dq' | 'int' | 'raw'
+    mode: str  # 'urq' | 'dq' (or 'dq16' .. 'dq256') | 'int' | 'raw'
     step: float
     slice_size: int
     num_slices: int
@@ -96,7 +96,7 @@ class ContainerInfo:
 @dataclasses.dataclass(frozen=True)
 class _Settings:
     step: float
-    dq: bool
+    dq: int  # trellis size, 0 without dependent quantization
     slice_size: int | None
     num_gt_flags: int
     small_step: float | str | None
@@ -114,7 +114,7 @@ class _Plan:
 def _rd_plan(plan: _Plan, name: str, ndim: int, lam, tensor_steps) -> _Plan:
     """Apply per-tensor steps and the RD lambda (a number applies to tensors of two or more
     dimensions, a mapping to the tensors it names) to a coded float tensor's plan."""
-    if plan.mode not in ("urq", "dq"):
+    if plan.mode != "urq" and not mode_dq(plan.mode):
         return plan
     step = plan.step
     if tensor_steps is not None and name in tensor_steps:
@@ -146,7 +146,11 @@ def _settings(step, qp, qp_density, dq, slice_size, num_gt_flags, small_step) ->
         small_step = float(small_step)
         if not (math.isfinite(small_step) and small_step > 0):
             raise InputError(f"small_step must be a positive number, got {small_step}")
-    return _Settings(step, bool(dq), None if slice_size is None else int(slice_size), int(num_gt_flags), small_step)
+    try:
+        dq = dq_states(dq)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    return _Settings(step, dq, None if slice_size is None else int(slice_size), int(num_gt_flags), small_step)
 
 
 def dtype_name(x: np.ndarray) -> str:
@@ -167,7 +171,7 @@ def _plan(x: np.ndarray, s: _Settings) -> _Plan:
             if s.small_step == "lossless":
                 return _Plan("raw", 0.0, 0, dtype)
             step = s.small_step if s.small_step is not None else s.step / SMALL_STEP_DIVISOR
-        mode = "dq" if s.dq else "urq"
+        mode = dq_mode(s.dq)
     else:
         wide = x.astype(np.int64) if dtype != "uint64" else x
         if n and (wide.max() > MAX_ABS_LEVEL or wide.min() < -MAX_ABS_LEVEL):
@@ -185,11 +189,11 @@ def _levels(x: np.ndarray, plan: _Plan, num_gt_flags: int = DEFAULT_GT_FLAGS, im
 
         if np.shape(importance) not in ((), x.shape):
             raise InputError(f"importance weights of shape {np.shape(importance)} do not match the tensor's {x.shape}")
-        levels = rd_levels(x, plan.step, plan.lam, dq=plan.mode == "dq", slice_size=plan.slice_size,
+        levels = rd_levels(x, plan.step, plan.lam, dq=mode_dq(plan.mode), slice_size=plan.slice_size,
                            num_gt_flags=num_gt_flags, importance=importance)
-        return fit_dtype_range(levels, plan.step, numpy_dtype(plan.dtype), dq=plan.mode == "dq")
-    levels = quantize_levels(x, plan.step, dq=plan.mode == "dq", slice_size=plan.slice_size)
-    return fit_dtype_range(levels, plan.step, numpy_dtype(plan.dtype), dq=plan.mode == "dq")
+        return fit_dtype_range(levels, plan.step, numpy_dtype(plan.dtype), dq=mode_dq(plan.mode))
+    levels = quantize_levels(x, plan.step, dq=mode_dq(plan.mode), slice_size=plan.slice_size)
+    return fit_dtype_range(levels, plan.step, numpy_dtype(plan.dtype), dq=mode_dq(plan.mode))
 
 
 def _reconstruct(levels: np.ndarray, plan: _Plan, shape) -> np.ndarray:
@@ -229,12 +233,13 @@ def _bad_level(levels: np.ndarray, i: int, dq: bool) -> InputError:
     return InputError(f"level {int(levels[i])} at position {i} {what}")
 
 
-def encode_levels_gpu(levels: np.ndarray, slice_size: int, dq: bool, num_gt_flags: int,
+def encode_levels_gpu(levels: np.ndarray, slice_size: int, dq: bool | int, num_gt_flags: int,
                       ctx_init: np.ndarray | None = None, k=None):
     """encode_levels on the GPU engine (context initialisation still chosen on the CPU).
     Returns host arrays (ctx_init, payload, slice lengths, slice CRCs)."""
     from . import engine_gpu  # noqa: PLC0415
 
+    dq = dq_states(dq)
     k = k or engine_gpu.kernels()
     levels = np.ascontiguousarray(levels, dtype=np.int32).reshape(-1)
     if ctx_init is None:
@@ -253,9 +258,11 @@ def encode_levels_gpu(levels: np.ndarray, slice_size: int, dq: bool, num_gt_flag
     return ctx_init, k.to_host(payload), k.to_host(lengths), k.to_host(crcs)
 
 
-def encode_levels(levels: np.ndarray, slice_size: int, dq: bool, num_gt_flags: int,
+def encode_levels(levels: np.ndarray, slice_size: int, dq: bool | int, num_gt_flags: int,
                   ctx_init: np.ndarray | None = None, progress: Progress | None = None):
-    """Engine entry: code int32 levels in slices. Returns (ctx_init, payload, slice lengths)."""
+    """Engine entry: code int32 levels in slices (`dq`: a bool, or the trellis size 8..256).
+    Returns (ctx_init, payload, slice lengths)."""
+    dq = dq_states(dq)
     levels = np.ascontiguousarray(levels, dtype=np.int32)
     n = levels.size
     if n == 0:
@@ -289,7 +296,7 @@ def encode_levels(levels: np.ndarray, slice_size: int, dq: bool, num_gt_flags: i
 
 
 def encode(tensors: Mapping[str, np.ndarray], *, step: float | None = None, qp: int | None = None,
-           qp_density: int = 2, dq: bool = False, slice_size: int | None = DEFAULT_SLICE_SIZE,
+           qp_density: int = 2, dq: bool | int = False, slice_size: int | None = DEFAULT_SLICE_SIZE,
            num_gt_flags: int = DEFAULT_GT_FLAGS, small_step: float | str | None = None,
            threads: int | None = None, progress: Progress | None = None, device: str = "cpu",
            lam: float | Mapping[str, float] = 0.0, tensor_steps: Mapping[str, float] | None = None,
@@ -298,8 +305,10 @@ def encode(tensors: Mapping[str, np.ndarray], *, step: float | None = None, qp: 
 
     step or qp (NNC QP, step_from_qp) sets the step of tensors with two or more dimensions
     (default qp -32); tensors with at most one dimension get `small_step` (default step/16, or
-    'lossless'); integer tensors are coded losslessly. `dq` selects dependent quantization;
-    `slice_size` the number of levels per independently coded slice (None: one per tensor).
+    'lossless'); integer tensors are coded losslessly. `dq` selects dependent quantization:
+    True (or 8) is NNC's 8-state trellis; 16, 32, 64, 128 or 256 a larger Ungerboeck trellis
+    (format version 2: closer to the rate-distortion bound, same decoding speed, encoding cost
+    growing with the states); `slice_size` the number of levels per independently coded slice (None: one per tensor).
     `progress` is called with the number of weights finished since the last call. `device`:
     "cpu" (numba), "gpu" (the CUDA engine through CuPy: same bytes; quantization and the choice
     of context initialisation stay on the CPU) or "auto" (the GPU when CuPy sees one).
@@ -328,11 +337,11 @@ def encode(tensors: Mapping[str, np.ndarray], *, step: float | None = None, qp: 
                 levels = _levels(x, plan, s.num_gt_flags, imp)
                 ngt = s.num_gt_flags
                 if engine == "gpu":
-                    init, data, lengths, crcs = encode_levels_gpu(levels, plan.slice_size, plan.mode == "dq", ngt)
+                    init, data, lengths, crcs = encode_levels_gpu(levels, plan.slice_size, mode_dq(plan.mode), ngt)
                     if progress is not None:
                         progress(x.size)
                 else:
-                    init, data, lengths = encode_levels(levels, plan.slice_size, plan.mode == "dq", ngt, progress=progress)
+                    init, data, lengths = encode_levels(levels, plan.slice_size, mode_dq(plan.mode), ngt, progress=progress)
                     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)[:-1]])
                     crcs = container.slice_crcs(data, offsets, lengths)
             records.append(TensorRecord(name, plan.dtype, tuple(int(d) for d in x.shape), plan.mode, plan.step,
@@ -343,7 +352,7 @@ def encode(tensors: Mapping[str, np.ndarray], *, step: float | None = None, qp: 
 
 
 def quantize(tensors: Mapping[str, np.ndarray], *, step: float | None = None, qp: int | None = None,
-             qp_density: int = 2, dq: bool = False, slice_size: int | None = DEFAULT_SLICE_SIZE,
+             qp_density: int = 2, dq: bool | int = False, slice_size: int | None = DEFAULT_SLICE_SIZE,
              num_gt_flags: int = DEFAULT_GT_FLAGS, small_step: float | str | None = None,
              threads: int | None = None, lam: float | Mapping[str, float] = 0.0,
              tensor_steps: Mapping[str, float] | None = None,
@@ -371,7 +380,7 @@ def decode_levels(rec: TensorRecord, payload: np.ndarray) -> np.ndarray:
     bad = np.flatnonzero(crcs != rec.slice_crcs)
     if bad.size:
         raise FormatError(f"tensor {rec.name!r}: checksum mismatch in slice {int(bad[0])} of {rec.num_slices} ({bad.size} corrupt)")
-    dq = rec.mode == "dq"
+    dq = mode_dq(rec.mode)
     init = full_context_init(rec.ctx_init, rec.num_gt_flags, dq)  # count checked by container.parse
     out = np.empty(n, np.int32)
     errors = np.zeros(rec.num_slices, np.int32)
@@ -439,10 +448,10 @@ def decode(data: bytes | bytearray | memoryview, names: Iterable[str] | None = N
 def _read_header_file(f) -> container.Header:
     size = os.fstat(f.fileno()).st_size
     pre = f.read(container.PREAMBLE_SIZE)
-    count, table_len, crc = container.read_preamble(pre)
+    version, count, table_len, crc = container.read_preamble(pre)
     if container.PREAMBLE_SIZE + table_len > size:
         raise FormatError(f"tensor table of {table_len} bytes runs past the end of the file ({size} bytes)")
-    return container.parse(f.read(table_len), count, crc, size)
+    return container.parse(f.read(table_len), count, crc, size, version)
 
 
 def load(path, names: Iterable[str] | None = None, *, dtype=None, threads: int | None = None,

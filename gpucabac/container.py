@@ -15,16 +15,33 @@ import ml_dtypes
 import numba as nb
 import numpy as np
 
-from .binarize import used_contexts
+from .binarize import dq_states, used_contexts
 from .errors import FormatError
 from .tables import NUM_PRESETS
 
 MAGIC = b"\x89GCB\r\n\x1a\n"
-VERSION = 1
+VERSION = 2  # the newest this gpucabac writes and reads; a file without version-2 modes is written as 1
 PREAMBLE = struct.Struct("<8sHHIQII")  # magic, version, flags, tensor count, table length, table crc, reserved
 PREAMBLE_SIZE = PREAMBLE.size  # 32
 
-MODES = ("urq", "dq", "int", "raw")
+MODES = ("urq", "dq", "int", "raw", "dq16", "dq32", "dq64", "dq128", "dq256")
+V1_MODES = 4  # version 1 has the first four; the larger DQ trellises came with version 2
+DQ_MODES = {"dq": 8, "dq16": 16, "dq32": 32, "dq64": 64, "dq128": 128, "dq256": 256}
+
+
+def mode_dq(mode: str) -> int:
+    """The trellis size of a coding mode: 0 unless it is dependent quantization."""
+    return DQ_MODES.get(mode, 0)
+
+
+def dq_mode(dq) -> str:
+    """The mode name of a `dq` argument (binarize.dq_states): 'urq' when off."""
+    states = dq_states(dq)
+    return next((m for m, s in DQ_MODES.items() if s == states), "urq")
+
+
+def format_version(modes) -> int:
+    return 2 if any(MODES.index(m) >= V1_MODES for m in modes) else 1
 # dtype name -> (code in the table, item size in bytes); codes are fixed by the format.
 ITEMSIZE = {
     "float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "int16": 2, "int32": 4,
@@ -131,7 +148,8 @@ def record_size(rec: TensorRecord) -> int:
 
 def write(records: list[TensorRecord], payload: bytes | np.ndarray) -> bytes:
     table = b"".join(_record_bytes(r) for r in records)
-    pre = PREAMBLE.pack(MAGIC, VERSION, 0, len(records), len(table), zlib.crc32(table), 0)
+    version = format_version(r.mode for r in records)
+    pre = PREAMBLE.pack(MAGIC, version, 0, len(records), len(table), zlib.crc32(table), 0)
     return b"".join([pre, table, bytes(payload)])
 
 
@@ -170,22 +188,23 @@ class Header:
         raise KeyError(name)
 
 
-def read_preamble(buf: bytes | memoryview) -> tuple[int, int, int]:
-    """(tensor count, table length, table crc) from the first PREAMBLE_SIZE bytes."""
+def read_preamble(buf: bytes | memoryview) -> tuple[int, int, int, int]:
+    """(format version, tensor count, table length, table crc) from the first PREAMBLE_SIZE bytes."""
     if len(buf) < PREAMBLE_SIZE:
         raise FormatError(f"file too short for a gpucabac container: {len(buf)} bytes, the preamble alone is {PREAMBLE_SIZE}")
     magic, version, flags, count, table_len, table_crc, reserved = PREAMBLE.unpack(bytes(buf[:PREAMBLE_SIZE]))
     if magic != MAGIC:
         raise FormatError(f"not a gpucabac container: magic is {magic!r}, expected {MAGIC!r}")
-    if version != VERSION:
-        raise FormatError(f"unsupported container version {version}; this gpucabac reads version {VERSION}")
+    if not 1 <= version <= VERSION:
+        raise FormatError(f"unsupported container version {version}; this gpucabac reads versions 1 to {VERSION}")
     if flags != 0 or reserved != 0:
         raise FormatError(f"reserved preamble fields are not zero (flags={flags}, reserved={reserved})")
-    return count, table_len, table_crc
+    return version, count, table_len, table_crc
 
 
-def parse(table: bytes | memoryview, count: int, table_crc: int, file_size: int) -> Header:
-    """Validate and parse the tensor table; `file_size` is the whole container's length."""
+def parse(table: bytes | memoryview, count: int, table_crc: int, file_size: int, version: int = VERSION) -> Header:
+    """Validate and parse the tensor table of a container of format `version`; `file_size` is the
+    whole container's length."""
     if zlib.crc32(table) != table_crc:
         raise FormatError("tensor table checksum mismatch: the header is corrupt")
     payload_start = PREAMBLE_SIZE + len(table)
@@ -213,8 +232,8 @@ def parse(table: bytes | memoryview, count: int, table_crc: int, file_size: int)
         dcode, mcode, ndim, ngt = f.unpack("BBBB", f"dtype/mode/ndim of {name!r}")
         if dcode >= len(DTYPES):
             raise FormatError(f"tensor {name!r}: unknown dtype code {dcode}")
-        if mcode >= len(MODES):
-            raise FormatError(f"tensor {name!r}: unknown coding mode {mcode}")
+        if mcode >= (V1_MODES if version == 1 else len(MODES)):
+            raise FormatError(f"tensor {name!r}: unknown coding mode {mcode} (format version {version})")
         dtype, mode = DTYPES[dcode], MODES[mcode]
         if ndim > MAX_NDIM:
             raise FormatError(f"tensor {name!r}: {ndim} dimensions, at most {MAX_NDIM} allowed")
@@ -247,7 +266,7 @@ def parse(table: bytes | memoryview, count: int, table_crc: int, file_size: int)
             init[0::2] = raw & 15
             init[1::2] = raw >> 4
             init = init[:nctx]
-            want_ctx = len(used_contexts(ngt, mode == "dq"))
+            want_ctx = len(used_contexts(ngt, mode_dq(mode)))
             if nctx != want_ctx:
                 raise FormatError(f"tensor {name!r}: {nctx} context initialisations, its mode and {ngt} flags use {want_ctx}")
             if init.size and init.max() >= NUM_PRESETS:
@@ -281,14 +300,14 @@ def parse(table: bytes | memoryview, count: int, table_crc: int, file_size: int)
         raise FormatError(f"tensor table has {len(table) - f.pos} unused bytes after the last tensor")
     if expected_offset != payload_size:
         raise FormatError(f"payload area is {payload_size} bytes but the tensors use {expected_offset}: the file is truncated or has trailing data")
-    return Header(VERSION, records, payload_start, payload_size)
+    return Header(version, records, payload_start, payload_size)
 
 
 def parse_container(buf: bytes | memoryview) -> Header:
-    count, table_len, table_crc = read_preamble(buf)
+    version, count, table_len, table_crc = read_preamble(buf)
     if PREAMBLE_SIZE + table_len > len(buf):
         raise FormatError(f"tensor table of {table_len} bytes runs past the end of the file ({len(buf)} bytes)")
-    return parse(memoryview(buf)[PREAMBLE_SIZE : PREAMBLE_SIZE + table_len], count, table_crc, len(buf))
+    return parse(memoryview(buf)[PREAMBLE_SIZE : PREAMBLE_SIZE + table_len], count, table_crc, len(buf), version)
 
 
 

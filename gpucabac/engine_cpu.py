@@ -6,8 +6,9 @@ Everything here is integer arithmetic; the decoder holds no floating-point state
 Engine contract (shared with the GPU engine):
   encode_slices(levels, slice_size, dq, num_gt_flags, init, ...) -> (payload uint8, lengths uint32)
   decode_slices(payload, lengths, count, slice_size, dq, num_gt_flags, init) -> levels int32
-where `levels` are reconstruction indices in scan order and `init[c]` is the preset index
-(tables.PRESETS) each context starts from at every slice start.
+where `levels` are reconstruction indices in scan order, `init[c]` is the preset index
+(tables.PRESETS) each context starts from at every slice start, and `dq` is the DQ trellis size
+(0: off; binarize.dq_states normalises a bool; the compiled functions index tables with it).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .binarize import (
     binarize_level,
     dq_coded_level,
     dq_next_state,
+    dq_states,
     dq_reconstruction_index,
     neighbour_class,
     SIG,
@@ -150,7 +152,7 @@ def encode_slice(levels, start, end, dq, num_gt_flags, init, out, out_start):
                 low, bits_left, buffered, nbuf, pos = _write_out(low, bits_left, buffered, nbuf, out, pos)
         prev = q
         if dq:
-            state = dq_next_state(state, q)
+            state = dq_next_state(dq, state, q)
     # Terminate bin 1, flush, stop bit and byte alignment (§2.6).
     low = (low + rng - 2) << 7
     bits_left -= 7
@@ -232,7 +234,7 @@ def decode_slice(data, start, end, count, dq, num_gt_flags, init, out, out_start
     base = 0
     while i < count:
         if phase == _PHASE_SIG:
-            c = SIG + 3 * state + nbc
+            c = SIG + 3 * (state & 7) + nbc
         elif phase == _PHASE_SIGN:
             c = SIGN + nbc
         elif phase == _PHASE_GT:
@@ -314,7 +316,7 @@ def decode_slice(data, start, end, count, dq, num_gt_flags, init, out, out_start
                 return DECODE_OVERRUN
             if dq:
                 out[out_start + i] = dq_reconstruction_index(q, state)
-                state = dq_next_state(state, q)
+                state = dq_next_state(dq, state, q)
             else:
                 out[out_start + i] = q
             nbc = neighbour_class(q)
@@ -372,7 +374,7 @@ def slice_bounds(levels, slice_size, dq, num_gt_flags):
                 break
             bits += _level_bound_bits(q, num_gt_flags)
             if dq:
-                state = dq_next_state(state, q)
+                state = dq_next_state(dq, state, q)
         # terminate (7 bits), flush and stop bit: at most 5 more bytes with pending 0xFF runs
         bound[s] = (bits + 7) // 8 + 8
     return bound, bad
@@ -472,7 +474,7 @@ def _preset_costs_slice(levels, start, end, dq, num_gt_flags, cost, group_cost):
                     group_cost[c * _NUM_GROUPS + g] += _cost_and_update(ps0, ps1, k + p, b, psh0[p], psh1[p])
         prev = q
         if dq:
-            state = dq_next_state(state, q)
+            state = dq_next_state(dq, state, q)
 
 
 # Levels over which the context initialisation is measured (evenly spaced slices); the choice
@@ -499,13 +501,14 @@ def preset_costs(levels, slice_size, dq, num_gt_flags, ngroups, every):
     return cost
 
 
-def choose_context_init(levels: np.ndarray, slice_size: int, dq: bool, num_gt_flags: int,
+def choose_context_init(levels: np.ndarray, slice_size: int, dq: bool | int, num_gt_flags: int,
                         sample: int | None = CTX_INIT_SAMPLE) -> np.ndarray:
     """Per used context, the preset (tables.PRESETS) with the least estimated cost (§2.8 bit
     costs) summed over the tensor's slices: all of them (sample None), or evenly spaced slices
     holding about `sample` levels. Contexts restart at every slice, so a spread of slices
     measures the start-up cost the whole tensor pays. A slice is always measured whole: a prefix
     can mislead (the first rows of an embedding table are often untrained tokens)."""
+    dq = dq_states(dq)
     nslices = -(-levels.size // slice_size)
     every = 1 if sample is None else max(1, (nslices * slice_size) // max(sample, slice_size))
     ngroups = max(1, min(4 * nb.get_num_threads(), -(-nslices // every)))

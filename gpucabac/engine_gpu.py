@@ -39,10 +39,11 @@ import ml_dtypes
 import numpy as np
 
 from . import kernel_source
-from .binarize import MAX_CONTEXTS, full_context_init
-from .container import FLOAT_DTYPES, TensorRecord, check_int_range, numpy_dtype, raw_values
+from .binarize import MAX_CONTEXTS, dq_states, full_context_init
+from .container import FLOAT_DTYPES, TensorRecord, check_int_range, mode_dq, numpy_dtype, raw_values
 from .engine_cpu import DECODE_ERROR_MESSAGES
 from .errors import FormatError, GpucabacError, GpuUnavailableError
+from .tables import DQ_STATE_COUNTS
 
 log = logging.getLogger("gpucabac")
 
@@ -120,9 +121,10 @@ def check_array(xp, name: str, a, dtype, size: int | None = None, min_size: int 
         raise ValueError(f"{name}: expected at least {min_size} elements, got {a.size}")
 
 
-def _check_flag(name: str, v) -> np.int32:
-    if int(v) not in (0, 1):
-        raise ValueError(f"{name} must be 0 or 1, got {v}")
+def _check_dq(v) -> np.int32:
+    """The kernels index their trellis tables with dq: only 0 and the sizes of DQ_STATE_COUNTS."""
+    if int(v) != 0 and int(v) not in DQ_STATE_COUNTS:
+        raise ValueError(f"dq must be 0 or a trellis size {DQ_STATE_COUNTS}, got {v}")
     return np.int32(v)
 
 
@@ -174,7 +176,7 @@ class Kernels:
         bad = xp.empty(ns, np.int64)
         self._fn["gc_bound_kernel"](
             (_grid(ns, PLAIN_BLOCK),), (PLAIN_BLOCK,),
-            (levels, np.int64(n), np.int64(slice_size), np.int64(ns), _check_flag("dq", dq),
+            (levels, np.int64(n), np.int64(slice_size), np.int64(ns), _check_dq(dq),
              _check_gt_flags(num_gt_flags), bound, bad),
         )
         return bound, bad
@@ -191,7 +193,7 @@ class Kernels:
         lengths = xp.empty(ns, np.int64)
         self._fn["gc_encode_kernel"](
             (_grid(ns, CODER_BLOCK),), (CODER_BLOCK,),
-            (levels, np.int64(n), np.int64(slice_size), np.int64(ns), _check_flag("dq", dq),
+            (levels, np.int64(n), np.int64(slice_size), np.int64(ns), _check_dq(dq),
              _check_gt_flags(num_gt_flags), init, scratch, scratch_offset, bound, lengths),
             shared_mem=CODER_BLOCK * MAX_CONTEXTS * 4,
         )
@@ -271,7 +273,7 @@ def to_numpy(a, dtype_name: str | None = None) -> np.ndarray:
 # Encoding one tensor
 
 
-def encode_slices(levels, slice_size: int, dq: bool, num_gt_flags: int, init: np.ndarray, *, k=None):
+def encode_slices(levels, slice_size: int, dq: bool | int, num_gt_flags: int, init: np.ndarray, *, k=None):
     """Engine contract: int32 levels (host or device) coded in slices of `slice_size`, each from the
     context initialisation `init` (a preset index per context, MAX_CONTEXTS of them).
 
@@ -284,14 +286,14 @@ def encode_slices(levels, slice_size: int, dq: bool, num_gt_flags: int, init: np
     if lv.size == 0:
         return xp.zeros(0, np.uint8), xp.zeros(0, np.uint32), xp.zeros(0, np.uint32), -1
     init_dev = k.to_device(np.ascontiguousarray(init, dtype=np.uint8).reshape(-1))
-    bound, bad = k.bounds(lv, slice_size, int(dq), num_gt_flags)
+    bound, bad = k.bounds(lv, slice_size, dq_states(dq), num_gt_flags)
     bad_h = k.to_host(bad)
     if (bad_h >= 0).any():
         return None, None, None, int(bad_h[bad_h >= 0][0])
     ends = xp.cumsum(bound)
     offsets = ends - bound
     scratch = xp.empty(int(ends[-1]), np.uint8)
-    lengths = k.encode(lv, slice_size, int(dq), num_gt_flags, init_dev, scratch, offsets, bound)
+    lengths = k.encode(lv, slice_size, dq_states(dq), num_gt_flags, init_dev, scratch, offsets, bound)
     out_ends = xp.cumsum(lengths)
     if int(lengths.min()) < 0:
         raise RuntimeError("gpucabac GPU encoder: a slice exceeded its byte bound (a bug; please report it)")
@@ -386,13 +388,13 @@ def decode_records(records: Sequence[TensorRecord], payload_of: Callable[[Tensor
         firsts.append(first)
         counts.append(np.minimum(rec.slice_size, rec.numel - first))
         base += data.size
-        dq = rec.mode == "dq"
+        dq = mode_dq(rec.mode)
         target = _target_dtype(rec, dtype)
         if rec.mode == "int":
             params[t] = (0, rec.num_gt_flags, DTYPE_CODES["int32"], DTYPE_CODES["int32"])
             out = xp.empty(rec.numel, np.int32)
         else:
-            params[t] = (int(dq), rec.num_gt_flags, DTYPE_CODES[rec.dtype], DTYPE_CODES[target])
+            params[t] = (dq, rec.num_gt_flags, DTYPE_CODES[rec.dtype], DTYPE_CODES[target])
             out = xp.empty(rec.numel, _device_dtype(target, k))
         steps[t] = np.float32(rec.step)
         inits[t] = full_context_init(rec.ctx_init, rec.num_gt_flags, dq)

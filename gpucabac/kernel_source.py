@@ -58,7 +58,7 @@ def _table(ctype: str, name: str, n: int, macro: str) -> str:
 
 def tables_header() -> str:
     """The text of kernels/tables.cuh."""
-    assert tables.RLPS.max() < 256 and tables.DQ_NEXT_STATE.max() < 256
+    assert tables.RLPS.max() < 256 and tables.DQ_NEXT_ALL.max() < 256
     renorm = engine_cpu._RENORM
     assert renorm.shape == (512,) and renorm.max() < 256
     crc = container._CRC_TABLE
@@ -98,8 +98,9 @@ def tables_header() -> str:
         f"#define GC_RLPS_VALUES {_values(tables.RLPS)}",
         "// §2.4: context initialisations (SH0, SH1, P_init, S0_init), 4 per preset.",
         f"#define GC_PRESETS_VALUES {_values(tables.PRESETS)}",
-        "// §3.5: next DQ state, index 2 * state + (k & 1).",
-        f"#define GC_DQ_NEXT_VALUES {_values(tables.DQ_NEXT_STATE)}",
+        "// §3.5 and the larger trellises: next DQ state of the trellis of size dq at 2 * dq - 16 + 2 * state + (k & 1).",
+        f"#define GC_DQ_NEXT_SIZE {tables.DQ_NEXT_ALL.size}",
+        f"#define GC_DQ_NEXT_VALUES {_values(tables.DQ_NEXT_ALL)}",
         "// Shifts that bring a sub-range x in 1..511 back to [256, 511]: clz32(x) - 23 (entry 0 unused).",
         f"#define GC_RENORM_VALUES {_values(renorm, 32)}",
         "// CRC-32, zlib's polynomial 0xEDB88320, reflected.",
@@ -108,7 +109,7 @@ def tables_header() -> str:
         _table("int", "gc_curve", tables.CURVE.size, "GC_CURVE_VALUES"),
         _table("unsigned char", "gc_rlps", tables.RLPS.size, "GC_RLPS_VALUES"),
         _table("int", "gc_presets", tables.PRESETS.size, "GC_PRESETS_VALUES"),
-        _table("unsigned char", "gc_dq_next", tables.DQ_NEXT_STATE.size, "GC_DQ_NEXT_VALUES"),
+        _table("unsigned char", "gc_dq_next", tables.DQ_NEXT_ALL.size, "GC_DQ_NEXT_VALUES"),
         _table("unsigned char", "gc_renorm", renorm.size, "GC_RENORM_VALUES"),
         _table("unsigned int", "gc_crc32", crc.size, "GC_CRC32_VALUES"),
         "#endif  // GPUCABAC_TABLES_CUH",

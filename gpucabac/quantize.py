@@ -15,10 +15,13 @@ import ml_dtypes
 import numba as nb
 import numpy as np
 
+from .binarize import dq_states
 from .errors import InputError
-from .tables import DQ_NEXT_STATE, MAX_ABS_LEVEL
+from .tables import DQ_NEXT_ALL, MAX_ABS_LEVEL
 
-_DQ_NEXT = DQ_NEXT_STATE.ravel().copy()
+_DQ_NEXT = DQ_NEXT_ALL.copy()
+# The trellis keeps a back pointer per weight and state (2 bytes); above this a slice is refused.
+MAX_TRELLIS_BYTES = 4 << 30
 
 
 def step_from_qp(qp: int, qp_density: int = 2) -> float:
@@ -37,12 +40,17 @@ def round_half_away(x: np.ndarray) -> np.ndarray:
     return np.copysign(r, x)
 
 
-def quantize_levels(x: np.ndarray, step: float, *, dq: bool = False, slice_size: int | None = None) -> np.ndarray:
+def quantize_levels(x: np.ndarray, step: float, *, dq: bool | int = False, slice_size: int | None = None) -> np.ndarray:
     """Integer levels (reconstruction indices) of x at `step`, flattened in scan order.
 
-    Uniform: round half away from zero. DQ: an 8-state Viterbi trellis per slice (the DQ state
-    restarts at every slice, DESIGN §1) minimising the squared error.
+    Uniform: round half away from zero. DQ: a Viterbi search per slice over the trellis of `dq`
+    states (True: NNC's 8; the DQ state restarts at every slice, DESIGN §1) minimising the
+    squared error.
     """
+    try:
+        dq = dq_states(dq)
+    except ValueError as e:
+        raise InputError(str(e)) from None
     if not np.isfinite(step) or step <= 0:
         raise InputError(f"step must be a positive finite number, got {step}")
     w = np.ascontiguousarray(x).reshape(-1)
@@ -55,8 +63,11 @@ def quantize_levels(x: np.ndarray, step: float, *, dq: bool = False, slice_size:
         raise InputError(f"step {step:g} is too small: its reciprocal overflows {w.dtype}")
     n = w.shape[0]
     size = max(1, min(n, n if slice_size is None else int(slice_size)))
+    if dq and 2 * size * dq > MAX_TRELLIS_BYTES:
+        raise InputError(f"a {dq}-state trellis over slices of {size} weights needs {2 * size * dq / 2**30:.1f} GiB; "
+                         f"use a smaller slice size")
     levels = np.empty(n, np.int32)
-    status = _quantize(w, scale, bool(dq), size, levels)
+    status = _quantize(w, scale, dq, size, levels)
     if status == 1:
         raise InputError("tensor has NaN or infinite values; they cannot be quantized")
     if status == 2:
@@ -92,7 +103,7 @@ def _quantize(w, scale, dq, slice_size, levels):
                     r += 1.0
                 levels[i] = np.int32(r if u >= 0 else -r)
         if dq and status[s] == 0:
-            _dq_slice(w, scale, start, end, levels)
+            _dq_slice(w, scale, start, end, levels, dq)
     return status.max() if nslices else 0
 
 
@@ -117,19 +128,21 @@ def _candidates(x, qid):
 
 
 @nb.njit(cache=True)
-def _dq_slice(w, scale, start, end, out):
+def _dq_slice(w, scale, start, end, out, dq):
     n = end - start
     inf = np.inf
-    cost = np.full(8, inf)
+    base = 2 * dq - 16  # this trellis' table in _DQ_NEXT
+    cost = np.full(dq, inf)
     cost[0] = 0.0
-    new = np.empty(8)
-    # choice[i, s]: 3 bits previous state, 2 bits which candidate (0: lo, 1: hi, 2: zero).
-    choice = np.empty((n, 8), np.uint8)
+    new = np.empty(dq)
+    # per weight and state reached: the previous state, and which candidate (0: lo, 1: hi, 2: zero)
+    prev_state = np.empty((n, dq), np.uint8)
+    choice = np.empty((n, dq), np.uint8)
     for i in range(n):
         x = np.float64(w[start + i] * scale)
-        for s in range(8):
+        for s in range(dq):
             new[s] = inf
-        for s in range(8):
+        for s in range(dq):
             c0 = cost[s]
             if c0 == inf:
                 continue
@@ -144,21 +157,21 @@ def _dq_slice(w, scale, start, end, out):
                 else:
                     ri = np.int64(r)
                     k = (ri + qid) // 2 if ri > 0 else -((-ri + qid) // 2)
-                ns = _DQ_NEXT[2 * s + (k & 1)]
+                ns = _DQ_NEXT[base + 2 * s + (k & 1)]
                 if c < new[ns]:
                     new[ns] = c
-                    choice[i, ns] = np.uint8(s | (which << 3))
-        for s in range(8):
+                    prev_state[i, ns] = s
+                    choice[i, ns] = which
+        for s in range(dq):
             cost[s] = new[s]
     best = 0
-    for s in range(8):
+    for s in range(dq):
         if cost[s] < cost[best]:
             best = s
     s = best
     for i in range(n - 1, -1, -1):
-        ch = choice[i, s]
-        prev = ch & 7
-        which = ch >> 3
+        prev = prev_state[i, s]
+        which = choice[i, s]
         lo, hi = _candidates(np.float64(w[start + i] * scale), prev & 1)
         r = lo if which == 0 else (hi if which == 1 else 0.0)
         out[start + i] = np.int32(r)

@@ -15,8 +15,8 @@ Both quantizers are one Viterbi search over the coder's state:
 
 * URQ: one state; candidates round-half-away n, n − 1 (towards zero) and 0 — a greedy decision
   per weight (DeepCABAC/NNCodec RDOQ). With lam = 0 it returns rounding exactly (ties keep n).
-* DQ: the 8-state trellis of §3.5; from each state the two reconstruction indices of its
-  quantizer around x and zero. Each survivor path carries its own copy of all context states and
+* DQ: the trellis of §3.5 (NNC's 8 states, or one of gpucabac's larger ones, 16..256 states);
+  from each state the two reconstruction indices of its quantizer around x and zero. Each survivor path carries its own copy of all context states and
   its own neighbour, as NNCodec does (without NNCodec's stale-neighbour quirk), so the rate of the
   surviving path is exactly the estimator's cost of the levels it chose.
 
@@ -34,9 +34,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from .binarize import GT, SIGN, num_contexts, used_contexts
+from .binarize import GT, SIGN, dq_states, num_contexts, used_contexts
 from .errors import InputError
-from .tables import BIT_COST, CURVE, DQ_NEXT_STATE, MAX_GT_FLAGS, PRESETS
+from .tables import BIT_COST, CURVE, MAX_GT_FLAGS, PRESETS, dq_next_table
 
 ONE_BIT = 32768  # BIT_COST units (2^15) per bit
 # |w/Δ| above this loses integer exactness in float32; the RD path refuses such steps.
@@ -48,17 +48,31 @@ HIGH_RATE_LAMBDA = 2.0 * math.log(2.0) / 12.0  # ≈ 0.1155 Δ² per bit
 class RDConfig:
     """Static settings of one compiled quantizer (hashable: a jit static argument)."""
 
-    dq: bool = False
+    dq: int = 0  # trellis size (binarize.dq_states), 0 for URQ
     num_gt_flags: int = 11
     with_levels: bool = True  # False: rates and distortions only (sweeps), no backtracking
 
     def __post_init__(self):
+        object.__setattr__(self, "dq", dq_states(self.dq))
         if not 0 <= self.num_gt_flags <= MAX_GT_FLAGS:
             raise InputError(f"num_gt_flags must be in 0..{MAX_GT_FLAGS}, got {self.num_gt_flags}")
 
     @property
     def num_states(self) -> int:
-        return 8 if self.dq else 1
+        return self.dq or 1
+
+
+def _predecessors(dq: int) -> np.ndarray:
+    """[states, 2] the two states a trellis state is reached from, in increasing order."""
+    table = dq_next_table(dq)
+    pred = np.zeros((dq, 2), np.int32)
+    count = np.zeros(dq, np.int32)
+    for s in range(dq):
+        for d in table[s]:
+            pred[d, count[d]] = s
+            count[d] += 1
+    assert (count == 2).all() and (pred[:, 0] < pred[:, 1]).all(), "a trellis state needs two distinct predecessors"
+    return pred
 
 
 def _jax():
@@ -98,7 +112,7 @@ def _bins(k, nb, state, n: int):
     rem1 = jnp.maximum(a - n, 1)  # rem + 1 = a - N
     m = 31 - lax.clz(rem1)  # floor(log2(rem + 1)): the Exp-Golomb prefix length
     mask = (
-        ((region == 0) & (c == 3 * state + nb))
+        ((region == 0) & (c == 3 * (state & 7) + nb))
         | ((region == 1) & nz & (c - SIGN == nb))
         | ((region == 2) & nz & (gt_neg == neg) & (gt_j <= a))
         | ((region == 3) & big & (eg_j <= m))
@@ -165,7 +179,11 @@ def _lane(w, f, n_valid, scale, lam, s0, s1, sh0, sh1, *, cfg: RDConfig):
     ns = cfg.num_states
     n = cfg.num_gt_flags
     states = jnp.arange(ns, dtype=jnp.int32)
-    nxt = jnp.asarray(DQ_NEXT_STATE if cfg.dq else np.zeros((1, 2), np.int32))
+    nxt = jnp.asarray(dq_next_table(cfg.dq) if cfg.dq else np.zeros((1, 2), np.int32))
+    # each destination's branches: the 3 candidates of each of its two source states, in
+    # (source, candidate) order, so that the first cheapest is the one numba's trellis keeps
+    pred = _predecessors(cfg.dq) if cfg.dq else np.zeros((1, 2), np.int32)
+    inflow = jnp.asarray((3 * np.repeat(pred, 3, axis=1) + np.tile(np.arange(3), 2)).astype(np.int32))  # [ns, 6]
     inf = jnp.float32(jnp.inf)
     lam = jnp.asarray(lam, jnp.float32)
     x_all = (w * scale).astype(jnp.float32)
@@ -193,9 +211,10 @@ def _lane(w, f, n_valid, scale, lam, s0, s1, sh0, sh1, *, cfg: RDConfig):
         branch = carry["J"][:, None] + fi * dist + lam * rbits  # [ns, 3]
         dest = nxt[jnp.broadcast_to(states[:, None], k.shape), k & 1]
         flat = branch.reshape(-1)
-        # per destination the first cheapest branch, in (source state, candidate) order
-        masked = jnp.where(dest.reshape(1, -1) == states[:, None], flat[None], inf)  # [ns, 3ns]
-        pick = jnp.argmin(masked, axis=1)
+        # per destination the first cheapest of the branches that reach it (the URQ "trellis" has
+        # one state: its three candidates appear twice, and the first copy wins)
+        masked = jnp.where(dest.reshape(-1)[inflow] == states[:, None], flat[inflow], inf)  # [ns, 6]
+        pick = inflow[states, jnp.argmin(masked, axis=1)]
         src = (pick // 3).astype(jnp.int32)
         kk = k.reshape(-1)[pick]
         rr = r.reshape(-1)[pick]
@@ -352,7 +371,10 @@ def rd_quantize_tensors(tensors: Mapping, steps: Sequence[float] | Mapping, lams
         raise InputError(f"lambdas must be finite and >= 0, got {lams}")
     if not names:
         return {}
-    cfg = RDConfig(bool(dq), int(num_gt_flags), bool(with_levels))
+    try:
+        cfg = RDConfig(dq, int(num_gt_flags), bool(with_levels))
+    except ValueError as e:
+        raise InputError(str(e)) from None
     n_used = len(used_contexts(cfg.num_gt_flags, cfg.dq))
     flat = {n: _flat_float32(tensors[n]) for n in names}
     S = max(1, min(int(slice_size), max(max(w.size for w in flat.values()), 1)))
@@ -450,7 +472,7 @@ def rd_quantize_tensors(tensors: Mapping, steps: Sequence[float] | Mapping, lams
 def rd_levels(x, step: float, lam: float, *, dq: bool = False, slice_size: int = 8192,
               num_gt_flags: int = 11, importance=None, iterations: int = 1) -> np.ndarray:
     """Integer levels (reconstruction indices, flat, scan order) of one tensor at (step, lam):
-    greedy RDOQ (URQ) or the rate-aware 8-state trellis (DQ). The context init starts from the
+    greedy RDOQ (URQ) or the rate-aware trellis (DQ, `dq` states; True: 8). The context init starts from the
     plain levels' choice; each further iteration re-chooses it from the RD levels and requantizes."""
     res = rd_quantize_tensor(x, [step], [lam], dq=dq, slice_size=slice_size, num_gt_flags=num_gt_flags,
                              importance=importance)

@@ -23,7 +23,7 @@ from .errors import InputError
 from .io import atomic_write_bytes
 from .quantize import dequantize
 
-METHODS = ("urq", "dq")
+METHODS = ("urq", *container.DQ_MODES)  # urq; dq (NNC's 8-state trellis), dq16 .. dq256
 
 
 def _header_bytes(name, x, step, mode, n_gt, slice_size, n_used) -> int:
@@ -147,7 +147,7 @@ def sweep(tensors: Mapping[str, np.ndarray], steps: Sequence[float], lams: Seque
     signals = {n: signal_of(x) for n, x in xs.items()}
     rows = []
     for method in methods:
-        dq = method == "dq"
+        dq = container.mode_dq(method)
         n_used = len(used_contexts(num_gt_flags, dq))
         by_tensor: dict[str, list[dict]] = {n: [] for n in names}
         # all tensors' slices in one stream per call; steps chunked so that the levels fit level_bytes
@@ -214,7 +214,7 @@ def evaluate_task(result: SweepResult, tensors: Mapping[str, np.ndarray], task: 
         raise InputError(f"the sweep's tensors {missing} are not in the model given to evaluate_task")
     swept = {n: tensors[n] for n in names}
     for m in result.model:
-        rec = quantize(swept, step=m["step"], dq=m["method"] == "dq", lam=m["lam"], importance=importance,
+        rec = quantize(swept, step=m["step"], dq=container.mode_dq(m["method"]), lam=m["lam"], importance=importance,
                        slice_size=result.settings.get("slice_size"), num_gt_flags=result.settings.get("num_gt_flags", 11))
         value = float(task({**tensors, **rec}))
         if not math.isfinite(value):
@@ -247,7 +247,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 @dataclasses.dataclass(frozen=True)
 class OperatingPoint:
-    """Per-tensor (step, lam) for `gpucabac.encode(..., dq=method == 'dq', tensor_steps=steps, lam=lams)`."""
+    """Per-tensor (step, lam) for `gpucabac.encode(..., dq=point.dq, tensor_steps=steps, lam=lams)`."""
 
     method: str
     steps: dict
@@ -257,6 +257,11 @@ class OperatingPoint:
     wsse: float  # the sweep's weighted error (importance and tensor weights), = sse without them
     numel: int
     signal: float
+
+    @property
+    def dq(self) -> int:
+        """The `dq` argument of gpucabac.encode for this method (the trellis size; 0 for URQ)."""
+        return container.mode_dq(self.method)
 
     @property
     def bpw(self) -> float:

@@ -63,6 +63,58 @@ DQ_NEXT_STATE = np.array(
 )
 DQ_NUM_STATES = 8
 
+# gpucabac's larger trellises (format version 2, modes dq16..dq256; docs/format.md): Ungerboeck's
+# rate-1/2 codes for one-dimensional signal sets, parity-check polynomials (h0, h1) in octal, by
+# states. NNC's 8-state table above is the code (13, 04) with its states numbered differently.
+DQ_STATE_COUNTS = (8, 16, 32, 64, 128, 256)
+_UNGERBOECK_1D = {16: (0o23, 0o04), 32: (0o45, 0o10), 64: (0o103, 0o024), 128: (0o235, 0o126), 256: (0o515, 0o362)}
+
+
+def _parity(v: int) -> int:
+    return bin(v).count("1") & 1
+
+
+def ungerboeck_trellis(h0: int, h1: int, states: int) -> np.ndarray:
+    """Next-state table [states, 2] of the systematic feedback encoder with parity checks h0, h1.
+
+    The encoder's register u holds the last log2(states) values of u_n = z1_n ^ <h0 taps, u>; the
+    quantizer of a state is z0 = <h1 taps, u> (Q0 even, Q1 odd reconstruction indices) and the
+    branch bit is z1 = (k & 1) ^ z0, which labels the four subsets of the union codebook as
+    Ungerboeck's set partitioning does on the positive axis (the §3.5 convention). States are then
+    renumbered so that the quantizer is state & 1, as in §3.5, keeping state 0 (all-zero register)."""
+    mask = states - 1
+    qid = [_parity((h1 >> 1) & s) for s in range(states)]
+    order = sorted(range(states), key=lambda s: (qid[s], s))
+    evens, odds = order[: states // 2], order[states // 2 :]
+    if any(qid[s] for s in evens) or not all(qid[s] for s in odds) or evens[0] != 0:
+        raise ValueError(f"({h0:o}, {h1:o}) is not a balanced trellis code for {states} states")
+    new = {s: 2 * i for i, s in enumerate(evens)} | {s: 2 * i + 1 for i, s in enumerate(odds)}
+    table = np.zeros((states, 2), np.int32)
+    for s in range(states):
+        f = _parity((h0 >> 1) & s)
+        for parity in (0, 1):
+            u = parity ^ qid[s] ^ f
+            table[new[s], parity] = new[((s << 1) | u) & mask]
+    return table
+
+
+def dq_next_table(states: int) -> np.ndarray:
+    """Next-state table [states, 2] of the DQ trellis with `states` states (8 is NNC's, §3.5)."""
+    if states == DQ_NUM_STATES:
+        return DQ_NEXT_STATE
+    if states not in _UNGERBOECK_1D:
+        raise ValueError(f"DQ trellis sizes are {DQ_STATE_COUNTS}, got {states}")
+    return ungerboeck_trellis(*_UNGERBOECK_1D[states], states)
+
+
+# All trellises' tables in one flat array, by size: the table of `states` starts at
+# 2 * states - 16 (8 → 0, 16 → 16, 32 → 48, ...); entry 2 * state + (k & 1) is the next state.
+DQ_NEXT_ALL = np.concatenate([dq_next_table(s).ravel() for s in DQ_STATE_COUNTS]).astype(np.int32)
+
+
+def dq_table_offset(states: int) -> int:
+    return 2 * states - 16
+
 
 def _bit_cost_table() -> np.ndarray:
     """§2.8: cost in bits·2^15 of coding a 0 (column 0) or a 1 (column 1) from state bucket

@@ -18,7 +18,7 @@
 struct GcSharedTables {
     unsigned char rlps[256];
     unsigned char renorm[512];
-    unsigned char dq_next[16];
+    unsigned char dq_next[GC_DQ_NEXT_SIZE];
     int curve[32];
     int presets[4 * GC_NUM_PRESETS];
     unsigned int crc32[256];
@@ -35,8 +35,8 @@ __device__ __forceinline__ GcTables gc_load_tables(GcSharedTables& s) {
         }
         if (i < 4 * GC_NUM_PRESETS) s.presets[i] = gc_presets_dev[i];
         if (i < 32) s.curve[i] = gc_curve_dev[i];
-        if (i < 16) s.dq_next[i] = gc_dq_next_dev[i];
     }
+    for (int i = threadIdx.x; i < GC_DQ_NEXT_SIZE; i += blockDim.x) s.dq_next[i] = gc_dq_next_dev[i];
     __syncthreads();
     GcTables t = {s.rlps, s.curve, s.renorm, s.dq_next, s.presets, s.crc32};
     return t;

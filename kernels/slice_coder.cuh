@@ -18,7 +18,7 @@ struct GcTables {
     const unsigned char* rlps;     // 8 x 32, index (range & 0xE0) + |P >> 7|
     const int* curve;              // 32
     const unsigned char* renorm;   // 512
-    const unsigned char* dq_next;  // 8 x 2
+    const unsigned char* dq_next;  // every trellis size, tables.DQ_NEXT_ALL
     const int* presets;            // 16 x 4: SH0, SH1, P_init, S0_init
     const unsigned int* crc32;     // 256
 };
@@ -94,7 +94,10 @@ GC_HD long long gc_dq_reconstruction_index(long long k, int state) {
     return k > 0 ? 2 * k - qid : 2 * k + qid;
 }
 
-GC_HD int gc_dq_next_state(int state, long long k, const GcTables& t) { return t.dq_next[2 * state + (int)(k & 1)]; }
+// dq: the trellis size (8..256); its table starts at 2 * dq - 16 (tables.dq_table_offset).
+GC_HD int gc_dq_next_state(int dq, int state, long long k, const GcTables& t) {
+    return t.dq_next[2 * dq - 16 + 2 * state + (int)(k & 1)];
+}
 
 // ---------------------------------------------------------------------------------------------
 // Encoder (§2.6): low, range, bits left, the carry buffer (one byte + a run of 0xFF).
@@ -220,7 +223,7 @@ GC_HD long long gc_encode_slice(const int* levels, long long count, int dq, int 
         if (dq) q = gc_dq_coded_level(q, state);
         // Bins of §1.1 in order: sig, sign, greater-than flags, EG prefix (regular), EG suffix (bypass).
         int nbc = gc_neighbour_class(prev);
-        gc_encode_bin(e, ctx, GC_SIG + 3 * state + nbc, q != 0, t);
+        gc_encode_bin(e, ctx, GC_SIG + 3 * (state & 7) + nbc, q != 0, t);
         if (q != 0) {
             int neg = q < 0 ? 1 : 0;
             long long a = neg ? -q : q;
@@ -250,7 +253,7 @@ GC_HD long long gc_encode_slice(const int* levels, long long count, int dq, int 
             }
         }
         prev = q;
-        if (dq) state = gc_dq_next_state(state, q, t);
+        if (dq) state = gc_dq_next_state(dq, state, q, t);
     }
     gc_encode_finish(e);
     return e.overflow ? -1 : e.pos;
@@ -289,7 +292,7 @@ GC_HD long long gc_slice_bound(const int* levels, long long count, int dq, int n
             break;
         }
         bits += gc_level_bound_bits(q, num_gt_flags);
-        if (dq) state = gc_dq_next_state(state, q, t);
+        if (dq) state = gc_dq_next_state(dq, state, q, t);
     }
     // terminate (7 bits), flush and stop bit: at most 5 more bytes with pending 0xFF runs
     return (bits + 7) / 8 + 8;
@@ -337,7 +340,7 @@ GC_HD int gc_decode_slice_as(const unsigned char* data, long long len, long long
     while (i < count) {
         int c;
         if (phase == GC_PHASE_SIG)
-            c = GC_SIG + 3 * state + nbc;
+            c = GC_SIG + 3 * (state & 7) + nbc;
         else if (phase == GC_PHASE_SIGN)
             c = GC_SIGN + nbc;
         else if (phase == GC_PHASE_GT)
@@ -423,7 +426,7 @@ GC_HD int gc_decode_slice_as(const unsigned char* data, long long len, long long
             if (overrun) return GC_DECODE_OVERRUN;
             if (dq) {
                 sink(i, gc_dq_reconstruction_index(q, state));
-                state = gc_dq_next_state(state, q, t);
+                state = gc_dq_next_state(dq, state, q, t);
             } else {
                 sink(i, q);
             }

@@ -29,7 +29,7 @@ import gpucabac
 
 DATA = pathlib.Path(__file__).resolve().parent / "data"
 MANIFEST = DATA / "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest; each file has the version its modes need (docs/format.md)
 M64 = (1 << 64) - 1
 
 # name -> (seed, encode parameters, tensors as (name, dtype, shape, kind, scale_bits))
@@ -69,6 +69,14 @@ CASES: dict[str, dict] = {
         ("d", "float64", [3, 7], "bell", 15),
         ("empty", "float32", [0, 4], "zero", 0),
         ("zeros", "float32", [2, 3], "zero", 0),
+    ]),
+    # format version 2: the larger DQ trellises
+    "dq16_s7": dict(seed=7, params=dict(qp=-32, dq=16, slice_size=7), tensors=[
+        ("conv.weight", "float32", [4, 3, 3, 3], "bell", 15),
+        ("fc.weight", "float32", [8, 12], "bell", 14),
+    ]),
+    "dq256_one_slice": dict(seed=8, params=dict(qp=-34, dq=256, slice_size=None), tensors=[
+        ("w", "float32", [9, 14], "bell", 13),
     ]),
 }
 
@@ -120,7 +128,8 @@ def build_case(name: str, case: dict) -> tuple[bytes, dict]:
     data = gpucabac.encode(case_inputs(case), **case["params"])
     decoded = gpucabac.decode(data)
     entry = dict(
-        file=f"{name}.gcb.golden", seed=case["seed"], params=case["params"],
+        file=f"{name}.gcb.golden", format_version=int.from_bytes(data[8:10], "little"),
+        seed=case["seed"], params=case["params"],
         tensors=[dict(name=n, dtype=d, shape=s, kind=k, scale_bits=b) for n, d, s, k, b in case["tensors"]],
         bytes=len(data), sha256=sha256(data),
         decoded_sha256={k: sha256(np.ascontiguousarray(v).tobytes()) for k, v in decoded.items()},

@@ -57,6 +57,8 @@ def _float_after(pattern, text):
     [
         ([], dict(qp=-32)),
         (["--qp", "-36", "--dq"], dict(qp=-36, dq=True)),
+        (["--qp", "-34", "--trellis", "32"], dict(qp=-34, dq=32)),
+        (["--qp", "-34", "--dq", "--trellis", "8"], dict(qp=-34, dq=True)),
         (["--step", "0.004", "--slice-size", "whole"], dict(step=0.004, slice_size=None)),
         (["--qp", "-30", "--slice-size", "100", "--gt-flags", "3", "--threads", "1"],
          dict(qp=-30, slice_size=100, num_gt_flags=3, threads=1)),
@@ -415,6 +417,8 @@ def test_unwritable_output_is_a_clean_error(tmp_path, model_file):
         (["encode", "{model}", "-o", "{tmp}/m.gcb", "--slice-size", "big"], "neither a number"),
         (["encode", "{model}", "-o", "{tmp}/m.gcb", "--small-step", "-1"], "positive finite"),
         (["encode", "{model}", "-o", "{tmp}/m.gcb", "--step", "0"], "--step"),
+        (["encode", "{model}", "-o", "{tmp}/m.gcb", "--no-dq", "--trellis", "16"], "contradicts --no-dq"),
+        (["encode", "{model}", "-o", "{tmp}/m.gcb", "--trellis", "12"], "'12' is not one of"),
         (["encode", "{model}"], "Missing option '-o'"),
         (["decode", "{model}", "-o", "{tmp}/out.bin"], "unknown model file extension '.bin'"),
         (["decode", "{model}", "-o", "{tmp}/out.npz", "--dtype", "int8"], "--dtype"),

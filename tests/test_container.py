@@ -30,7 +30,8 @@ from gpucabac.tables import NUM_PRESETS
 PRE = struct.Struct("<8sHHIQII")  # magic, version, flags, count, table length, table crc, reserved
 MAGIC = b"\x89GCB\r\n\x1a\n"
 DTYPES = container.DTYPES  # the codes are fixed by the format (and pinned by the golden files)
-MODES = container.MODES
+# docs/format.md's mode codes; 4.. (the larger DQ trellises) only in format version 2
+MODES = ("urq", "dq", "int", "raw", "dq16", "dq32", "dq64", "dq128", "dq256")
 
 
 def parse_layout(data: bytes):
@@ -116,7 +117,7 @@ def sample_dq() -> bytes:
 
 def test_independent_layout_reader_agrees(sample):
     pre, recs, payload = parse_layout(sample)
-    assert pre["magic"] == MAGIC and pre["version"] == container.VERSION == 1
+    assert pre["magic"] == MAGIC and pre["version"] == 1  # no version-2 mode in it: written as version 1
     assert pre["flags"] == pre["reserved"] == 0 and pre["tcrc"] == zlib.crc32(sample[32 : 32 + pre["tlen"]])
     assert build(recs, payload) == sample
     names = [r["name"].decode() for r in recs]
@@ -166,13 +167,27 @@ def test_every_bit_flip_raises(sample, sample_dq):
                     assert "tensor table checksum mismatch" in msg, msg
 
 
+def test_larger_trellis_is_version_2(sample):
+    x = {"w": sample_tensors()["conv.weight"], "b": sample_tensors()["fc.bias"]}
+    data = gpucabac.encode(x, qp=-30, dq=64, slice_size=16)
+    pre, recs, payload = parse_layout(data)
+    assert pre["version"] == 2 and [MODES[r["mcode"]] for r in recs] == ["dq64", "dq64"]
+    assert container.MODES == MODES and gpucabac.info(data).version == 2
+    back = gpucabac.decode(data)
+    want = gpucabac.quantize(x, qp=-30, dq=64, slice_size=16)
+    assert all(np.array_equal(back[n], want[n]) for n in x)
+    # the same records under a version-1 preamble: mode 6 did not exist then
+    with pytest.raises(FormatError, match="unknown coding mode 6 \\(format version 1\\)"):
+        gpucabac.decode(build(recs, payload, version=1))
+
+
 def test_wrong_magic_version_reserved(sample):
     pre, recs, payload = parse_layout(sample)
     cases = [
         (dict(magic=b"\x89GCB\r\n\x1a\x00"), "not a gpucabac container"),
         (dict(magic=b"PK\x03\x04\x00\x00\x00\x00"), "magic"),
         (dict(version=0), "unsupported container version 0"),
-        (dict(version=2), "unsupported container version 2"),
+        (dict(version=3), "unsupported container version 3"),
         (dict(version=0xFFFF), "version"),
         (dict(flags=1), "reserved"),
         (dict(flags=0x8000), "reserved"),

@@ -52,6 +52,22 @@ ALL_PRESETS = SPEC_PRESETS + [tuple(int(v) for v in row) for row in PRESETS[len(
 NUM_PRESETS = len(ALL_PRESETS)
 
 SPEC_DQ_NEXT = [[0, 2], [7, 5], [1, 3], [6, 4], [2, 0], [5, 7], [3, 1], [4, 6]]
+# docs/format.md: the larger trellises' parity-check polynomials (h0, h1), octal, by size.
+SPEC_UNGERBOECK = {16: (0o23, 0o04), 32: (0o45, 0o10), 64: (0o103, 0o024), 128: (0o235, 0o126), 256: (0o515, 0o362)}
+
+
+def shift_register_trellis(states: int):
+    """The feedback encoder of docs/format.md as it is written there, states numbered by register
+    content: (next[s][p], quantizer of s) with p the parity of the coded level."""
+    h0, h1 = SPEC_UNGERBOECK[states]
+    dot = lambda a, b: bin(a & b).count("1") & 1  # noqa: E731
+    qid = [dot(h1 >> 1, s) for s in range(states)]
+    nxt = [[((s << 1) | (p ^ qid[s] ^ dot(h0 >> 1, s))) % states for p in (0, 1)] for s in range(states)]
+    return nxt, qid
+
+
+def ref_dq_next(dq: int):
+    return SPEC_DQ_NEXT if dq == 8 else tables.dq_next_table(dq).tolist()
 
 # Context numbering documented in gpucabac/binarize.py (a compact renumbering of §1.3).
 SIG, SIGN, GT = 0, 24, 27
@@ -70,6 +86,33 @@ def test_tables_match_spec_text():
         assert 0 <= sh0f <= 3 and 0 <= sh1 <= 15 and -120 <= s00 <= 120 and abs(p0 - 16 * s00) <= 1923
     assert MAX_ABS_LEVEL == 2**30 - 1
     assert binarize.MAX_CONTEXTS == NUM_CTX
+
+
+@pytest.mark.parametrize("states", sorted(SPEC_UNGERBOECK))
+def test_larger_trellis_is_the_documented_encoder(states):
+    """tables.dq_next_table(states) is docs/format.md's shift-register encoder with its states
+    renumbered so that state 0 stays 0 and s & 1 is the quantizer: walk both from state 0 along
+    every parity and check that one consistent renumbering exists."""
+    ref, qid = shift_register_trellis(states)
+    got = tables.dq_next_table(states).tolist()
+    assert len(got) == states
+    phi = {0: 0}
+    todo = [0]
+    while todo:
+        s = todo.pop()
+        assert phi[s] & 1 == qid[s]
+        for p in (0, 1):
+            a, b = ref[s][p], got[phi[s]][p]
+            if a not in phi:
+                phi[a] = b
+                todo.append(a)
+            assert phi[a] == b
+    assert sorted(phi.values()) == list(range(states))
+    # a trellis: per parity a permutation, two distinct successors
+    t = np.array(got)
+    for parity in (0, 1):
+        assert sorted(t[:, parity].tolist()) == list(range(states))
+    assert all(a != b for a, b in got)
 
 
 def test_dq_state_machine_properties():
@@ -211,7 +254,7 @@ def test_bit_cost_matches_formula():
 def ref_binarize(q: int, prev: int, state: int, n_gt: int):
     """([(context, bin), ...] regular bins, bypass suffix value, number of suffix bins)."""
     nb = 0 if prev == 0 else (1 if prev < 0 else 2)
-    bins = [(SIG + 3 * state + nb, int(q != 0))]
+    bins = [(SIG + 3 * (state % 8) + nb, int(q != 0))]
     if q == 0:
         return bins, 0, 0
     bins.append((SIGN + nb, int(q < 0)))
@@ -337,8 +380,10 @@ class RefEncoder:
         return bytes(self.out)
 
 
-def ref_encode_slice(levels, dq: bool, n_gt: int, init, enc: RefEncoder | None = None) -> bytes:
-    """One flushed slice (DESIGN §1): contexts from their presets, neighbour and DQ state 0."""
+def ref_encode_slice(levels, dq: int, n_gt: int, init, enc: RefEncoder | None = None) -> bytes:
+    """One flushed slice (DESIGN §1): contexts from their presets, neighbour and DQ state 0;
+    dq the trellis size (0: URQ; True: 8)."""
+    dq = 8 if dq is True else int(dq)
     enc = enc or RefEncoder()
     ctx = []
     for c in range(NUM_CTX):
@@ -357,14 +402,14 @@ def ref_encode_slice(levels, dq: bool, n_gt: int, init, enc: RefEncoder | None =
             enc.bypass((suffix >> j) & 1)
         prev = q
         if dq:
-            state = SPEC_DQ_NEXT[state][q & 1]
+            state = ref_dq_next(dq)[state][q & 1]
     return enc.terminate_and_finish()
 
 
-def engine_encode(levels: np.ndarray, dq: bool, n_gt: int, init: np.ndarray) -> bytes:
+def engine_encode(levels: np.ndarray, dq: int, n_gt: int, init: np.ndarray) -> bytes:
     levels = np.ascontiguousarray(levels, np.int32)
     out = np.zeros(64 + 16 * levels.size, np.uint8)
-    n = engine_cpu.encode_slice(levels, 0, levels.size, dq, n_gt, init.astype(np.int32), out, 0)
+    n = engine_cpu.encode_slice(levels, 0, levels.size, binarize.dq_states(dq), n_gt, init.astype(np.int32), out, 0)
     return out[:n].tobytes()
 
 
@@ -382,13 +427,14 @@ def random_coded_levels(rng: np.random.Generator, n: int, big: bool = True) -> n
     return k
 
 
-def to_dq_levels(k: np.ndarray) -> np.ndarray:
-    """Coded levels k -> reconstruction indices r through the §3.5 state machine."""
+def to_dq_levels(k: np.ndarray, dq: int = 8) -> np.ndarray:
+    """Coded levels k -> reconstruction indices r through the trellis of `dq` states (§3.5)."""
     out = np.empty(k.size, np.int64)
     state = 0
+    nxt = ref_dq_next(dq)
     for i, v in enumerate(k.tolist()):
         out[i] = ref_reconstruction(v, state)
-        state = SPEC_DQ_NEXT[state][v & 1]
+        state = nxt[state][v & 1]
     return out
 
 
@@ -429,21 +475,21 @@ def test_dq_mapping_matches_spec():
             r = ref_reconstruction(k, state)
             assert binarize.dq_reconstruction_index(k, state) == r
             assert binarize.dq_coded_level(r, state) == k
-            assert binarize.dq_next_state(state, k) == SPEC_DQ_NEXT[state][k & 1]
+            assert binarize.dq_next_state(8, state, k) == SPEC_DQ_NEXT[state][k & 1]
         for r in range(-40, 41):
             on = r == 0 or (r + (state & 1)) % 2 == 0
             got = binarize.dq_coded_level(r, state)
             assert (abs(got) <= MAX_ABS_LEVEL) == on, (r, state)
 
 
-@pytest.mark.parametrize("dq", [False, True], ids=["urq", "dq"])
+@pytest.mark.parametrize("dq", [0, 8, 16, 256], ids=["urq", "dq", "dq16", "dq256"])
 @pytest.mark.parametrize("n_gt", [0, 1, 11, 20])
 @pytest.mark.parametrize("seed", range(6))
 def test_encode_slice_matches_reference_bytes(seed, n_gt, dq):
     rng = np.random.default_rng(1000 * seed + 10 * n_gt + dq)
     n = int(rng.integers(1, 400))
     k = random_coded_levels(rng, n)
-    levels = to_dq_levels(k) if dq else k
+    levels = to_dq_levels(k, dq) if dq else k
     init = random_init(rng, "zero" if seed == 0 else "random")
     want = ref_encode_slice(levels, dq, n_gt, init)
     got = engine_encode(levels, dq, n_gt, init)
@@ -452,13 +498,13 @@ def test_encode_slice_matches_reference_bytes(seed, n_gt, dq):
 
 @given(
     k=st.lists(st.one_of(st.integers(-3, 3), st.integers(-MAX_ABS_LEVEL, MAX_ABS_LEVEL)), min_size=1, max_size=40),
-    dq=st.booleans(),
+    dq=st.sampled_from([0, *tables.DQ_STATE_COUNTS]),
     n_gt=st.sampled_from([0, 1, 2, 11, 20]),
     preset=st.integers(0, NUM_PRESETS - 1),
 )
 def test_encode_slice_matches_reference_bytes_edge_cases(k, dq, n_gt, preset):
     # |k| <= MAX_ABS_LEVEL, so under DQ |r| <= 2**31 - 2 still fits int32
-    levels = to_dq_levels(np.array(k, np.int64)) if dq else np.array(k, np.int64)
+    levels = to_dq_levels(np.array(k, np.int64), dq) if dq else np.array(k, np.int64)
     init = np.full(NUM_CTX, preset, np.int32)
     assert engine_encode(levels, dq, n_gt, init) == ref_encode_slice(levels, dq, n_gt, init)
 
@@ -479,19 +525,20 @@ def test_reference_exercises_carries_and_ff_runs():
     assert carries > 0 and runs > 0, (carries, runs)
 
 
-def test_every_slice_of_a_tensor_is_the_reference_slice():
+@pytest.mark.parametrize("dq", [True, 32])
+def test_every_slice_of_a_tensor_is_the_reference_slice(dq):
     """encode_levels cuts into slices that each restart contexts, neighbour and DQ state."""
     rng = np.random.default_rng(3)
     for slice_size in (1, 7, 33, 100):
         k = random_coded_levels(rng, 100, big=False)
-        levels = np.concatenate([to_dq_levels(k[i : i + slice_size]) for i in range(0, 100, slice_size)])
-        ctx_init, payload, lengths = codec.encode_levels(levels.astype(np.int32), slice_size, True, 11)
+        levels = np.concatenate([to_dq_levels(k[i : i + slice_size], binarize.dq_states(dq)) for i in range(0, 100, slice_size)])
+        ctx_init, payload, lengths = codec.encode_levels(levels.astype(np.int32), slice_size, dq, 11)
         init = np.zeros(NUM_CTX, np.int32)
         init[binarize.used_contexts(11, True)] = ctx_init
         pos = 0
         for s, length in enumerate(lengths.tolist()):
             chunk = levels[s * slice_size : (s + 1) * slice_size]
-            assert payload[pos : pos + length].tobytes() == ref_encode_slice(chunk, True, 11, init)
+            assert payload[pos : pos + length].tobytes() == ref_encode_slice(chunk, dq, 11, init)
             pos += length
         assert pos == payload.size
 

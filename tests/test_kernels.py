@@ -179,7 +179,7 @@ def full_init(rng: np.random.Generator | None) -> np.ndarray:
     return rng.integers(0, NUM_PRESETS, MAX_CONTEXTS).astype(np.int32)
 
 
-def cpu_encode_slice(levels: np.ndarray, dq: bool, ngt: int, init: np.ndarray) -> bytes:
+def cpu_encode_slice(levels: np.ndarray, dq: int, ngt: int, init: np.ndarray) -> bytes:
     levels = np.ascontiguousarray(levels, np.int32)
     bound, bad = engine_cpu.slice_bounds(levels, max(1, levels.size), dq, ngt)
     assert (bad < 0).all()
@@ -188,14 +188,14 @@ def cpu_encode_slice(levels: np.ndarray, dq: bool, ngt: int, init: np.ndarray) -
     return out[:n].tobytes()
 
 
-def cpu_decode_slice(data: bytes, count: int, dq: bool, ngt: int, init: np.ndarray):
+def cpu_decode_slice(data: bytes, count: int, dq: int, ngt: int, init: np.ndarray):
     buf = np.frombuffer(data, np.uint8) if data else np.zeros(0, np.uint8)
     out = np.zeros(count, np.int32)
     err = engine_cpu.decode_slice(buf, 0, len(data), count, dq, ngt, init, out, 0)
     return int(err), out
 
 
-def shim_encode_slice(lib, levels: np.ndarray, dq: bool, ngt: int, init: np.ndarray, cap: int | None = None):
+def shim_encode_slice(lib, levels: np.ndarray, dq: int, ngt: int, init: np.ndarray, cap: int | None = None):
     levels = np.ascontiguousarray(levels, np.int32)
     init8 = np.ascontiguousarray(init, np.uint8)
     if cap is None:
@@ -205,7 +205,7 @@ def shim_encode_slice(lib, levels: np.ndarray, dq: bool, ngt: int, init: np.ndar
     return None if n < 0 else out[:n].tobytes()
 
 
-def shim_decode_slice(lib, data: bytes, count: int, dq: bool, ngt: int, init: np.ndarray):
+def shim_decode_slice(lib, data: bytes, count: int, dq: int, ngt: int, init: np.ndarray):
     buf = np.frombuffer(data, np.uint8).copy() if data else np.zeros(1, np.uint8)
     init8 = np.ascontiguousarray(init, np.uint8)
     out = np.zeros(max(count, 1), np.int32)
@@ -213,13 +213,13 @@ def shim_decode_slice(lib, data: bytes, count: int, dq: bool, ngt: int, init: np
     return int(err), out[:count]
 
 
-def random_levels(rng: np.random.Generator, n: int, dq: bool, big: bool = True, slice_size: int | None = None) -> np.ndarray:
+def random_levels(rng: np.random.Generator, n: int, dq: int, big: bool = True, slice_size: int | None = None) -> np.ndarray:
     """Valid levels; under DQ mapped through the state machine, which restarts at every slice."""
     k = random_coded_levels(rng, n, big=big)
     if not dq:
         return k.astype(np.int32)
     s = slice_size or max(n, 1)
-    return np.concatenate([to_dq_levels(k[i : i + s]) for i in range(0, n, s)] or [np.zeros(0)]).astype(np.int32)
+    return np.concatenate([to_dq_levels(k[i : i + s], dq) for i in range(0, n, s)] or [np.zeros(0)]).astype(np.int32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +233,7 @@ def test_tables_header_is_the_generated_text():
         "kernels/tables.cuh is stale: run `python -m gpucabac.kernel_source --write`")
     # the values in it are the tables' values
     for name, arr in (("GC_CURVE_VALUES", gpucabac.tables.CURVE), ("GC_PRESETS_VALUES", PRESETS),
-                      ("GC_RLPS_VALUES", gpucabac.tables.RLPS), ("GC_DQ_NEXT_VALUES", gpucabac.tables.DQ_NEXT_STATE)):
+                      ("GC_RLPS_VALUES", gpucabac.tables.RLPS), ("GC_DQ_NEXT_VALUES", gpucabac.tables.DQ_NEXT_ALL)):
         line = text.split(f"#define {name} ", 1)[1].split("\n//", 1)[0].split("\n\n", 1)[0]
         vals = [int(v) for v in line.replace("\\", " ").replace(",", " ").split()]
         assert vals == arr.ravel().tolist(), name
@@ -351,7 +351,7 @@ def test_crc32_is_zlib(shim):
 
 
 @pytest.mark.parametrize("ngt", GT_FLAGS)
-@pytest.mark.parametrize("dq", [False, True])
+@pytest.mark.parametrize("dq", [0, 8, 128])  # trellis sizes, 0: URQ
 def test_slice_coder_matches_reference(shim, ngt, dq):
     rng = np.random.default_rng(1000 * ngt + dq)
     sizes = [0, 1, 2, 3, 17, 100, 1000, 4000]
@@ -414,7 +414,7 @@ def _corruptions(rng: np.random.Generator, data: bytes):
 
 
 @pytest.mark.parametrize("ngt", [0, 11])
-@pytest.mark.parametrize("dq", [False, True])
+@pytest.mark.parametrize("dq", [0, 8, 128])  # trellis sizes, 0: URQ
 def test_corrupt_slices_give_the_reference_error_codes(shim, ngt, dq):
     rng = np.random.default_rng(77 + ngt + 2 * dq)
     seen = set()
@@ -471,7 +471,7 @@ def _encode_both(rng, k, n, slice_size, dq, ngt):
 
 
 @pytest.mark.parametrize("n,slice_size", SLICE_CASES)
-@pytest.mark.parametrize("dq", [False, True])
+@pytest.mark.parametrize("dq", [0, 8, 128])  # trellis sizes, 0: URQ
 def test_encode_slices_equals_cpu_engine(shim, n, slice_size, dq):
     rng = np.random.default_rng(n * 131 + slice_size + dq)
     k = ShimKernels(shim)
@@ -483,7 +483,7 @@ def test_encode_slices_equals_cpu_engine(shim, n, slice_size, dq):
         offsets = np.concatenate([[0], np.cumsum(want_lengths, dtype=np.int64)[:-1]])
         assert np.array_equal(crcs, container.slice_crcs(want_payload, offsets, want_lengths))
         # the decode kernel's table over these slices gives the CPU's values (level 0.5-steps)
-        rec = container.TensorRecord("t", "float32", (n,), "dq" if dq else "urq", 0.5, ngt, slice_size, ctx_init, 0,
+        rec = container.TensorRecord("t", "float32", (n,), container.dq_mode(dq), 0.5, ngt, slice_size, ctx_init, 0,
                                      lengths, crcs)
         want = codec._decode_record(rec, want_payload, None)
         got = engine_gpu.decode_records([rec], lambda r: payload, k=k)["t"]
@@ -501,8 +501,8 @@ def test_encode_slices_empty_and_invalid(shim):
     payload, lengths, crcs, bad = engine_gpu.encode_slices(np.zeros(0, np.int32), 8, False, 11, init, k=k)
     assert payload.size == lengths.size == crcs.size == 0 and bad == -1
     levels = np.array([0, 2, 4, 3, 0, 0, 0, 0, 5], np.int32)  # DQ: 3 is off the state's quantizer
-    want = engine_cpu.slice_bounds(levels, 4, True, 11)[1]
-    got = k.bounds(levels, 4, True, 11)[1]
+    want = engine_cpu.slice_bounds(levels, 4, 8, 11)[1]
+    got = k.bounds(levels, 4, 8, 11)[1]
     assert got.tolist() == want.tolist()
     first_bad = int(want[want >= 0][0])
     assert engine_gpu.encode_slices(levels, 4, True, 11, init, k=k)[3] == first_bad
@@ -553,6 +553,7 @@ def _same(a: np.ndarray, b: np.ndarray, what: str):
 @pytest.mark.parametrize("kw", [
     dict(qp=-32), dict(qp=-36, dq=True), dict(qp=-30, slice_size=7, num_gt_flags=0),
     dict(qp=-38, dq=True, slice_size=64, num_gt_flags=20), dict(qp=-32, slice_size=None, small_step="lossless"),
+    dict(qp=-34, dq=256, slice_size=100),
     dict(step=0.013, slice_size=1, num_gt_flags=1),
 ])
 def test_container_on_gpu_path_equals_cpu(host_gpu, kw, caplog):
@@ -793,7 +794,7 @@ def test_gpu_check_tiny_runs(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dq", [False, True])
+@pytest.mark.parametrize("dq", [0, 8, 128])  # trellis sizes, 0: URQ
 def test_gpu_kernels_equal_cpu_engine(dq):
     k = engine_gpu.kernels()
     rng = np.random.default_rng(31 + dq)
@@ -808,7 +809,8 @@ def test_gpu_kernels_equal_cpu_engine(dq):
 @pytest.mark.gpu
 def test_gpu_container_roundtrip_and_errors():
     tensors = _model(np.random.default_rng(8))
-    for kw in (dict(qp=-32), dict(qp=-36, dq=True, slice_size=64), dict(qp=-30, slice_size=1, num_gt_flags=0)):
+    for kw in (dict(qp=-32), dict(qp=-36, dq=True, slice_size=64), dict(qp=-30, slice_size=1, num_gt_flags=0),
+               dict(qp=-34, dq=64, slice_size=500)):
         data = gpucabac.encode(tensors, **kw)
         assert gpucabac.encode(tensors, **kw, device="gpu") == data
         for dtype in (None, "float16", "bfloat16"):

@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gpucabac
-from gpucabac import codec, rdquant
+from gpucabac import codec, container, rdquant
 from gpucabac.errors import InputError
-from gpucabac.binarize import binarize_level, dq_coded_level, dq_next_state
+from gpucabac.binarize import binarize_level, dq_coded_level, dq_next_state, dq_states
 from gpucabac.quantize import quantize_levels
 from gpucabac.tables import BIT_COST, CURVE
 
@@ -24,6 +24,7 @@ def _ref_bits(levels, slice_size, dq, ctx_init, n=N):
     """Plain-Python estimator cost (§2.8) of levels coded slice by slice from ctx_init:
     BIT_COST per regular bin with the states updated as the coder updates them, 1 bit per bypass bin."""
     s0i, s1i, sh0, sh1 = (a.astype(np.int64) for a in rdquant.context_arrays(ctx_init, n, dq))
+    dq = dq_states(dq)
     ctx = np.zeros(64, np.int32)
     bins = np.zeros(64, np.int32)
     total = 0
@@ -43,7 +44,7 @@ def _ref_bits(levels, slice_size, dq, ctx_init, n=N):
             total += 32768 * nsuf
             prev = q
             if dq:
-                state = dq_next_state(state, q)
+                state = dq_next_state(dq, state, q)
     return total / 32768.0
 
 
@@ -54,7 +55,7 @@ def _gauss(n, sigma=0.02, seed=0):
 STEP = 2.0 ** -6
 
 
-@pytest.mark.parametrize("dq", [False, True])
+@pytest.mark.parametrize("dq", [False, True, 64])
 def test_estimated_rate_is_the_estimator_cost_of_the_chosen_levels(dq):
     # The survivor's rate equals the plain-Python estimator run over its levels: the scan keeps
     # exact integer context states (per survivor under DQ) and resets them per slice.
@@ -80,7 +81,7 @@ def test_urq_lambda_zero_is_rounding(values, step):
     np.testing.assert_array_equal(got, quantize_levels(x, step, slice_size=64))
 
 
-def _greedy_dq(x):
+def _greedy_dq(x, dq=8):
     """A valid DQ path: in each state, the nearest point of its quantizer."""
     state, out = 0, []
     for v in x:
@@ -89,20 +90,20 @@ def _greedy_dq(x):
         r = int(lo if v - lo <= lo + 2 - v else lo + 2)
         k = 0 if r == 0 else (r + qid) // 2 if r > 0 else -((-r + qid) // 2)
         out.append(r)
-        state = dq_next_state(state, k)
+        state = dq_next_state(dq, state, k)
     return np.array(out)
 
 
 @settings(max_examples=15)
-@given(st.integers(0, 2**31 - 1), st.sampled_from([2.0 ** -6, 2.0 ** -4, 0.013]))
-def test_trellis_lambda_zero_distortion_bounds(seed, step):
+@given(st.integers(0, 2**31 - 1), st.sampled_from([2.0 ** -6, 2.0 ** -4, 0.013]), st.sampled_from([8, 16, 128]))
+def test_trellis_lambda_zero_distortion_bounds(seed, step, dq):
     # The distortion-only trellis is optimal over DQ paths: never worse than the greedy per-state
     # rounding path, and equal (up to float32) to the numba Viterbi at the same step.
     w = _gauss(300, seed=seed)
-    res = rdquant.rd_quantize_tensor(w, [step], [0.0], dq=True, slice_size=300)
+    res = rdquant.rd_quantize_tensor(w, [step], [0.0], dq=dq, slice_size=300)
     x = w.astype(np.float64) / np.float32(step)
-    d_greedy = np.sum((x - _greedy_dq(x)) ** 2)
-    d_numba = np.sum((x - quantize_levels(w, step, dq=True, slice_size=300)) ** 2)
+    d_greedy = np.sum((x - _greedy_dq(x, dq)) ** 2)
+    d_numba = np.sum((x - quantize_levels(w, step, dq=dq, slice_size=300)) ** 2)
     d_rd = np.sum((x - res.levels[0, 0]) ** 2)
     assert d_rd <= d_greedy * (1 + 1e-6) + 1e-9
     assert d_rd == pytest.approx(d_numba, rel=1e-5, abs=1e-6)
@@ -113,7 +114,7 @@ def _exact_bits(levels, slice_size, dq):
     return 8 * data.size
 
 
-@pytest.mark.parametrize("dq", [False, True])
+@pytest.mark.parametrize("dq", [False, True, 32])
 def test_rate_falls_with_lambda_and_matches_the_coder(dq):
     w = _gauss(1 << 15, seed=3)
     lams = [0.0, 0.05, 0.1, 0.2, 0.4]
@@ -145,7 +146,7 @@ def test_vectorised_equals_single_settings():
             np.testing.assert_array_equal(grid.levels[k, l_], rdquant.rd_levels(w, s, lam, dq=True, slice_size=1024))
 
 
-@pytest.mark.parametrize("dq", [False, True])
+@pytest.mark.parametrize("dq", [False, True, 16])
 def test_tensors_in_one_stream_equal_one_call_each(dq):
     """Slices of several tensors batched together (batches that cross tensor boundaries, a tensor
     smaller than a slice, per-tensor grids and importance) give each tensor what a call of its own
@@ -293,6 +294,22 @@ def small_sweep():
                           slice_size=2048)
 
 
+def test_sweep_of_a_larger_trellis_is_what_encode_codes():
+    t = _small_model()
+    res = gpucabac.sweep(t, [2.0 ** -6], [0.0, 0.15], methods=("dq", "dq64"), slice_size=2048)
+    by = {(m["method"], m["lam"]): m for m in res.model}
+    for lam in (0.0, 0.15):
+        m = by["dq64", lam]
+        data = gpucabac.encode({k: t[k] for k in ("fc1.weight", "fc2.weight")}, step=2.0 ** -6, lam=lam, dq=64,
+                               slice_size=2048)
+        assert {i.mode for i in gpucabac.info(data).tensors} == {"dq64"}
+        assert sum(i.coded_bytes + i.header_bytes for i in gpucabac.info(data).tensors) * 8 == m["exact_bits"]
+        # the larger trellis reaches a lower distortion at the same step (same reconstruction grid)
+        assert m["sse"] < by["dq", lam]["sse"]
+    op = gpucabac.choose_operating_point(res, "dq64", target_bpw=by["dq64", 0.15]["exact_bpw"])
+    assert op.dq == 64 and op.method == "dq64"
+
+
 def test_sweep_rows_and_aggregates(small_sweep):
     res = small_sweep
     assert {r["tensor"] for r in res.rows} == {"fc1.weight", "fc2.weight"}  # 1-D tensors are not swept
@@ -303,7 +320,7 @@ def test_sweep_rows_and_aggregates(small_sweep):
         assert m["exact_bits"] == sum(r["exact_bits"] for r in rs)
         # the exact rate is the real container's: encode with the same settings
         data = gpucabac.encode({k: t[k] for k in ("fc1.weight", "fc2.weight")}, step=m["step"], lam=m["lam"],
-                               dq=m["method"] == "dq", slice_size=2048)
+                               dq=container.mode_dq(m["method"]), slice_size=2048)
         assert sum(i.coded_bytes + i.header_bytes for i in gpucabac.info(data).tensors) * 8 == m["exact_bits"]
         assert m["est_bits"] == pytest.approx(sum(r["est_payload_bits"] + r["header_bits"] for r in rs))
         assert abs(m["est_bits"] - m["exact_bits"]) <= 0.02 * m["exact_bits"]
