@@ -1,9 +1,10 @@
 """Per-tensor steps on MiniLM chosen by a sweep instead of the closed-form rule, at equal task quality.
 
 minilm_task.py sets each tensor's step with gpucabac.steps_from_importance (step_t ∝ mean
-sensitivity_t^(-1/2), exact at high rate). Here each tensor is swept instead (DQ, λ = 0, the
-importance-weighted trellis, every tensor at the rule's step times 2^(k/2) for the --qps grid,
-so the choice may move every tensor away from the rule), its weighted error counted as
+sensitivity_t^(-1/2), exact at high rate). Here the tensors are swept instead, in one
+`gpucabac.sweep` with a grid per tensor (DQ, λ = 0, the importance-weighted trellis, every tensor
+at the rule's step times 2^(k/2) for the --qps grid, so the choice may move every tensor away
+from the rule), its weighted error counted as
 `gpucabac sweep --importance` counts it (smoothed importance inside the tensor, importance_scales
 between tensors), and gpucabac.choose_operating_point picks one step per tensor at a common slope
 for each target rate. The targets are the rates of minilm_task's "importance-weighted trellis"
@@ -29,7 +30,6 @@ from _common import RESULTS_DIR, header_md, machine_info, md_table, out_dir, wri
 import gpucabac
 from gpucabac.quantize import step_from_qp
 from gpucabac.rdquant import importance_scales, importance_shapes, steps_from_importance
-from gpucabac.sweep import SweepResult, aggregate
 
 RULE = "gpucabac DQ, importance-weighted trellis, per-tensor steps"
 
@@ -61,20 +61,11 @@ def main() -> None:
     cs = [step_from_qp(int(q)) for q in args.qps.split(",")]
 
     rule_steps = [steps_from_importance(sens, c) for c in cs]  # the rule's own settings are in every grid
-    rows: list[dict] = []
+    grids = {name: [st[name] for st in rule_steps] for name in coded}
     t = time.perf_counter()
-    for i, (name, x) in enumerate(coded.items()):
-        grid = [st[name] for st in rule_steps]
-        part = gpucabac.sweep({name: x}, grid, [0.0], methods=("dq",),
-                              importance={name: shapes[name]} if name in shapes else None,
-                              tensor_weights={name: scales[name]})
-        rows += part.rows
-        print(f"[{i + 1}/{len(coded)}] {name}: {time.perf_counter() - t:.0f} s", flush=True)
+    res = gpucabac.sweep(coded, grids, [0.0], methods=("dq",), importance=shapes, tensor_weights=scales)
     sweep_seconds = time.perf_counter() - t
-    res = SweepResult(dict(methods=["dq"], tensors=list(coded), importance=True, slice_size=gpucabac.DEFAULT_SLICE_SIZE,
-                           num_gt_flags=gpucabac.DEFAULT_GT_FLAGS, qps=args.qps, exact=True,
-                           tensor_weights=scales, grid="per tensor: steps_from_importance(sensitivity, step_from_qp(qp))"),
-                      rows, aggregate(rows))
+    res.settings.update(qps=args.qps, grid="per tensor: steps_from_importance(sensitivity, step_from_qp(qp))")
     d = out_dir(args.out, False)
     res.to_json(d / "minilm_sweep_choice_sweep.json")  # the per-tensor table the choices come from
 

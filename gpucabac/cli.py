@@ -670,7 +670,7 @@ def sweep(model, output, csv_path, qp_range, steps, qp_density, lams, methods, s
     if csv_path is not None:
         res.to_csv(csv_path)
     key = "exact_bpw" if exact else "est_bpw"
-    rows = [[m["method"], f"{m['step']:.6g}", f"{m['lam']:g}", f"{m['est_bpw']:.4f}",
+    rows = [[m["method"], "per tensor" if m["step"] is None else f"{m['step']:.6g}", f"{m['lam']:g}", f"{m['est_bpw']:.4f}",
              f"{m.get('exact_bpw', float('nan')):.4f}", _fmt_snr(m["snr_db"])] + ([f"{m['task']:.6g}"] if task else [])
             for m in sorted(res.model, key=lambda m: (m["method"], m[key]))]
     headers = ["method", "step", "lam", "est bpw", "exact bpw", "SNR dB"] + ([task_label] if task else [])

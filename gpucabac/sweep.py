@@ -34,14 +34,15 @@ def _header_bytes(name, x, step, mode, n_gt, slice_size, n_used) -> int:
 
 
 _NUMBER = (int, float)
-_MODEL_KEYS = dict(method=str, step=_NUMBER, lam=_NUMBER, numel=int, sse=_NUMBER, wsse=_NUMBER, signal=_NUMBER,
+# a model row's step is None when the tensors had grids of their own (the row is a grid index)
+_MODEL_KEYS = dict(method=str, step=(int, float, type(None)), lam=_NUMBER, numel=int, sse=_NUMBER, wsse=_NUMBER, signal=_NUMBER,
                    est_bits=_NUMBER, est_bpw=_NUMBER, snr_db=_NUMBER)
-_ROW_KEYS = dict(_MODEL_KEYS, tensor=str)  # what choose_operating_point, aggregate and the plots read
+_ROW_KEYS = dict(_MODEL_KEYS, step=_NUMBER, tensor=str)  # what choose_operating_point, aggregate and the plots read
 
 
 @dataclasses.dataclass
 class SweepResult:
-    """rows: one dict per (method, step, lam, tensor); model: one per (method, step, lam)."""
+    """rows: one dict per (method, step, lam, tensor); model: one per (method, grid index, lam)."""
 
     settings: dict
     rows: list[dict]
@@ -99,7 +100,14 @@ def _snr(signal: float, noise: float) -> float:
     return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
-def sweep(tensors: Mapping[str, np.ndarray], steps: Sequence[float], lams: Sequence[float], *,
+def _setting_key(r: dict):
+    """What identifies a row's setting across tensors: its grid index (sweeps that record it) or
+    its step (older sweeps, where every tensor had the same grid)."""
+    return r.get("grid_index", r["step"])
+
+
+def sweep(tensors: Mapping[str, np.ndarray], steps: Sequence[float] | Mapping[str, Sequence[float]],
+          lams: Sequence[float], *,
           methods: Sequence[str] = ("urq", "dq"), slice_size: int = 8192, num_gt_flags: int = 11,
           importance: Mapping[str, np.ndarray] | None = None, tensor_weights: Mapping[str, float] | None = None,
           exact: bool = True, progress: Callable[[int], None] | None = None,
@@ -110,7 +118,10 @@ def sweep(tensors: Mapping[str, np.ndarray], steps: Sequence[float], lams: Seque
     (codec.encode_levels on the chosen levels; payload plus the tensor's header record) when
     `exact`, weighted and plain squared error, MSE and SNR; then the same per model. `progress`
     is called with the number of weight-settings finished. Steps are in weight units; lam in
-    step² per bit (see gpucabac.rdquant).
+    step² per bit (see gpucabac.rdquant). `steps` is one grid for every tensor, or a mapping that
+    gives every swept tensor its own grid (all of one length K, e.g. a rule's step per tensor
+    times common factors): rows record their `grid_index`, and a model row is one grid index
+    (its `step` is None unless the grids agree there).
 
     `importance` F (per tensor, its shape) weights each weight's error in the quantizer and in
     the weighted error; `tensor_weights` (per tensor, a positive number, default 1) multiplies a
@@ -121,7 +132,6 @@ def sweep(tensors: Mapping[str, np.ndarray], steps: Sequence[float], lams: Seque
     from .binarize import used_contexts  # noqa: PLC0415
     from .rdquant import rd_quantize_tensors  # noqa: PLC0415
 
-    steps = [float(s) for s in steps]
     lams = [float(v) for v in lams]
     for m in methods:
         if m not in METHODS:
@@ -141,6 +151,16 @@ def sweep(tensors: Mapping[str, np.ndarray], steps: Sequence[float], lams: Seque
             raise InputError(f"tensor_weights[{n!r}] must be a positive number, got {tensor_weights[n]!r}")
         weights[n] = v
     xs = {n: np.asarray(tensors[n]) for n in names}
+    if isinstance(steps, Mapping):
+        missing = [n for n in names if n not in steps]
+        if missing:
+            raise InputError(f"steps has no grid for the swept tensors {missing}")
+        grids = {n: [float(v) for v in steps[n]] for n in names}
+    else:
+        grids = {n: [float(v) for v in steps] for n in names}
+    K = len(grids[names[0]])
+    if K == 0 or any(len(g) != K for g in grids.values()):
+        raise InputError("every tensor needs a grid of the same, non-zero number of steps")
     total = sum(x.size for x in xs.values())
     imp = {n: np.asarray(importance[n], np.float64).reshape(xs[n].shape) for n in names
            if importance is not None and n in importance}
@@ -151,19 +171,19 @@ def sweep(tensors: Mapping[str, np.ndarray], steps: Sequence[float], lams: Seque
         n_used = len(used_contexts(num_gt_flags, dq))
         by_tensor: dict[str, list[dict]] = {n: [] for n in names}
         # all tensors' slices in one stream per call; steps chunked so that the levels fit level_bytes
-        kc = max(1, min(len(steps), level_bytes // max(1, 4 * total * len(lams)))) if exact else len(steps)
-        for k0 in range(0, len(steps), kc):
-            ks = steps[k0 : k0 + kc]
-            results = rd_quantize_tensors(xs, ks, lams, dq=dq, slice_size=slice_size, num_gt_flags=num_gt_flags,
+        kc = max(1, min(K, level_bytes // max(1, 4 * total * len(lams)))) if exact else K
+        for k0 in range(0, K, kc):
+            chunk = {n: g[k0 : k0 + kc] for n, g in grids.items()}
+            results = rd_quantize_tensors(xs, chunk, lams, dq=dq, slice_size=slice_size, num_gt_flags=num_gt_flags,
                                           importance=imp or None, with_levels=exact)
             for name, x in xs.items():
                 res, S, signal = results[name], min(slice_size, x.size), signals[name]
                 w64 = x.astype(np.float64).reshape(-1) if exact else None
                 f = imp[name].reshape(-1) if name in imp else None
-                for ki, step in enumerate(ks):
+                for ki, step in enumerate(chunk[name]):
                     hdr = _header_bytes(name, x, step, method, num_gt_flags, S, n_used)
                     for li, lam in enumerate(lams):
-                        row = dict(method=method, step=step, lam=lam, tensor=name, numel=int(x.size),
+                        row = dict(method=method, step=step, grid_index=k0 + ki, lam=lam, tensor=name, numel=int(x.size),
                                    est_payload_bits=float(res.bits[ki, li]), header_bits=8 * hdr,
                                    est_bits=float(res.bits[ki, li]) + 8 * hdr,
                                    wsse=weights[name] * float(res.wdist[ki, li]), sse=float(res.dist[ki, li]),
@@ -183,10 +203,11 @@ def sweep(tensors: Mapping[str, np.ndarray], steps: Sequence[float], lams: Seque
                             row["exact_bpw"] = row["exact_bits"] / n
                         by_tensor[name].append(row)
             if progress is not None:
-                progress(total * len(ks) * len(lams))
+                progress(total * len(chunk[names[0]]) * len(lams))
         rows += [r for n in names for r in by_tensor[n]]
     model = aggregate(rows)
-    st = dict(steps=steps, lams=lams, methods=list(methods), slice_size=slice_size, num_gt_flags=num_gt_flags,
+    common = all(g == grids[names[0]] for g in grids.values())
+    st = dict(steps=grids[names[0]] if common else {n: grids[n] for n in names}, lams=lams, methods=list(methods), slice_size=slice_size, num_gt_flags=num_gt_flags,
               importance=importance is not None, exact=exact, tensors=names,
               tensor_weights=None if tensor_weights is None else weights,
               numel=int(total),
@@ -214,7 +235,10 @@ def evaluate_task(result: SweepResult, tensors: Mapping[str, np.ndarray], task: 
         raise InputError(f"the sweep's tensors {missing} are not in the model given to evaluate_task")
     swept = {n: tensors[n] for n in names}
     for m in result.model:
-        rec = quantize(swept, step=m["step"], dq=container.mode_dq(m["method"]), lam=m["lam"], importance=importance,
+        steps = {r["tensor"]: r["step"] for r in result.rows
+                 if (r["method"], _setting_key(r), r["lam"]) == (m["method"], _setting_key(m), m["lam"])}
+        rec = quantize(swept, step=next(iter(steps.values())), tensor_steps=steps, dq=container.mode_dq(m["method"]),
+                       lam=m["lam"], importance=importance,
                        slice_size=result.settings.get("slice_size"), num_gt_flags=result.settings.get("num_gt_flags", 11))
         value = float(task({**tensors, **rec}))
         if not math.isfinite(value):
@@ -226,14 +250,16 @@ def evaluate_task(result: SweepResult, tensors: Mapping[str, np.ndarray], task: 
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
-    """Per (method, step, lam): sums over tensors, then bits/weight, MSE and SNR of the model."""
+    """Per (method, grid index, lam): sums over tensors, then bits/weight, MSE and SNR of the
+    model. The model row's step is the tensors' step when they share it, else None."""
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["method"], r["step"], r["lam"]), []).append(r)
+        groups.setdefault((r["method"], _setting_key(r), r["lam"]), []).append(r)
     out = []
-    for (method, step, lam), rs in groups.items():
+    for (method, _, lam), rs in groups.items():
         n = sum(r["numel"] for r in rs)
-        m = dict(method=method, step=step, lam=lam, numel=n, tensors=len(rs),
+        steps = {r["step"] for r in rs}
+        m = dict(method=method, step=steps.pop() if len(steps) == 1 else None, lam=lam, numel=n, tensors=len(rs),
                  est_bits=sum(r["est_bits"] for r in rs), est_payload_bits=sum(r.get("est_payload_bits", 0.0) for r in rs),
                  sse=sum(r["sse"] for r in rs),
                  wsse=sum(r["wsse"] for r in rs), signal=sum(r["signal"] for r in rs))
@@ -241,6 +267,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
         if all("exact_bits" in r for r in rs):
             m["exact_bits"] = sum(r["exact_bits"] for r in rs)
             m["exact_bpw"] = m["exact_bits"] / n
+        if "grid_index" in rs[0]:
+            m["grid_index"] = rs[0]["grid_index"]
         out.append(m)
     return out
 
@@ -281,7 +309,8 @@ def choose_operating_point(result: SweepResult, method: str, *, target_bpw: floa
     error + μ·bits); every μ at which some tensor's choice changes is tried (the breakpoints of
     the tensors' lower convex hulls, so no range or resolution of μ is assumed), and the best
     allocation meeting the target is kept (least weighted error for a rate target, least rate
-    for a quality target). Otherwise one (step, lam) for all tensors."""
+    for a quality target). Otherwise one setting for all tensors: one (step, lam), or with
+    per-tensor grids one (grid index, lam)."""
     if sum(t is not None for t in (target_bpw, target_snr_db, target_mse)) != 1:
         raise InputError("give exactly one of target_bpw, target_snr_db, target_mse")
     rows = [r for r in result.rows if r["method"] == method]
@@ -309,9 +338,9 @@ def choose_operating_point(result: SweepResult, method: str, *, target_bpw: floa
             if ok(bits, sse) and (best is None or better((bits, wsse), best)):
                 best = (bits, wsse, dict(choice))  # the generator changes `choice` in place
     else:
-        settings = sorted({(r["step"], r["lam"]) for r in rows})
+        settings = sorted({(_setting_key(r), r["lam"]) for r in rows})
         for st in settings:
-            choice = {n: next(r for r in by[n] if (r["step"], r["lam"]) == st) for n in names}
+            choice = {n: next(r for r in by[n] if (_setting_key(r), r["lam"]) == st) for n in names}
             bits, wsse, sse = (math.fsum(c[k] for c in choice.values()) for k in (key, "wsse", "sse"))
             if ok(bits, sse) and (best is None or better((bits, wsse), best)):
                 best = (bits, wsse, choice)

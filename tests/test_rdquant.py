@@ -328,6 +328,42 @@ def test_sweep_rows_and_aggregates(small_sweep):
         break  # one setting is enough for the encode cross-check
 
 
+def test_sweep_with_a_grid_per_tensor(small_sweep, tmp_path):
+    # one grid per tensor: its rows are those of a sweep of that tensor alone over its grid, and
+    # a model row is one grid index (step None where the grids differ there)
+    t = _small_model()
+    grids = {"fc1.weight": [2.0 ** -7, 2.0 ** -6], "fc2.weight": [2.0 ** -5, 2.0 ** -6]}
+    res = gpucabac.sweep(t, grids, [0.0, 0.15], methods=("dq",), slice_size=2048)
+    assert res.settings["steps"] == grids
+    for name, grid in grids.items():
+        alone = gpucabac.sweep({name: t[name]}, grid, [0.0, 0.15], methods=("dq",), slice_size=2048)
+        mine = [r for r in res.rows if r["tensor"] == name]
+        assert [(r["step"], r["lam"], r["exact_bits"], r["sse"]) for r in mine] == [
+            (r["step"], r["lam"], r["exact_bits"], r["sse"]) for r in alone.rows]
+    by = {(m["grid_index"], m["lam"]): m for m in res.model}
+    assert len(by) == 4 and by[1, 0.0]["step"] == 2.0 ** -6 and by[0, 0.0]["step"] is None
+    assert by[0, 0.15]["exact_bits"] == sum(r["exact_bits"] for r in res.rows if r["grid_index"] == 0 and r["lam"] == 0.15)
+    # one setting = one grid index: each tensor at its own step
+    for (i, lam), m in by.items():
+        op = gpucabac.choose_operating_point(res, "dq", target_snr_db=m["snr_db"], per_tensor=False)
+        j = next(j for j in (0, 1) if op.steps == {n: g[j] for n, g in grids.items()})
+        assert op.bits <= m["exact_bits"] and op.bits == by[j, op.lams["fc1.weight"]]["exact_bits"]
+    # the task sees each tensor at its own step
+    seen = []
+    gpucabac.evaluate_task(res, t, lambda m: seen.append({k: m[k] for k in grids}) or 0.0)
+    want = gpucabac.quantize({k: t[k] for k in grids}, dq=True, tensor_steps={n: g[0] for n, g in grids.items()},
+                             slice_size=2048)
+    first = next(i for i, m in enumerate(res.model) if (m["grid_index"], m["lam"]) == (0, 0.0))
+    assert all(np.array_equal(seen[first][k], want[k]) for k in grids)
+    res.to_json(tmp_path / "g.json")
+    back = gpucabac.SweepResult.from_json(tmp_path / "g.json")
+    assert back.model == res.model
+    with pytest.raises(gpucabac.InputError, match="same, non-zero number"):
+        gpucabac.sweep(t, {"fc1.weight": [0.01], "fc2.weight": [0.01, 0.02]}, [0.0])
+    with pytest.raises(gpucabac.InputError, match="no grid for"):
+        gpucabac.sweep(t, {"fc1.weight": [0.01]}, [0.0])
+
+
 def test_operating_point_meets_its_target(small_sweep, tmp_path):
     for per_tensor in (True, False):
         op = gpucabac.choose_operating_point(small_sweep, "dq", target_bpw=4.0, per_tensor=per_tensor)
