@@ -41,6 +41,22 @@ def interp_bpw(curve, s):
     return None
 
 
+def nncodec_dq_points(tensors: dict, qps) -> list[dict]:
+    """NNCodec 2.1.3's DQ (param-opt, one NDU per tensor) at each QP: bits/weight of its coded
+    tensors and the SNR of its dequantized output; [] without experiments/.nncodec-venv."""
+    from nncodec_env import nncodec_python_if_present, run_nncodec
+
+    py = nncodec_python_if_present()
+    points = []
+    for qp in qps if py is not None else ():
+        r, arrays = run_nncodec(tensors, dict(mode="quant", qp=qp, dq=True, repeats=1, return_dequant=True),
+                                python=py, want_arrays=True)
+        bpw = 8 * sum(t["bytes"] for t in r["tensors"]) / sum(t["numel"] for t in r["tensors"])
+        points.append(dict(qp=qp, bpw=bpw, snr_db=snr(tensors, {k: arrays[k]["dequant"] for k in tensors})))
+        print("NNCodec DQ", points[-1], flush=True)
+    return points
+
+
 def plot_savings(res, path, title):
     """Rate saving against NNCodec DQ at equal SNR (%) for every (method, λ), against SNR."""
     import matplotlib
@@ -93,18 +109,8 @@ def main() -> None:
     res = gpucabac.SweepResult(next(iter(parts.values())).settings, rows_all, [m for p in parts.values() for m in p.model])
     res.settings.update(methods=list(parts), lams={m: p.settings["lams"] for m, p in parts.items()}, qps=qps, model=model)
 
-    nnc_pts = []
-    from nncodec_env import nncodec_python_if_present, run_nncodec
-
-    py = nncodec_python_if_present()
-    if py is not None:
-        for qp in qps:
-            r, arrays = run_nncodec(tensors, dict(mode="quant", qp=qp, dq=True, repeats=1, return_dequant=True),
-                                    python=py, want_arrays=True)
-            numel = sum(t["numel"] for t in r["tensors"])
-            bpw = 8 * sum(t["bytes"] for t in r["tensors"]) / numel
-            nnc_pts.append(dict(qp=qp, bpw=bpw, snr_db=snr(tensors, {k: arrays[k]["dequant"] for k in tensors})))
-            print("NNCodec", nnc_pts[-1], flush=True)
+    nnc_pts = nncodec_dq_points(tensors, qps)
+    if nnc_pts:
         res.extra["nncodec"] = [dict(label="NNCodec 2.1.3 DQ (param-opt, 1 NDU/tensor)", points=nnc_pts)]
     res.settings["seconds"] = time.perf_counter() - t0
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from _common import header_md, load_default_model_2d, machine_info, md_table, out_dir, tiny_model, write_results
 from rd_gaussian import SIGMA, TARGET_BPW, at_target, bound_bpw, measure
-from rd_minilm import interp_bpw, snr
+from rd_minilm import interp_bpw, nncodec_dq_points, snr
 
 import gpucabac
 from gpucabac.quantize import step_from_qp
@@ -99,17 +99,7 @@ def minilm(sizes, tensors: dict, qps, S: int) -> dict:
             pts.append(dict(qp=qp, bpw=8 * len(data) / numel, snr_db=snr(tensors, back), seconds=time.perf_counter() - t))
             print(f"MiniLM, {states} states, QP {qp}: {pts[-1]}", flush=True)
         ours[states] = pts
-    nnc = []
-    from nncodec_env import nncodec_python_if_present, run_nncodec
-
-    py = nncodec_python_if_present()
-    if py is not None:
-        for qp in qps:
-            r, arrays = run_nncodec(tensors, dict(mode="quant", qp=qp, dq=True, repeats=1, return_dequant=True),
-                                    python=py, want_arrays=True)
-            bpw = 8 * sum(t["bytes"] for t in r["tensors"]) / sum(t["numel"] for t in r["tensors"])
-            nnc.append(dict(qp=qp, bpw=bpw, snr_db=snr(tensors, {k: arrays[k]["dequant"] for k in tensors})))
-            print("NNCodec DQ", nnc[-1], flush=True)
+    nnc = nncodec_dq_points(tensors, qps)
     for states, pts in ours.items():
         for p in pts:
             for key, curve in (("vs_nncodec", nnc), ("vs_8_states", ours.get(8, []))):

@@ -42,6 +42,7 @@ ONE_BIT = 32768  # BIT_COST units (2^15) per bit
 # |w/Δ| above this loses integer exactness in float32; the RD path refuses such steps.
 MAX_RD_LEVEL = 1 << 22
 HIGH_RATE_LAMBDA = 2.0 * math.log(2.0) / 12.0  # ≈ 0.1155 Δ² per bit
+MAX_LANE_BYTES = 4 << 30  # trace-back memory of one slice at one setting; beyond it a clear error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,6 +379,11 @@ def rd_quantize_tensors(tensors: Mapping, steps: Sequence[float] | Mapping, lams
     n_used = len(used_contexts(cfg.num_gt_flags, cfg.dq))
     flat = {n: _flat_float32(tensors[n]) for n in names}
     S = max(1, min(int(slice_size), max(max(w.size for w in flat.values()), 1)))
+    # the backtracking keeps (source state, index) per weight, state and lane
+    lane_bytes = S * 4 * (2 * cfg.num_states + 1)
+    if with_levels and lane_bytes > MAX_LANE_BYTES:
+        raise InputError(f"a {cfg.num_states}-state trellis over slices of {S} weights needs {lane_bytes / 2**30:.1f} GiB "
+                         f"per setting to trace back; use a smaller slice size")
     grids, scales, inits, ctx, weights = {}, [], {}, [], []
     for name in names:
         w = flat[name]
@@ -441,7 +447,7 @@ def rd_quantize_tensors(tensors: Mapping, steps: Sequence[float] | Mapping, lams
     per_slice = k * l_
     chunk = max(1, min(nrows, max_lanes // per_slice))
     if with_levels:
-        chunk = max(1, min(chunk, level_bytes // max(1, per_slice * S * 4 * (2 * cfg.num_states + 1))))
+        chunk = max(1, min(chunk, level_bytes // max(1, per_slice * lane_bytes)))
     out_rows = [np.zeros((nrows, k, l_)) for _ in range(3)]  # bits, weighted distortion, distortion
     levels = {n: np.zeros((k, l_, c * S), np.int32) for n, c in zip(names, counts)} if with_levels else None
     for start in range(0, nrows, chunk):

@@ -109,6 +109,15 @@ def test_trellis_lambda_zero_distortion_bounds(seed, step, dq):
     assert d_rd == pytest.approx(d_numba, rel=1e-5, abs=1e-6)
 
 
+def test_a_large_trellis_over_huge_slices_is_refused_before_it_allocates():
+    with pytest.raises(InputError, match="smaller slice size"):
+        rdquant.rd_quantize_tensor(np.zeros(2_200_000, np.float32), [0.01], [0.1], dq=256, slice_size=1 << 22)
+    with pytest.raises(InputError, match="smaller slice size"):
+        quantize_levels(np.zeros(9_000_000, np.float32), 0.01, dq=256, slice_size=None)
+    with pytest.raises(InputError, match="trellis size"):
+        quantize_levels(np.zeros(10, np.float32), 0.01, dq=12)
+
+
 def _exact_bits(levels, slice_size, dq):
     _, data, _ = codec.encode_levels(levels, slice_size, dq, N)
     return 8 * data.size
