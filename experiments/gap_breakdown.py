@@ -5,8 +5,9 @@ the settings of rd_gaussian.py), the exact rate is split into steps, each an ent
 levels under a more practical model:
 
   bound       R(D) of a Gaussian at the measured SNR (SNR_dB / 6.02)
-  levels      empirical entropy of the levels given the DQ state (URQ: of the levels), i.e. an
-              ideal entropy coder for this quantizer: bound → levels is the quantizer's own loss
+  levels      empirical entropy of the levels given the DQ state as the contexts see it (s & 7;
+              URQ: of the levels), i.e. an ideal entropy coder for this quantizer and context
+              layout: bound → levels is the quantizer's own loss
   bins        the static (per-tensor) entropy of the regular bins in their contexts, plus one
               bit per Exp-Golomb suffix bin: the cost of the binarization and context choice
   adaptive    the §2.8 cost of the bins under the DeepCABAC estimator from the chosen context
@@ -142,7 +143,7 @@ def main() -> None:
     S = gpucabac.DEFAULT_SLICE_SIZE
     w = (np.random.default_rng(0).standard_normal(args.n) * SIGMA).astype(np.float32)
     cases = {"rounding (URQ), QP −29": (False, -29, 0.0), "DQ λ=0, QP −32": (True, -32, 0.0),
-             "DQ + rate λ=0.3, QP −32": (True, -32, 0.3)}
+             "DQ + rate λ=0.3, QP −32": (True, -32, 0.3), "DQ 256 states + rate λ=0.3, QP −32": (256, -32, 0.3)}
     t0 = time.perf_counter()
     results, rows = {}, []
     for label, (dq, qp, lam) in cases.items():
