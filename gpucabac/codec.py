@@ -181,19 +181,47 @@ def _plan(x: np.ndarray, s: _Settings) -> _Plan:
     return _Plan(mode, float(np.float32(step)), max(1, size), dtype)
 
 
-def _levels(x: np.ndarray, plan: _Plan, num_gt_flags: int = DEFAULT_GT_FLAGS, importance=None) -> np.ndarray:
+def _levels(x: np.ndarray, plan: _Plan) -> np.ndarray:
+    """Levels of a tensor that the plain quantizer codes (rounding or the distortion-only trellis)."""
     if plan.mode == "int":
         return np.ascontiguousarray(x, dtype=np.int64).reshape(-1).astype(np.int32)
-    if plan.lam > 0 or importance is not None:  # rate-distortion quantizer (JAX, DESIGN §4)
-        from .rdquant import rd_levels  # noqa: PLC0415  (jax loads only when used)
-
-        if np.shape(importance) not in ((), x.shape):
-            raise InputError(f"importance weights of shape {np.shape(importance)} do not match the tensor's {x.shape}")
-        levels = rd_levels(x, plan.step, plan.lam, dq=mode_dq(plan.mode), slice_size=plan.slice_size,
-                           num_gt_flags=num_gt_flags, importance=importance)
-        return fit_dtype_range(levels, plan.step, numpy_dtype(plan.dtype), dq=mode_dq(plan.mode))
     levels = quantize_levels(x, plan.step, dq=mode_dq(plan.mode), slice_size=plan.slice_size)
     return fit_dtype_range(levels, plan.step, numpy_dtype(plan.dtype), dq=mode_dq(plan.mode))
+
+
+def _rd_levels(arrays: Mapping[str, np.ndarray], plans: Mapping[str, _Plan], num_gt_flags: int,
+               importance: Mapping[str, np.ndarray] | None, one_slice_per_tensor: bool,
+               progress: Progress | None = None) -> dict[str, np.ndarray]:
+    """Levels of every tensor whose plan asks for the rate-distortion quantizer (lam > 0, or
+    importance weights): the JAX quantizer (DESIGN §4) over the slices of all tensors that share
+    a method and lam as one stream (rdquant.rd_quantize_tensors; the same levels as one
+    rd_levels call per tensor). `progress` gets the weights quantized."""
+    groups: dict = {}
+    for name, plan in plans.items():
+        if plan.mode in ("raw", "int"):
+            continue
+        imp = None if importance is None else importance.get(name)
+        if plan.lam > 0 or imp is not None:
+            if np.shape(imp) not in ((), arrays[name].shape):
+                raise InputError(f"importance weights of shape {np.shape(imp)} do not match the tensor's "
+                                 f"{arrays[name].shape} ({name!r})")
+            # one slice per tensor: slice sizes differ, so such tensors cannot share a stream
+            key = (plan.mode, plan.lam, plan.slice_size if one_slice_per_tensor else 0)
+            groups.setdefault(key, []).append(name)
+    if not groups:
+        return {}
+    from .rdquant import rd_quantize_tensors  # noqa: PLC0415  (jax loads only when used)
+
+    out = {}
+    for (mode, lam, _), names in groups.items():
+        imp = {n: np.broadcast_to(importance[n], arrays[n].shape) for n in names
+               if importance is not None and importance.get(n) is not None}
+        res = rd_quantize_tensors({n: arrays[n] for n in names}, {n: [plans[n].step] for n in names}, [lam],
+                                  dq=mode_dq(mode), slice_size=max(plans[n].slice_size for n in names),
+                                  num_gt_flags=num_gt_flags, importance=imp or None, progress=progress)
+        for n in names:
+            out[n] = fit_dtype_range(res[n].levels[0, 0], plans[n].step, numpy_dtype(plans[n].dtype), dq=mode_dq(mode))
+    return out
 
 
 def _reconstruct(levels: np.ndarray, plan: _Plan, shape) -> np.ndarray:
@@ -322,10 +350,14 @@ def encode(tensors: Mapping[str, np.ndarray], *, step: float | None = None, qp: 
     engine = resolve_device(device, "encode")
     records, payloads, offset = [], [], 0
     with _threads(threads):
-        for name, x in tensors.items():
-            x = _as_array(name, x)
-            plan = _rd_plan(_plan(x, s), name, x.ndim, lam, tensor_steps)
-            imp = None if importance is None else importance.get(name)
+        arrays = {name: _as_array(name, x) for name, x in tensors.items()}
+        plans = {name: _rd_plan(_plan(x, s), name, x.ndim, lam, tensor_steps) for name, x in arrays.items()}
+        # the RD quantizer's share of the work dominates: its tensors advance `progress` as they
+        # are quantized, the others as they are coded
+        rd = _rd_levels(arrays, plans, s.num_gt_flags, importance, s.slice_size is None, progress)
+        for name, x in arrays.items():
+            plan = plans[name]
+            coding_progress = None if name in rd else progress
             if plan.mode == "raw":
                 data = np.frombuffer(np.ascontiguousarray(x).astype(x.dtype.newbyteorder("<")).tobytes(), np.uint8)
                 lengths = np.array([data.size], np.uint32)
@@ -334,14 +366,15 @@ def encode(tensors: Mapping[str, np.ndarray], *, step: float | None = None, qp: 
                 if progress is not None:
                     progress(x.size)
             else:
-                levels = _levels(x, plan, s.num_gt_flags, imp)
+                levels = rd[name] if name in rd else _levels(x, plan)
                 ngt = s.num_gt_flags
                 if engine == "gpu":
                     init, data, lengths, crcs = encode_levels_gpu(levels, plan.slice_size, mode_dq(plan.mode), ngt)
-                    if progress is not None:
-                        progress(x.size)
+                    if coding_progress is not None:
+                        coding_progress(x.size)
                 else:
-                    init, data, lengths = encode_levels(levels, plan.slice_size, mode_dq(plan.mode), ngt, progress=progress)
+                    init, data, lengths = encode_levels(levels, plan.slice_size, mode_dq(plan.mode), ngt,
+                                                        progress=coding_progress)
                     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)[:-1]])
                     crcs = container.slice_crcs(data, offsets, lengths)
             records.append(TensorRecord(name, plan.dtype, tuple(int(d) for d in x.shape), plan.mode, plan.step,
@@ -361,11 +394,13 @@ def quantize(tensors: Mapping[str, np.ndarray], *, step: float | None = None, qp
     s = _settings(step, qp, qp_density, dq, slice_size, num_gt_flags, small_step)
     out = {}
     with _threads(threads):
-        for name, x in tensors.items():
-            x = _as_array(name, x)
-            plan = _rd_plan(_plan(x, s), name, x.ndim, lam, tensor_steps)
-            imp = None if importance is None else importance.get(name)
-            out[name] = x.copy() if plan.mode == "raw" else _reconstruct(_levels(x, plan, s.num_gt_flags, imp), plan, x.shape)
+        arrays = {name: _as_array(name, x) for name, x in tensors.items()}
+        plans = {name: _rd_plan(_plan(x, s), name, x.ndim, lam, tensor_steps) for name, x in arrays.items()}
+        rd = _rd_levels(arrays, plans, s.num_gt_flags, importance, s.slice_size is None)
+        for name, x in arrays.items():
+            plan = plans[name]
+            out[name] = x.copy() if plan.mode == "raw" else _reconstruct(rd[name] if name in rd else _levels(x, plan),
+                                                                         plan, x.shape)
     return out
 
 

@@ -359,13 +359,14 @@ def rd_quantize_tensors(tensors: Mapping, steps: Sequence[float] | Mapping, lams
                         dq: bool = False, slice_size: int = 8192, num_gt_flags: int = 11,
                         importance: Mapping | None = None, ctx_init: Mapping | None = None,
                         with_levels: bool = True, max_lanes: int = 2048, level_bytes: int = 256 << 20,
-                        jit: bool = True) -> dict[str, RDResult]:
+                        jit: bool = True, progress: Callable[[int], None] | None = None) -> dict[str, RDResult]:
     """rd_quantize_tensor for several tensors at once: the slices of all of them form one stream,
     cut into equal batches of lanes (slices × steps × lambdas), so that small tensors share a
     batch instead of each padding its own (and one batch shape is compiled). `steps` is one grid
     for every tensor or a mapping name -> grid (all of the same length K); `importance` and
     `ctx_init` map names to what rd_quantize_tensor takes. A slice never spans two tensors, and
-    every lane runs as it would alone: the results are those of one call per tensor."""
+    every lane runs as it would alone: the results are those of one call per tensor. `progress`
+    is called after every batch with the weight-settings it finished (weights × steps × lambdas)."""
     names = list(tensors)
     lams = np.atleast_1d(np.asarray(lams, np.float32))
     if np.any(~np.isfinite(lams)) or np.any(lams < 0):
@@ -458,6 +459,8 @@ def rd_quantize_tensors(tensors: Mapping, steps: Sequence[float] | Mapping, lams
         out = rd_batch(rw, rf, rv, scales[who], lams, *(c[who] for c in ctx), cfg, jit=jit)
         for acc, o in zip(out_rows, out[:3]):
             acc[start:stop] = np.asarray(o, np.float64)[: stop - start]
+        if progress is not None:
+            progress(int(rv[: stop - start].sum()) * per_slice)
         if with_levels:
             lv = np.asarray(out[3])  # [batch, K, L, S]
             at = 0

@@ -202,6 +202,32 @@ def test_round_trip_with_rd_levels(dq):
                                   gpucabac.quantize(t, lam={"a.weight": 0.1}, tensor_steps={"a.weight": 0.01}, **kw)["a.weight"])
 
 
+@pytest.mark.parametrize("slice_size", [300, None])
+def test_encode_quantizes_rd_tensors_as_one_rd_levels_call_each(slice_size):
+    # encode runs the RD tensors that share a method and lambda as one stream; the levels are
+    # those of rd_levels on each tensor alone, whatever the grouping
+    rng = np.random.default_rng(9)
+    t = {"a": (rng.standard_normal((40, 50)) * 0.02).astype(np.float32),
+         "b": (rng.standard_normal((7, 30)) * 0.03).astype(np.float32),
+         "c": (rng.standard_normal((64, 20)) * 0.01).astype(np.float32),
+         "d": (rng.standard_normal((3, 5)) * 0.02).astype(np.float32)}
+    lam = {"a": 0.2, "b": 0.2, "c": 0.05}
+    imp = {"b": rng.uniform(0.5, 2.0, (7, 30)).astype(np.float32), "d": np.float32(2.0)}
+    steps = {"a": 0.004, "b": 0.006, "c": 0.002, "d": 0.005}
+    done = []
+    data = gpucabac.encode(t, dq=16, lam=lam, importance=imp, tensor_steps=steps, slice_size=slice_size,
+                           progress=done.append)
+    assert sum(done) == sum(x.size for x in t.values())
+    out = gpucabac.decode(data)
+    for name, x in t.items():
+        S = x.size if slice_size is None else slice_size
+        f = None if name not in imp else np.broadcast_to(imp[name], x.shape)
+        lv = rdquant.rd_levels(x, steps[name], lam.get(name, 0.0), dq=16, slice_size=S, importance=f)
+        np.testing.assert_array_equal(out[name], (lv.astype(np.float32) * np.float32(steps[name])).reshape(x.shape))
+    with pytest.raises(InputError, match="do not match"):
+        gpucabac.encode(t, lam=0.1, importance={"a": np.ones((2, 2))})
+
+
 def test_importance_weights():
     w = _gauss(2000, seed=7)
     f = np.ones_like(w)
