@@ -41,7 +41,10 @@ def dq_mode(dq) -> str:
 
 
 def format_version(modes) -> int:
+    """The container version a file with these tensor modes is written as (docs/format.md)."""
     return 2 if any(MODES.index(m) >= V1_MODES for m in modes) else 1
+
+
 # dtype name -> (code in the table, item size in bytes); codes are fixed by the format.
 ITEMSIZE = {
     "float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "int16": 2, "int32": 4,
