@@ -3,8 +3,8 @@ row-major order (the format's only order) and transposed, DQ, at a few QPs.
 
 The significance and sign contexts follow the previous level, so the order decides which
 neighbour predicts a weight: row-major pairs the inputs of one output, transposed the outputs of
-one input. A format that signalled "transposed" per tensor could code each tensor the cheaper way;
-this measures what that would save (not implemented: it needs a format version 2 and both decoders).
+one input. Format version 2 signals a column scan per tensor (for a 2-D tensor: its transpose), and
+`encode(scan="auto")` codes each tensor the cheaper way; this measures what that saves.
 Writes scan_order.{json,md}.
 """
 

@@ -328,6 +328,9 @@ def _operating_point(path: pathlib.Path, tensors: Mapping[str, np.ndarray], targ
                    "rate-distortion bound at the same decoding speed, encode slower, and need format version 2.")
 @click.option("--slice-size", type=_SliceSize(), default=api.DEFAULT_SLICE_SIZE, show_default=True,
               help="Weights per independently coded slice, or 'whole' for one slice per tensor.")
+@click.option("--scan", type=click.Choice(["rows", "columns", "auto"]), default="rows", show_default=True,
+              help="Order of the values of 2-D+ float tensors: row-major, transposed (format version 2), "
+                   "or per tensor whichever codes smaller (twice the work).")
 @click.option("--gt-flags", type=click.IntRange(min=0), default=api.DEFAULT_GT_FLAGS, show_default=True,
               help="Greater-than flags before the Exp-Golomb remainder.")
 @click.option("--small-step", type=_SmallStep(), default=None,
@@ -360,7 +363,7 @@ def _operating_point(path: pathlib.Path, tensors: Mapping[str, np.ndarray], targ
 @click.option("--one-setting", is_flag=True,
               help="With --sweep: one (step, lambda) for all swept tensors instead of one per tensor.")
 @_threads_option
-def encode(model, output, qp, step, qp_density, dq, trellis, slice_size, gt_flags, small_step, lam, importance,
+def encode(model, output, qp, step, qp_density, dq, trellis, slice_size, scan, gt_flags, small_step, lam, importance,
            weighted, sweep_path, target_bpw, target_snr, target_mse, one_setting, threads):
     """Compress MODEL (a .safetensors/.npz/.pt file or a packaged model name) into a .gcb file."""
     if qp is not None and step is not None:
@@ -386,7 +389,7 @@ def encode(model, output, qp, step, qp_density, dq, trellis, slice_size, gt_flag
     tensors = gio.read_model(model)
     weights = _weights(tensors)
     settings = dict(step=step, qp=qp, qp_density=qp_density, dq=dq, slice_size=slice_size,
-                    num_gt_flags=gt_flags, small_step=small_step, threads=threads, lam=lam)
+                    num_gt_flags=gt_flags, small_step=small_step, threads=threads, lam=lam, scan=scan)
     point = None
     if sweep_path is not None:
         method = api.dq_mode(dq) if _explicit("dq") or _explicit("trellis") else None

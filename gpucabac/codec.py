@@ -72,6 +72,7 @@ class TensorInfo:
     num_gt_flags: int
     coded_bytes: int  # payload bytes of all its slices
     header_bytes: int  # bytes of its record in the tensor table
+    scan: str = "rows"  # or "columns": the order its slices hold the values in
 
     @property
     def numel(self) -> int:
@@ -189,45 +190,38 @@ def _levels(x: np.ndarray, plan: _Plan) -> np.ndarray:
     return fit_dtype_range(levels, plan.step, numpy_dtype(plan.dtype), dq=mode_dq(plan.mode))
 
 
-def _rd_levels(arrays: Mapping[str, np.ndarray], plans: Mapping[str, _Plan], num_gt_flags: int,
-               importance: Mapping[str, np.ndarray] | None, one_slice_per_tensor: bool,
-               progress: Progress | None = None) -> dict[str, np.ndarray]:
-    """Levels of every tensor whose plan asks for the rate-distortion quantizer (lam > 0, or
-    importance weights): the JAX quantizer (DESIGN §4) over the slices of all tensors that share
-    a method and lam as one stream (rdquant.rd_quantize_tensors; the same levels as one
-    rd_levels call per tensor). `progress` gets the weights quantized."""
+def _rd_levels(arrays: Mapping, plans: Mapping, num_gt_flags: int, importance: Mapping,
+               one_slice_per_tensor: bool, progress: Progress | None = None) -> dict:
+    """Levels of every array whose plan asks for the rate-distortion quantizer (lam > 0, or
+    importance weights, shaped like the array): the JAX quantizer (DESIGN §4) over the slices of
+    all arrays that share a method and lam as one stream (rdquant.rd_quantize_tensors; the same
+    levels as one rd_levels call each). The three mappings share their keys. `progress` gets
+    the weights quantized."""
     groups: dict = {}
-    for name, plan in plans.items():
-        if plan.mode in ("raw", "int"):
-            continue
-        imp = None if importance is None else importance.get(name)
-        if plan.lam > 0 or imp is not None:
-            if np.shape(imp) not in ((), arrays[name].shape):
-                raise InputError(f"importance weights of shape {np.shape(imp)} do not match the tensor's "
-                                 f"{arrays[name].shape} ({name!r})")
+    for key, plan in plans.items():
+        if plan.mode not in ("raw", "int") and (plan.lam > 0 or key in importance):
             # one slice per tensor: slice sizes differ, so such tensors cannot share a stream
-            key = (plan.mode, plan.lam, plan.slice_size if one_slice_per_tensor else 0)
-            groups.setdefault(key, []).append(name)
+            group = (plan.mode, plan.lam, plan.slice_size if one_slice_per_tensor else 0)
+            groups.setdefault(group, []).append(key)
     if not groups:
         return {}
     from .rdquant import rd_quantize_tensors  # noqa: PLC0415  (jax loads only when used)
 
     out = {}
-    for (mode, lam, _), names in groups.items():
-        imp = {n: np.broadcast_to(importance[n], arrays[n].shape) for n in names
-               if importance is not None and importance.get(n) is not None}
-        res = rd_quantize_tensors({n: arrays[n] for n in names}, {n: [plans[n].step] for n in names}, [lam],
-                                  dq=mode_dq(mode), slice_size=max(plans[n].slice_size for n in names),
-                                  num_gt_flags=num_gt_flags, importance=imp or None, progress=progress)
-        for n in names:
-            out[n] = fit_dtype_range(res[n].levels[0, 0], plans[n].step, numpy_dtype(plans[n].dtype), dq=mode_dq(mode))
+    for (mode, lam, _), keys in groups.items():
+        res = rd_quantize_tensors({k: arrays[k] for k in keys}, {k: [plans[k].step] for k in keys}, [lam],
+                                  dq=mode_dq(mode), slice_size=max(plans[k].slice_size for k in keys),
+                                  num_gt_flags=num_gt_flags, importance={k: importance[k] for k in keys if k in importance} or None,
+                                  progress=progress)
+        for k in keys:
+            out[k] = fit_dtype_range(res[k].levels[0, 0], plans[k].step, numpy_dtype(plans[k].dtype), dq=mode_dq(mode))
     return out
 
 
-def _reconstruct(levels: np.ndarray, plan: _Plan, shape) -> np.ndarray:
+def _reconstruct(levels: np.ndarray, plan: _Plan, shape, scan: str = "rows") -> np.ndarray:
     if plan.mode == "int":
         return levels.astype(numpy_dtype(plan.dtype)).reshape(shape)
-    return dequantize(levels, plan.step, shape, numpy_dtype(plan.dtype))
+    return container.unscan(dequantize(levels, plan.step, (levels.size,), numpy_dtype(plan.dtype)), tuple(shape), scan)
 
 
 @contextlib.contextmanager
@@ -323,12 +317,81 @@ def encode_levels(levels: np.ndarray, slice_size: int, dq: bool | int, num_gt_fl
     return ctx_init, np.concatenate(pieces), lengths.astype(np.uint32)
 
 
+SCAN_CHOICES = ("rows", "columns", "auto")
+
+
+def _code_tensors(tensors, s: _Settings, lam, tensor_steps, importance, scan: str, engine: str,
+                  progress: Progress | None, *, need_bytes: bool):
+    """Per tensor, in order: (name, array, plan, (ctx_init, payload, slice lengths, slice CRCs,
+    N, scan, levels)). The RD quantizer runs first over all tensors that need it (_rd_levels);
+    with scan="auto" every eligible tensor is coded both ways and the smaller kept. Without
+    `need_bytes` (quantize) a tensor with one candidate order is not coded at all."""
+    if scan not in SCAN_CHOICES:
+        raise InputError(f"scan must be one of {SCAN_CHOICES}, got {scan!r}")
+    arrays = {name: _as_array(name, x) for name, x in tensors.items()}
+    plans = {name: _rd_plan(_plan(x, s), name, x.ndim, lam, tensor_steps) for name, x in arrays.items()}
+    orders = {name: [scan] if scan != "auto" else ["rows", "columns"]
+              if container.can_scan_columns(plans[name].mode, plans[name].dtype, x.ndim) else ["rows"]
+              for name, x in arrays.items()}
+    for name, x in arrays.items():
+        if orders[name] == ["columns"] and not container.can_scan_columns(plans[name].mode, plans[name].dtype, x.ndim):
+            orders[name] = ["rows"]  # 1-D, integer and raw tensors keep the row-major order
+    views, view_plans, view_importance = {}, {}, {}
+    for name, x in arrays.items():
+        imp = None if importance is None else importance.get(name)
+        if imp is not None and np.shape(imp) not in ((), x.shape):
+            raise InputError(f"importance weights of shape {np.shape(imp)} do not match the tensor's {x.shape} ({name!r})")
+        for order in orders[name]:
+            views[name, order] = container.scan_view(x, order) if x.ndim >= 2 else x
+            view_plans[name, order] = plans[name]
+            if imp is not None:
+                view_importance[name, order] = container.scan_view(np.broadcast_to(imp, x.shape), order)
+    # the RD quantizer's share of the work dominates: its tensors advance `progress` as they are
+    # quantized (unless each is tried in two orders), the others as they are coded
+    single = all(len(o) == 1 for o in orders.values())
+    rd = _rd_levels(views, view_plans, s.num_gt_flags, view_importance, s.slice_size is None,
+                    progress if single else None)
+    for name, x in arrays.items():
+        plan = plans[name]
+        if plan.mode == "raw":
+            data = np.frombuffer(np.ascontiguousarray(x).astype(x.dtype.newbyteorder("<")).tobytes(), np.uint8)
+            coded = (np.zeros(0, np.uint8), data, np.array([data.size], np.uint32),
+                     np.array([zlib.crc32(data)], np.uint32), 0, "rows", None)
+        else:
+            candidates = []
+            for order in orders[name]:
+                key = (name, order)
+                levels = rd[key] if key in rd else _levels(views[key], plan)
+                if not need_bytes and len(orders[name]) == 1:
+                    candidates.append((None, None, None, None, s.num_gt_flags, order, levels))
+                    continue
+                quiet = key in rd or not single
+                candidates.append(_code_levels(levels, plan, s.num_gt_flags, engine, None if quiet else progress)
+                                  + (s.num_gt_flags, order, levels))
+            coded = min(candidates, key=lambda c: 0 if c[1] is None else c[1].size)  # first of equal sizes: rows
+        if progress is not None and (plan.mode == "raw" or not single):
+            progress(x.size)
+        yield name, x, plan, coded
+
+
+def _code_levels(levels: np.ndarray, plan: _Plan, ngt: int, engine: str, progress: Progress | None):
+    """(ctx_init, payload, slice lengths, slice CRCs) of one tensor's levels on the chosen engine."""
+    if engine == "gpu":
+        init, data, lengths, crcs = encode_levels_gpu(levels, plan.slice_size, mode_dq(plan.mode), ngt)
+        if progress is not None:
+            progress(levels.size)
+        return init, data, lengths, crcs
+    init, data, lengths = encode_levels(levels, plan.slice_size, mode_dq(plan.mode), ngt, progress=progress)
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)[:-1]])
+    return init, data, lengths, container.slice_crcs(data, offsets, lengths)
+
+
 def encode(tensors: Mapping[str, np.ndarray], *, step: float | None = None, qp: int | None = None,
            qp_density: int = 2, dq: bool | int = False, slice_size: int | None = DEFAULT_SLICE_SIZE,
            num_gt_flags: int = DEFAULT_GT_FLAGS, small_step: float | str | None = None,
            threads: int | None = None, progress: Progress | None = None, device: str = "cpu",
            lam: float | Mapping[str, float] = 0.0, tensor_steps: Mapping[str, float] | None = None,
-           importance: Mapping[str, np.ndarray] | None = None) -> bytes:
+           importance: Mapping[str, np.ndarray] | None = None, scan: str = "rows") -> bytes:
     """Compress named tensors into one gpucabac container.
 
     step or qp (NNC QP, step_from_qp) sets the step of tensors with two or more dimensions
@@ -344,41 +407,20 @@ def encode(tensors: Mapping[str, np.ndarray], *, step: float | None = None, qp: 
     rate-aware trellis with dq) minimising F·(w − w')² + lam·step²·bits; a number applies to
     tensors of two or more dimensions, a mapping to the tensors it names. `tensor_steps` gives
     named tensors their own step; `importance` maps names to weights F (default 1). lam = 0
-    without importance is the plain quantizer, byte for byte.
+    without importance is the plain quantizer, byte for byte. `scan`: the order in which the
+    values of coded float tensors of two or more dimensions are quantized and coded: "rows"
+    (row-major), "columns" (the transpose of the tensor viewed as [shape[0], rest]; format
+    version 2), or "auto" (each such tensor both ways, the smaller kept; twice the work).
     """
     s = _settings(step, qp, qp_density, dq, slice_size, num_gt_flags, small_step)
     engine = resolve_device(device, "encode")
     records, payloads, offset = [], [], 0
     with _threads(threads):
-        arrays = {name: _as_array(name, x) for name, x in tensors.items()}
-        plans = {name: _rd_plan(_plan(x, s), name, x.ndim, lam, tensor_steps) for name, x in arrays.items()}
-        # the RD quantizer's share of the work dominates: its tensors advance `progress` as they
-        # are quantized, the others as they are coded
-        rd = _rd_levels(arrays, plans, s.num_gt_flags, importance, s.slice_size is None, progress)
-        for name, x in arrays.items():
-            plan = plans[name]
-            coding_progress = None if name in rd else progress
-            if plan.mode == "raw":
-                data = np.frombuffer(np.ascontiguousarray(x).astype(x.dtype.newbyteorder("<")).tobytes(), np.uint8)
-                lengths = np.array([data.size], np.uint32)
-                crcs = np.array([zlib.crc32(data)], np.uint32)
-                init, ngt = np.zeros(0, np.uint8), 0
-                if progress is not None:
-                    progress(x.size)
-            else:
-                levels = rd[name] if name in rd else _levels(x, plan)
-                ngt = s.num_gt_flags
-                if engine == "gpu":
-                    init, data, lengths, crcs = encode_levels_gpu(levels, plan.slice_size, mode_dq(plan.mode), ngt)
-                    if coding_progress is not None:
-                        coding_progress(x.size)
-                else:
-                    init, data, lengths = encode_levels(levels, plan.slice_size, mode_dq(plan.mode), ngt,
-                                                        progress=coding_progress)
-                    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)[:-1]])
-                    crcs = container.slice_crcs(data, offsets, lengths)
+        for name, x, plan, coded in _code_tensors(tensors, s, lam, tensor_steps, importance, scan, engine, progress,
+                                                  need_bytes=True):
+            init, data, lengths, crcs, ngt, chosen, _ = coded
             records.append(TensorRecord(name, plan.dtype, tuple(int(d) for d in x.shape), plan.mode, plan.step,
-                                        ngt, plan.slice_size, init, offset, lengths, crcs))
+                                        ngt, plan.slice_size, init, offset, lengths, crcs, chosen))
             payloads.append(data)
             offset += data.size
     return container.write(records, np.concatenate(payloads) if payloads else b"")
@@ -389,18 +431,16 @@ def quantize(tensors: Mapping[str, np.ndarray], *, step: float | None = None, qp
              num_gt_flags: int = DEFAULT_GT_FLAGS, small_step: float | str | None = None,
              threads: int | None = None, lam: float | Mapping[str, float] = 0.0,
              tensor_steps: Mapping[str, float] | None = None,
-             importance: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """The tensors exactly as `decode(encode(tensors, **same settings))` returns them."""
+             importance: Mapping[str, np.ndarray] | None = None, scan: str = "rows") -> dict[str, np.ndarray]:
+    """The tensors exactly as `decode(encode(tensors, **same settings))` returns them (with
+    scan="auto" the tensors are coded, to make the same choice)."""
     s = _settings(step, qp, qp_density, dq, slice_size, num_gt_flags, small_step)
     out = {}
     with _threads(threads):
-        arrays = {name: _as_array(name, x) for name, x in tensors.items()}
-        plans = {name: _rd_plan(_plan(x, s), name, x.ndim, lam, tensor_steps) for name, x in arrays.items()}
-        rd = _rd_levels(arrays, plans, s.num_gt_flags, importance, s.slice_size is None)
-        for name, x in arrays.items():
-            plan = plans[name]
-            out[name] = x.copy() if plan.mode == "raw" else _reconstruct(rd[name] if name in rd else _levels(x, plan),
-                                                                         plan, x.shape)
+        for name, x, plan, coded in _code_tensors(tensors, s, lam, tensor_steps, importance, scan, "cpu", None,
+                                                  need_bytes=False):
+            *_, chosen, levels = coded
+            out[name] = x.copy() if plan.mode == "raw" else _reconstruct(levels, plan, x.shape, chosen)
     return out
 
 
@@ -434,7 +474,7 @@ def _decode_record(rec: TensorRecord, payload: np.ndarray, dtype) -> np.ndarray:
         levels = decode_levels(rec, payload)
         if rec.mode == "int" and levels.size:
             check_int_range(rec, int(levels.min()), int(levels.max()))
-        x = _reconstruct(levels, _Plan(rec.mode, rec.step, rec.slice_size, rec.dtype), rec.shape)
+        x = _reconstruct(levels, _Plan(rec.mode, rec.step, rec.slice_size, rec.dtype), rec.shape, rec.scan)
     if dtype is not None and rec.dtype in FLOAT_DTYPES:
         x = x.astype(numpy_dtype(dtype) if isinstance(dtype, str) else dtype)
     return x
@@ -532,7 +572,7 @@ def info(data) -> ContainerInfo:
         total = len(buf)
     tensors = [
         TensorInfo(r.name, r.dtype, r.shape, r.mode, r.step, r.slice_size, r.num_slices, r.num_gt_flags,
-                   r.payload_length, container.record_size(r))
+                   r.payload_length, container.record_size(r), r.scan)
         for r in header.records
     ]
     return ContainerInfo(header.version, total, tensors)

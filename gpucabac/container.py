@@ -26,6 +26,8 @@ PREAMBLE_SIZE = PREAMBLE.size  # 32
 
 MODES = ("urq", "dq", "int", "raw", "dq16", "dq32", "dq64", "dq128", "dq256")
 V1_MODES = 4  # version 1 has the first four; the larger DQ trellises came with version 2
+SCANS = ("rows", "columns")  # scan orders (docs/format.md §3); "columns" came with version 2
+COLUMN_SCAN_BIT = 0x80  # of the mode byte
 DQ_MODES = {"dq": 8, "dq16": 16, "dq32": 32, "dq64": 64, "dq128": 128, "dq256": 256}
 
 
@@ -40,9 +42,29 @@ def dq_mode(dq) -> str:
     return next((m for m, s in DQ_MODES.items() if s == states), "urq")
 
 
-def format_version(modes) -> int:
-    """The container version a file with these tensor modes is written as (docs/format.md)."""
-    return 2 if any(MODES.index(m) >= V1_MODES for m in modes) else 1
+def format_version(records) -> int:
+    """The container version a file with these tensor records is written as (docs/format.md)."""
+    return 2 if any(MODES.index(r.mode) >= V1_MODES or r.scan != "rows" for r in records) else 1
+
+
+def can_scan_columns(mode: str, dtype: str, ndim: int) -> bool:
+    """Whether a tensor may be scanned column-wise: coded float tensors of two or more dimensions."""
+    return (mode == "urq" or mode_dq(mode) > 0) and dtype in FLOAT_DTYPES and ndim >= 2
+
+
+def scan_view(x: np.ndarray, scan: str) -> np.ndarray:
+    """The values of x in scan order, as an array whose row-major order is that scan: x itself
+    ("rows"), or the transpose of x viewed as [shape[0], rest] ("columns")."""
+    if scan == "rows" or x.size == 0:
+        return x
+    return np.ascontiguousarray(x.reshape(x.shape[0], -1).T)
+
+
+def unscan(values: np.ndarray, shape: tuple, scan: str, xp=np):
+    """The tensor of `shape` whose scan (scan_view) is the flat `values` (NumPy or CuPy, `xp`)."""
+    if scan == "rows" or not values.size:
+        return values.reshape(shape)
+    return xp.ascontiguousarray(values.reshape(-1, shape[0]).T).reshape(shape)
 
 
 # dtype name -> (code in the table, item size in bytes); codes are fixed by the format.
@@ -77,6 +99,7 @@ class TensorRecord:
     offset: int  # of the tensor's first slice, from the start of the payload area
     slice_lengths: np.ndarray  # uint32
     slice_crcs: np.ndarray  # uint32
+    scan: str = "rows"  # or "columns" (format version 2): the order the slices hold the values in
 
     @property
     def numel(self) -> int:
@@ -129,7 +152,8 @@ def _record_bytes(rec: TensorRecord) -> bytes:
     name = rec.name.encode("utf-8")
     parts = [
         struct.pack("<H", len(name)), name,
-        struct.pack("<BBBB", DTYPES.index(rec.dtype), MODES.index(rec.mode), len(rec.shape), rec.num_gt_flags),
+        struct.pack("<BBBB", DTYPES.index(rec.dtype), MODES.index(rec.mode) | (COLUMN_SCAN_BIT if rec.scan == "columns" else 0),
+                    len(rec.shape), rec.num_gt_flags),
         struct.pack(f"<{len(rec.shape)}Q", *rec.shape),
         struct.pack("<fII", rec.step, rec.slice_size, rec.num_slices),
     ]
@@ -151,7 +175,7 @@ def record_size(rec: TensorRecord) -> int:
 
 def write(records: list[TensorRecord], payload: bytes | np.ndarray) -> bytes:
     table = b"".join(_record_bytes(r) for r in records)
-    version = format_version(r.mode for r in records)
+    version = format_version(records)
     pre = PREAMBLE.pack(MAGIC, version, 0, len(records), len(table), zlib.crc32(table), 0)
     return b"".join([pre, table, bytes(payload)])
 
@@ -235,11 +259,15 @@ def parse(table: bytes | memoryview, count: int, table_crc: int, file_size: int,
         dcode, mcode, ndim, ngt = f.unpack("BBBB", f"dtype/mode/ndim of {name!r}")
         if dcode >= len(DTYPES):
             raise FormatError(f"tensor {name!r}: unknown dtype code {dcode}")
+        scan = "columns" if version >= 2 and mcode & COLUMN_SCAN_BIT else "rows"
+        mcode &= 0x7F if version >= 2 else 0xFF
         if mcode >= (V1_MODES if version == 1 else len(MODES)):
             raise FormatError(f"tensor {name!r}: unknown coding mode {mcode} (format version {version})")
         dtype, mode = DTYPES[dcode], MODES[mcode]
         if ndim > MAX_NDIM:
             raise FormatError(f"tensor {name!r}: {ndim} dimensions, at most {MAX_NDIM} allowed")
+        if scan == "columns" and not can_scan_columns(mode, dtype, ndim):
+            raise FormatError(f"tensor {name!r}: a column scan needs a coded float tensor of two or more dimensions")
         shape = f.unpack(f"{ndim}Q", f"shape of {name!r}")
         numel = 1
         for d in shape:
@@ -298,7 +326,7 @@ def parse(table: bytes | memoryview, count: int, table_crc: int, file_size: int,
                 raise FormatError(f"tensor {name!r}: slice {s} claims {int(counts[s])} levels in {int(lengths[s])} bytes, more than any valid stream holds")
         expected_offset = offset + length
         records.append(TensorRecord(name, dtype, tuple(int(d) for d in shape), mode, float(step), ngt,
-                                    int(slice_size), init, int(offset), lengths, crcs))
+                                    int(slice_size), init, int(offset), lengths, crcs, scan))
     if f.pos != len(table):
         raise FormatError(f"tensor table has {len(table) - f.pos} unused bytes after the last tensor")
     if expected_offset != payload_size:

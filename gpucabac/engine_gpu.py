@@ -40,7 +40,7 @@ import numpy as np
 
 from . import kernel_source
 from .binarize import MAX_CONTEXTS, dq_states, full_context_init
-from .container import FLOAT_DTYPES, TensorRecord, check_int_range, mode_dq, numpy_dtype, raw_values
+from .container import FLOAT_DTYPES, TensorRecord, check_int_range, mode_dq, numpy_dtype, raw_values, unscan
 from .engine_cpu import DECODE_ERROR_MESSAGES
 from .errors import FormatError, GpucabacError, GpuUnavailableError
 from .tables import DQ_STATE_COUNTS
@@ -447,7 +447,8 @@ def decode_records(records: Sequence[TensorRecord], payload_of: Callable[[Tensor
                 x = x.astype(numpy_dtype(rec.dtype))
             elif _target_dtype(rec, dtype) == "bfloat16":
                 x = k.bfloat16_array(x)
-        result[rec.name] = x.reshape(rec.shape)
+        # a column-scanned tensor is decoded in scan order, then transposed on the device (one copy)
+        result[rec.name] = unscan(x.reshape(-1), rec.shape, rec.scan, xp)
         if progress is not None:
             progress(rec.numel)
     return result

@@ -78,6 +78,11 @@ CASES: dict[str, dict] = {
     "dq256_one_slice": dict(seed=8, params=dict(qp=-34, dq=256, slice_size=None), tensors=[
         ("w", "float32", [9, 14], "bell", 13),
     ]),
+    "dq_columns_s9": dict(seed=9, params=dict(qp=-32, dq=True, slice_size=9, scan="columns"), tensors=[
+        ("conv.weight", "float32", [4, 3, 2, 2], "bell", 15),
+        ("fc.weight", "bfloat16", [5, 7], "bell", 14),
+        ("fc.bias", "float32", [7], "bell", 17),
+    ]),
 }
 
 

@@ -58,6 +58,7 @@ def _float_after(pattern, text):
         ([], dict(qp=-32)),
         (["--qp", "-36", "--dq"], dict(qp=-36, dq=True)),
         (["--qp", "-34", "--trellis", "32"], dict(qp=-34, dq=32)),
+        (["--qp", "-30", "--scan", "auto"], dict(qp=-30, scan="auto")),
         (["--qp", "-34", "--dq", "--trellis", "8"], dict(qp=-34, dq=True)),
         (["--step", "0.004", "--slice-size", "whole"], dict(step=0.004, slice_size=None)),
         (["--qp", "-30", "--slice-size", "100", "--gt-flags", "3", "--threads", "1"],

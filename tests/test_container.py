@@ -55,7 +55,7 @@ def parse_layout(data: bytes):
         shape = list(take(f"{ndim}Q"))
         step, slice_size, nslices = take("fII")
         nctx, ctx = None, None
-        if MODES[mcode] != "raw":
+        if MODES[mcode & 0x7F] != "raw":  # bit 7: column scan (version 2)
             (nctx,) = take("B")
             raw = table[pos : pos + (nctx + 1) // 2]
             pos += (nctx + 1) // 2
@@ -179,6 +179,22 @@ def test_larger_trellis_is_version_2(sample):
     # the same records under a version-1 preamble: mode 6 did not exist then
     with pytest.raises(FormatError, match="unknown coding mode 6 \\(format version 1\\)"):
         gpucabac.decode(build(recs, payload, version=1))
+
+
+def test_column_scan_flag_rules(sample):
+    x = {"w": sample_tensors()["conv.weight"], "b": sample_tensors()["fc.bias"], "i": np.arange(6, dtype=np.int16).reshape(2, 3)}
+    data = gpucabac.encode(x, qp=-30, slice_size=16, scan="columns")
+    pre, recs, payload = parse_layout(data)
+    assert pre["version"] == 2 and [r["mcode"] for r in recs] == [0x80, 0, 2]  # urq | column bit; urq; int
+    assert [t.scan for t in gpucabac.info(data).tensors] == ["columns", "rows", "rows"]
+    # the bit is not a mode of version 1, and not allowed on 1-D or integer tensors
+    with pytest.raises(FormatError, match="unknown coding mode 128 \\(format version 1\\)"):
+        gpucabac.decode(build(recs, payload, version=1))
+    for i in (1, 2):
+        bad = [dict(r) for r in recs]
+        bad[i]["mcode"] |= 0x80
+        with pytest.raises(FormatError, match="column scan needs a coded float tensor"):
+            gpucabac.decode(build(bad, payload, version=2))
 
 
 def test_wrong_magic_version_reserved(sample):

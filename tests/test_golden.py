@@ -34,13 +34,15 @@ def test_manifest_describes_the_cases_and_this_format():
         data = (HERE / "data" / e["file"]).read_bytes()
         assert len(data) == e["bytes"] and make_golden.sha256(data) == e["sha256"]
         info = gpucabac.info(data)
-        version = container.format_version(t.mode for t in info.tensors)
+        version = container.format_version(info.tensors)
         assert data[:8] == container.MAGIC and int.from_bytes(data[8:10], "little") == e["format_version"] == version
         modes |= {t.mode for t in info.tensors}
         slice_sizes.add(e["params"].get("slice_size", gpucabac.DEFAULT_SLICE_SIZE))
         assert {t.dtype for t in info.tensors} == {t["dtype"] for t in e["tensors"]}
     # the set covers every coding mode and the slice sizes 1, 7 and one-per-tensor
     assert modes == {"urq", "dq", "int", "raw", "dq16", "dq256"}
+    scans = {t.scan for e in MANIFEST["cases"] for t in gpucabac.info((HERE / "data" / e["file"]).read_bytes()).tensors}
+    assert scans == {"rows", "columns"}
     assert {1, 7, None} <= slice_sizes
     assert "bfloat16" in {t["dtype"] for e in MANIFEST["cases"] for t in e["tensors"]}
 

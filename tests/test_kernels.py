@@ -553,7 +553,7 @@ def _same(a: np.ndarray, b: np.ndarray, what: str):
 @pytest.mark.parametrize("kw", [
     dict(qp=-32), dict(qp=-36, dq=True), dict(qp=-30, slice_size=7, num_gt_flags=0),
     dict(qp=-38, dq=True, slice_size=64, num_gt_flags=20), dict(qp=-32, slice_size=None, small_step="lossless"),
-    dict(qp=-34, dq=256, slice_size=100),
+    dict(qp=-34, dq=256, slice_size=100), dict(qp=-34, dq=True, slice_size=100, scan="columns"),
     dict(step=0.013, slice_size=1, num_gt_flags=1),
 ])
 def test_container_on_gpu_path_equals_cpu(host_gpu, kw, caplog):
