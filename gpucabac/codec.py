@@ -13,6 +13,7 @@ import math
 import os
 import zlib
 from collections.abc import Callable, Iterable, Mapping
+from typing import NamedTuple
 
 import ml_dtypes
 import numba
@@ -320,29 +321,39 @@ def encode_levels(levels: np.ndarray, slice_size: int, dq: bool | int, num_gt_fl
 SCAN_CHOICES = ("rows", "columns", "auto")
 
 
+class _Coded(NamedTuple):
+    """One tensor as coded: what its record and payload need, and its levels (in scan order)."""
+
+    ctx_init: np.ndarray | None
+    payload: np.ndarray | None  # None: not coded (quantize with a single candidate order)
+    slice_lengths: np.ndarray | None
+    slice_crcs: np.ndarray | None
+    num_gt_flags: int
+    scan: str
+    levels: np.ndarray | None  # None for raw tensors
+
+
 def _code_tensors(tensors, s: _Settings, lam, tensor_steps, importance, scan: str, engine: str,
                   progress: Progress | None, *, need_bytes: bool):
-    """Per tensor, in order: (name, array, plan, (ctx_init, payload, slice lengths, slice CRCs,
-    N, scan, levels)). The RD quantizer runs first over all tensors that need it (_rd_levels);
+    """Per tensor, in order: (name, array, plan, _Coded). The RD quantizer runs first over all
+    tensors that need it (_rd_levels);
     with scan="auto" every eligible tensor is coded both ways and the smaller kept. Without
     `need_bytes` (quantize) a tensor with one candidate order is not coded at all."""
     if scan not in SCAN_CHOICES:
         raise InputError(f"scan must be one of {SCAN_CHOICES}, got {scan!r}")
     arrays = {name: _as_array(name, x) for name, x in tensors.items()}
     plans = {name: _rd_plan(_plan(x, s), name, x.ndim, lam, tensor_steps) for name, x in arrays.items()}
-    orders = {name: [scan] if scan != "auto" else ["rows", "columns"]
+    # 1-D, integer and raw tensors keep the row-major order
+    orders = {name: (["rows", "columns"] if scan == "auto" else [scan])
               if container.can_scan_columns(plans[name].mode, plans[name].dtype, x.ndim) else ["rows"]
               for name, x in arrays.items()}
-    for name, x in arrays.items():
-        if orders[name] == ["columns"] and not container.can_scan_columns(plans[name].mode, plans[name].dtype, x.ndim):
-            orders[name] = ["rows"]  # 1-D, integer and raw tensors keep the row-major order
     views, view_plans, view_importance = {}, {}, {}
     for name, x in arrays.items():
         imp = None if importance is None else importance.get(name)
         if imp is not None and np.shape(imp) not in ((), x.shape):
             raise InputError(f"importance weights of shape {np.shape(imp)} do not match the tensor's {x.shape} ({name!r})")
         for order in orders[name]:
-            views[name, order] = container.scan_view(x, order) if x.ndim >= 2 else x
+            views[name, order] = container.scan_view(x, order)
             view_plans[name, order] = plans[name]
             if imp is not None:
                 view_importance[name, order] = container.scan_view(np.broadcast_to(imp, x.shape), order)
@@ -355,20 +366,21 @@ def _code_tensors(tensors, s: _Settings, lam, tensor_steps, importance, scan: st
         plan = plans[name]
         if plan.mode == "raw":
             data = np.frombuffer(np.ascontiguousarray(x).astype(x.dtype.newbyteorder("<")).tobytes(), np.uint8)
-            coded = (np.zeros(0, np.uint8), data, np.array([data.size], np.uint32),
-                     np.array([zlib.crc32(data)], np.uint32), 0, "rows", None)
+            coded = _Coded(np.zeros(0, np.uint8), data, np.array([data.size], np.uint32),
+                           np.array([zlib.crc32(data)], np.uint32), 0, "rows", None)
         else:
             candidates = []
             for order in orders[name]:
                 key = (name, order)
                 levels = rd[key] if key in rd else _levels(views[key], plan)
                 if not need_bytes and len(orders[name]) == 1:
-                    candidates.append((None, None, None, None, s.num_gt_flags, order, levels))
+                    candidates.append(_Coded(None, None, None, None, s.num_gt_flags, order, levels))
                     continue
                 quiet = key in rd or not single
-                candidates.append(_code_levels(levels, plan, s.num_gt_flags, engine, None if quiet else progress)
-                                  + (s.num_gt_flags, order, levels))
-            coded = min(candidates, key=lambda c: 0 if c[1] is None else c[1].size)  # first of equal sizes: rows
+                candidates.append(_Coded(*_code_levels(levels, plan, s.num_gt_flags, engine, None if quiet else progress),
+                                         s.num_gt_flags, order, levels))
+            # the smaller payload; of equal ones the first, rows
+            coded = min(candidates, key=lambda c: 0 if c.payload is None else c.payload.size)
         if progress is not None and (plan.mode == "raw" or not single):
             progress(x.size)
         yield name, x, plan, coded
@@ -418,11 +430,11 @@ def encode(tensors: Mapping[str, np.ndarray], *, step: float | None = None, qp: 
     with _threads(threads):
         for name, x, plan, coded in _code_tensors(tensors, s, lam, tensor_steps, importance, scan, engine, progress,
                                                   need_bytes=True):
-            init, data, lengths, crcs, ngt, chosen, _ = coded
             records.append(TensorRecord(name, plan.dtype, tuple(int(d) for d in x.shape), plan.mode, plan.step,
-                                        ngt, plan.slice_size, init, offset, lengths, crcs, chosen))
-            payloads.append(data)
-            offset += data.size
+                                        coded.num_gt_flags, plan.slice_size, coded.ctx_init, offset,
+                                        coded.slice_lengths, coded.slice_crcs, coded.scan))
+            payloads.append(coded.payload)
+            offset += coded.payload.size
     return container.write(records, np.concatenate(payloads) if payloads else b"")
 
 
@@ -439,8 +451,7 @@ def quantize(tensors: Mapping[str, np.ndarray], *, step: float | None = None, qp
     with _threads(threads):
         for name, x, plan, coded in _code_tensors(tensors, s, lam, tensor_steps, importance, scan, "cpu", None,
                                                   need_bytes=False):
-            *_, chosen, levels = coded
-            out[name] = x.copy() if plan.mode == "raw" else _reconstruct(levels, plan, x.shape, chosen)
+            out[name] = x.copy() if plan.mode == "raw" else _reconstruct(coded.levels, plan, x.shape, coded.scan)
     return out
 
 
