@@ -87,22 +87,38 @@ def gaussian(sizes, n: int, S: int) -> dict:
     return out
 
 
+def parse_variant(variant: str) -> dict:
+    """"M[+auto][+lamX]": M trellis states; +auto: each tensor in its cheaper scan order; +lamX: the
+    rate-aware trellis at lam X (gpucabac.rdquant), else the distortion-only one."""
+    states, *opts = variant.split("+")
+    out = dict(dq=int(states), scan="rows", lam=0.0)
+    for opt in opts:
+        if opt == "auto":
+            out["scan"] = "auto"
+        elif opt.startswith("lam"):
+            out["lam"] = float(opt[3:])
+        else:
+            raise SystemExit(f"unknown variant option {opt!r} in {variant!r}")
+    return out
+
+
 def minilm(variants, tensors: dict, qps, S: int) -> dict:
-    """variants: "M" (M states, row-major) or "M+auto" (M states, each tensor in its cheaper scan)."""
+    """Exact bpw and SNR of each variant (parse_variant) at each QP, NNCodec's DQ at the same QPs,
+    and the savings at equal SNR against NNCodec and against our 8 states."""
     numel = sum(t.size for t in tensors.values())
     ours = {}
     for variant in variants:
-        states, _, scan = variant.partition("+")
+        v = parse_variant(variant)
         pts = []
         for qp in qps:
             t = time.perf_counter()
-            data = gpucabac.encode(tensors, qp=qp, dq=int(states), slice_size=S, scan=scan or "rows")
+            data = gpucabac.encode(tensors, qp=qp, dq=v["dq"], slice_size=S, scan=v["scan"], lam=v["lam"])
             back = gpucabac.decode(data)
             pts.append(dict(qp=qp, bpw=8 * len(data) / numel, snr_db=snr(tensors, back), seconds=time.perf_counter() - t))
             print(f"MiniLM, {variant}, QP {qp}: {pts[-1]}", flush=True)
         ours[variant] = pts
     nnc = nncodec_dq_points(tensors, qps)
-    for states, pts in ours.items():
+    for pts in ours.values():
         for p in pts:
             for key, curve in (("vs_nncodec", nnc), ("vs_8_states", ours.get("8", []))):
                 ref = interp_bpw([(c["bpw"], c["snr_db"]) for c in curve], p["snr_db"]) if curve else None

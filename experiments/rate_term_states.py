@@ -1,0 +1,78 @@
+"""What the rate term adds to a large trellis: DQ with 8 and 256 states, λ = 0 and λ > 0, on MiniLM.
+
+The rate-aware trellis (gpucabac.rdquant, the adaptive estimator's cost per survivor path) costs
+about 100 s per million weights per setting with 256 states on a 2-core CPU, so the whole model
+(22.7 M weights) is a GPU run; on the CPU this runs on a named subset of its 2-D tensors (default:
+one 384×384 attention matrix and both 1536-wide MLP matrices of different layers, 1.33 M weights),
+with NNCodec 2.1.3's DQ on the same tensors in the same run. Exact file sizes, default slice size.
+
+    python experiments/rate_term_states.py [--tiny] [--all] [--tensors A,B,...] [--variants ...] [--qps ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from _common import header_md, load_default_model_2d, machine_info, md_table, out_dir, tiny_model, write_results
+from rd_minilm import interp_bpw
+from trellis_states import minilm
+
+import gpucabac
+
+SUBSET = ("encoder.layer.0.attention.self.query.weight", "encoder.layer.2.intermediate.dense.weight",
+          "encoder.layer.5.output.dense.weight")
+
+
+def _pct(v):
+    return "-" if v is None else f"{v:+.2f}%"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="smoke run: a tiny random model")
+    ap.add_argument("--all", action="store_true", help="every 2-D tensor of the model (a GPU run)")
+    ap.add_argument("--tensors", default=",".join(SUBSET), help="comma-separated tensor names")
+    ap.add_argument("--variants", default="8,8+lam0.3,256,256+lam0.3",
+                    help="trellis_states.parse_variant: M[+auto][+lamX]")
+    ap.add_argument("--qps", default="-34,-30,-26,-22,-18")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    info = machine_info()
+    t0 = time.perf_counter()
+    if args.tiny:
+        model, tensors = "tiny random", {k: v for k, v in tiny_model().items() if v.ndim == 2}
+    else:
+        model, everything = load_default_model_2d()
+        names = list(everything) if args.all else args.tensors.split(",")
+        missing = [n for n in names if n not in everything]
+        if missing:
+            raise SystemExit(f"no such 2-D tensor in {model}: {', '.join(missing)}")
+        tensors = {n: everything[n] for n in names}
+    qps = [int(q) for q in args.qps.split(",")]
+    variants = args.variants.split(",")
+    net = minilm(variants, tensors, qps, gpucabac.DEFAULT_SLICE_SIZE)
+    # the rate term's own gain: against the same trellis at λ = 0, at equal SNR
+    for variant, pts in net["ours"].items():
+        base = net["ours"].get(variant.split("+lam")[0])
+        for p in pts:
+            ref = interp_bpw([(c["bpw"], c["snr_db"]) for c in base], p["snr_db"]) if base and base is not pts else None
+            p["saving_vs_lam0_pct"] = None if ref is None else 100 * (1 - p["bpw"] / ref)
+    settings = dict(slice_size=gpucabac.DEFAULT_SLICE_SIZE, qps=qps, variants=variants, tensors=list(tensors),
+                    numel=net["numel"], seconds=round(time.perf_counter() - t0))
+    md = header_md("The rate term with 8 and 256 trellis states", info, f"{model}, {len(tensors)} 2-D tensors", settings)
+    md += "\n\n"
+    rows = [[variant, str(p["qp"]), f"{p['bpw']:.4f}", f"{p['snr_db']:.2f}", _pct(p["saving_vs_nncodec_pct"]),
+             _pct(p["saving_vs_lam0_pct"]), f"{p['seconds']:.0f}"]
+            for variant, pts in net["ours"].items() for p in pts]
+    rows += [["NNCodec 2.1.3 DQ", str(p["qp"]), f"{p['bpw']:.4f}", f"{p['snr_db']:.2f}", "", "", ""] for p in net["nncodec"]]
+    md += md_table(["variant (states[+lam λ])", "QP", "bpw (file)", "SNR dB", "saving vs NNCodec DQ at equal SNR",
+                    "saving vs the same trellis at λ = 0", "encode + decode s"], rows)
+    md += ("\n\nSavings are read against the other curve interpolated linearly in SNR; '-' where the point lies "
+           "outside that curve's SNR range.\n")
+    write_results(out_dir(args.out, args.tiny), "rate_term_states", dict(info=info, settings=settings, model=net), md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
