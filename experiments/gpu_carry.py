@@ -10,7 +10,8 @@ experiments/.carry/:
   fetched with pip download;
 
 and prints the one command to run there with the device tool (carry=["experiments/.carry"]):
-build, `pytest -m gpu`, gpu_check.py (bit-exactness + throughput) and bench_rd.py on the GPU.
+build, `pytest -m gpu`, gpu_check.py (bit-exactness + throughput), bench_rd.py and, as far as 4 minutes
+allow, rate_term_states.py (256 states with and without the rate term, every 2-D tensor) on the GPU.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ DEVICE_COMMAND = (
     "(ls experiments/.carry/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-deps --no-index experiments/.carry/*.whl); "
     "python3 -m pytest -q -m gpu tests 2>&1 | tail -5 | tee $OUT/gpu/pytest_gpu.txt; "
     "python3 experiments/gpu_check.py --model experiments/.carry/minilm.gcb --out $OUT/gpu 2>&1 | tail -60; "
-    "python3 experiments/bench_rd.py --model experiments/.carry/minilm.gcb --out $OUT/gpu 2>&1 | tail -20"
+    "python3 experiments/bench_rd.py --model experiments/.carry/minilm.gcb --out $OUT/gpu 2>&1 | tail -20; "
+    "timeout 240 python3 experiments/rate_term_states.py --model experiments/.carry/minilm.gcb --all "
+    "--variants 256,256+lam0.3 --qps=-30,-26,-22 --out $OUT/gpu 2>&1 | tail -20"
 )
 
 

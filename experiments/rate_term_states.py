@@ -6,7 +6,7 @@ about 100 s per million weights per setting with 256 states on a 2-core CPU, so 
 one 384×384 attention matrix and both 1536-wide MLP matrices of different layers, 1.33 M weights),
 with NNCodec 2.1.3's DQ on the same tensors in the same run. Exact file sizes, default slice size.
 
-    python experiments/rate_term_states.py [--tiny] [--all] [--tensors A,B,...] [--variants ...] [--qps ...]
+    python experiments/rate_term_states.py [--tiny] [--model M] [--all] [--tensors A,B,...] [--variants ...] [--qps ...]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ def _pct(v):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="smoke run: a tiny random model")
+    ap.add_argument("--model", default=None, help="a model name, file or .gcb (default: the default model)")
     ap.add_argument("--all", action="store_true", help="every 2-D tensor of the model (a GPU run)")
     ap.add_argument("--tensors", default=",".join(SUBSET), help="comma-separated tensor names")
     ap.add_argument("--variants", default="8,8+lam0.3,256,256+lam0.3",
@@ -43,7 +44,7 @@ def main() -> None:
     if args.tiny:
         model, tensors = "tiny random", {k: v for k, v in tiny_model().items() if v.ndim == 2}
     else:
-        model, everything = load_default_model_2d()
+        model, everything = load_default_model_2d(args.model)
         names = list(everything) if args.all else args.tensors.split(",")
         missing = [n for n in names if n not in everything]
         if missing:
