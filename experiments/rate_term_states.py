@@ -6,7 +6,7 @@ about 100 s per million weights per setting with 256 states on a 2-core CPU, so 
 one 384×384 attention matrix and both 1536-wide MLP matrices of different layers, 1.33 M weights),
 with NNCodec 2.1.3's DQ on the same tensors in the same run. Exact file sizes, default slice size.
 
-    python experiments/rate_term_states.py [--tiny] [--model M] [--all] [--tensors A,B,...] [--variants ...] [--qps ...]
+    python experiments/rate_term_states.py [--tiny] [--model M] [--all] [--tensors A,B,...] [--variants ...] [--qps ...] [--nncodec-qps ...]
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--variants", default="8,8+lam0.3,256,256+lam0.3",
                     help="trellis_states.parse_variant: M[+auto][+lamX]")
     ap.add_argument("--qps", default="-34,-30,-26,-22,-18")
+    ap.add_argument("--nncodec-qps", default=None, help="NNCodec's QPs when not --qps (its curve must bracket our SNRs)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     info = machine_info()
@@ -52,14 +53,15 @@ def main() -> None:
         tensors = {n: everything[n] for n in names}
     qps = [int(q) for q in args.qps.split(",")]
     variants = args.variants.split(",")
-    net = minilm(variants, tensors, qps, gpucabac.DEFAULT_SLICE_SIZE)
+    nnc_qps = qps if args.nncodec_qps is None else [int(q) for q in args.nncodec_qps.split(",")]
+    net = minilm(variants, tensors, qps, gpucabac.DEFAULT_SLICE_SIZE, nnc_qps)
     # the rate term's own gain: against the same trellis at λ = 0, at equal SNR
     for variant, pts in net["ours"].items():
         base = net["ours"].get(variant.split("+lam")[0])
         for p in pts:
             ref = interp_bpw([(c["bpw"], c["snr_db"]) for c in base], p["snr_db"]) if base and base is not pts else None
             p["saving_vs_lam0_pct"] = None if ref is None else 100 * (1 - p["bpw"] / ref)
-    settings = dict(slice_size=gpucabac.DEFAULT_SLICE_SIZE, qps=qps, variants=variants, tensors=list(tensors),
+    settings = dict(slice_size=gpucabac.DEFAULT_SLICE_SIZE, qps=qps, nncodec_qps=nnc_qps, variants=variants, tensors=list(tensors),
                     numel=net["numel"], seconds=round(time.perf_counter() - t0))
     md = header_md("The rate term with 8 and 256 trellis states", info, f"{model}, {len(tensors)} 2-D tensors", settings)
     md += "\n\n"
@@ -71,7 +73,8 @@ def main() -> None:
                     "saving vs the same trellis at λ = 0", "encode + decode s"], rows)
     md += ("\n\nSavings are read against the other curve interpolated linearly in SNR; '-' where the point lies "
            "outside that curve's SNR range.\n")
-    write_results(out_dir(args.out, args.tiny), "rate_term_states", dict(info=info, settings=settings, model=net), md)
+    stem = "rate_term_states_all" if args.all else "rate_term_states"
+    write_results(out_dir(args.out, args.tiny), stem, dict(info=info, settings=settings, model=net), md)
     print(md)
 
 

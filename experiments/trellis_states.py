@@ -102,7 +102,7 @@ def parse_variant(variant: str) -> dict:
     return out
 
 
-def minilm(variants, tensors: dict, qps, S: int) -> dict:
+def minilm(variants, tensors: dict, qps, S: int, nncodec_qps=None) -> dict:
     """Exact bpw and SNR of each variant (parse_variant) at each QP, NNCodec's DQ at the same QPs,
     and the savings at equal SNR against NNCodec and against our 8 states."""
     numel = sum(t.size for t in tensors.values())
@@ -117,7 +117,7 @@ def minilm(variants, tensors: dict, qps, S: int) -> dict:
             pts.append(dict(qp=qp, bpw=8 * len(data) / numel, snr_db=snr(tensors, back), seconds=time.perf_counter() - t))
             print(f"MiniLM, {variant}, QP {qp}: {pts[-1]}", flush=True)
         ours[variant] = pts
-    nnc = nncodec_dq_points(tensors, qps)
+    nnc = nncodec_dq_points(tensors, qps if nncodec_qps is None else nncodec_qps)
     for pts in ours.values():
         for p in pts:
             for key, curve in (("vs_nncodec", nnc), ("vs_8_states", ours.get("8", []))):
