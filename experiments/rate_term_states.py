@@ -73,7 +73,8 @@ def main() -> None:
                     "saving vs the same trellis at λ = 0", "encode + decode s"], rows)
     md += ("\n\nSavings are read against the other curve interpolated linearly in SNR; '-' where the point lies "
            "outside that curve's SNR range.\n")
-    stem = "rate_term_states_all" if args.all else "rate_term_states"
+    # a whole-model run is one QP or a few at a time on a CPU: one result file per QP list
+    stem = f"rate_term_states_all_qp{'_'.join(map(str, qps))}" if args.all else "rate_term_states"
     write_results(out_dir(args.out, args.tiny), stem, dict(info=info, settings=settings, model=net), md)
     print(md)
 
