@@ -4,8 +4,9 @@ Issue 4 asks for ≥ 3% fewer bits than NNCodec 2.1.3's DQ at equal SNR on MiniL
 2–6 bits/weight. This experiment measures how much room the information theory leaves there.
 
 Model: each 2-D tensor t is a memoryless source with the density of its own weights (its
-differential entropy h_t), optionally given a class of its row's or its column's scale (8 classes
-by RMS, the class map signalled at 3 bits a row or column; the smaller rate is kept per tensor).
+differential entropy h_t), optionally given a scale class (8 classes by RMS) of its row or column
+(the class map signalled at 3 bits a row or column) or of the 32 weights before it in either scan
+order (known to a backward-adaptive coder, nothing signalled); the smallest rate is kept per tensor.
 For a memoryless source the Shannon lower bound R_t(D_t) ≥ h_t − ½·log2(2πe·D_t) holds at every
 distortion and is tight as D_t → 0. The model's bound at a total MSE D is the smallest
 Σ n_t·max(0, h_t − ½·log2(2πe·D_t)) over allocations with Σ n_t·D_t = N·D (reverse water-filling;
@@ -65,10 +66,14 @@ def differential_entropy(x: np.ndarray, fine: int = FINE, classes: np.ndarray | 
     return h + math.log2(delta)
 
 
+def _quantile_classes(rms: np.ndarray) -> np.ndarray:
+    """0..SCALE_CLASSES-1 by which of SCALE_CLASSES equally populated ranges each value falls in."""
+    return np.searchsorted(np.quantile(rms, np.arange(1, SCALE_CLASSES) / SCALE_CLASSES), rms)
+
+
 def scale_classes(x: np.ndarray, axis: int) -> np.ndarray:
     """Each weight's class (0..SCALE_CLASSES-1) by the RMS of its row (axis=1) or column (axis=0)."""
-    rms = np.sqrt(np.mean(np.asarray(x, np.float64) ** 2, axis=axis))
-    cls = np.searchsorted(np.quantile(rms, np.arange(1, SCALE_CLASSES) / SCALE_CLASSES), rms)
+    cls = _quantile_classes(np.sqrt(np.mean(np.asarray(x, np.float64) ** 2, axis=axis)))
     return np.repeat(cls, x.shape[1]).reshape(x.shape) if axis == 1 else np.tile(cls, (x.shape[0], 1))
 
 
@@ -79,18 +84,17 @@ def local_scale_classes(x: np.ndarray, window: int = LOCAL_WINDOW) -> np.ndarray
     i = np.arange(x.size)
     lo = np.maximum(0, i - window)
     ms = np.where(i > 0, (sq[i] - sq[lo]) / np.maximum(1, i - lo), sq[-1] / x.size)
-    rms = np.sqrt(ms)
-    return np.searchsorted(np.quantile(rms, np.arange(1, SCALE_CLASSES) / SCALE_CLASSES), rms).reshape(x.shape)
+    return _quantile_classes(np.sqrt(ms)).reshape(x.shape)
 
 
 def tensor_entropies(tensors: dict, fine: int = FINE) -> dict:
     """Per tensor: numel, power, memoryless h, and the smallest h given a scale class: of the
     weight's row or column (side information 3 bits per row/column included, spread over the
     weights), or of the LOCAL_WINDOW weights before it in either scan order (no side information)."""
+    side = math.log2(SCALE_CLASSES)
     out = {}
     for name, w in tensors.items():
         h = differential_entropy(w, fine)
-        side = math.log2(SCALE_CLASSES)
         h_row = differential_entropy(w, fine, scale_classes(w, 1)) + side * w.shape[0] / w.size
         h_col = differential_entropy(w, fine, scale_classes(w, 0)) + side * w.shape[1] / w.size
         h_local = min(differential_entropy(w, fine, local_scale_classes(w)),
@@ -201,7 +205,7 @@ def main() -> None:
     d = out_dir(args.out, args.tiny)
     write_results(d, "minilm_bound", dict(info=info, settings=settings, gaussian_check=gauss,
                                           entropies={str(f): e for f, e in ents.items()}, points=points,
-                                          curves={k: v for k, v in curves.items()}), md)
+                                          curves=curves), md)
     plot(points, curves, d / "minilm_bound.png")
     print(md)
 

@@ -1,10 +1,10 @@
 """What the rate term adds to a large trellis: DQ with 8 and 256 states, λ = 0 and λ > 0, on MiniLM.
 
 The rate-aware trellis (gpucabac.rdquant, the adaptive estimator's cost per survivor path) costs
-about 100 s per million weights per setting with 256 states on a 2-core CPU, so the whole model
-(22.7 M weights) is a GPU run; on the CPU this runs on a named subset of its 2-D tensors (default:
-one 384×384 attention matrix and both 1536-wide MLP matrices of different layers, 1.33 M weights),
-with NNCodec 2.1.3's DQ on the same tensors in the same run. Exact file sizes, default slice size.
+about 110 s per million weights per setting with 256 states on a 2-core CPU, so the whole model
+(22.7 M weights, `--all`) takes about 42 min per QP there. By default this runs on a named subset
+of its 2-D tensors (one 384×384 attention matrix and both 1536-wide MLP matrices of different
+layers, 1.33 M weights), with NNCodec 2.1.3's DQ on the same tensors in the same run. Exact file sizes, default slice size.
 
     python experiments/rate_term_states.py [--tiny] [--model M] [--all] [--tensors A,B,...] [--variants ...] [--qps ...] [--nncodec-qps ...]
 """

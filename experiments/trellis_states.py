@@ -103,8 +103,8 @@ def parse_variant(variant: str) -> dict:
 
 
 def minilm(variants, tensors: dict, qps, S: int, nncodec_qps=None) -> dict:
-    """Exact bpw and SNR of each variant (parse_variant) at each QP, NNCodec's DQ at the same QPs,
-    and the savings at equal SNR against NNCodec and against our 8 states."""
+    """Exact bpw and SNR of each variant (parse_variant) at each QP, NNCodec's DQ at the same QPs
+    (or at `nncodec_qps`), and the savings at equal SNR against NNCodec and against our 8 states."""
     numel = sum(t.size for t in tensors.values())
     ours = {}
     for variant in variants:
