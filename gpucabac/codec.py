@@ -15,13 +15,13 @@ import zlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
 
-import ml_dtypes
 import numba
 import numpy as np
 
 from . import container, engine_cpu
 from .binarize import dq_states, full_context_init, used_contexts
-from .container import FLOAT_DTYPES, ITEMSIZE, TensorRecord, check_int_range, dq_mode, mode_dq, numpy_dtype, raw_values
+from .container import TensorRecord, check_int_range, dq_mode, mode_dq, raw_values
+from .dtypes import FLOAT_DTYPES, cast_float, dtype_name, numpy_dtype
 from .errors import FormatError, GpuUnavailableError, InputError, TensorNotFoundError
 from .quantize import dequantize, fit_dtype_range, quantize_levels, step_from_qp
 from .tables import MAX_ABS_LEVEL, MAX_GT_FLAGS
@@ -153,15 +153,6 @@ def _settings(step, qp, qp_density, dq, slice_size, num_gt_flags, small_step) ->
     except ValueError as e:
         raise InputError(str(e)) from None
     return _Settings(step, dq, None if slice_size is None else int(slice_size), int(num_gt_flags), small_step)
-
-
-def dtype_name(x: np.ndarray) -> str:
-    if x.dtype == ml_dtypes.bfloat16:
-        return "bfloat16"
-    name = x.dtype.name
-    if name not in ITEMSIZE:
-        raise InputError(f"unsupported dtype {x.dtype}; supported: {', '.join(ITEMSIZE)}")
-    return name
 
 
 def _plan(x: np.ndarray, s: _Settings) -> _Plan:
@@ -487,7 +478,7 @@ def _decode_record(rec: TensorRecord, payload: np.ndarray, dtype) -> np.ndarray:
             check_int_range(rec, int(levels.min()), int(levels.max()))
         x = _reconstruct(levels, _Plan(rec.mode, rec.step, rec.slice_size, rec.dtype), rec.shape, rec.scan)
     if dtype is not None and rec.dtype in FLOAT_DTYPES:
-        x = x.astype(numpy_dtype(dtype) if isinstance(dtype, str) else dtype)
+        x = cast_float(x, dtype_name(dtype))
     return x
 
 

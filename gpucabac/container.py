@@ -11,11 +11,11 @@ import math
 import struct
 import zlib
 
-import ml_dtypes
 import numba as nb
 import numpy as np
 
 from .binarize import dq_states, used_contexts
+from .dtypes import DTYPES, FLOAT_DTYPES, ITEMSIZE, numpy_dtype
 from .errors import FormatError
 from .tables import NUM_PRESETS
 
@@ -67,13 +67,6 @@ def unscan(values: np.ndarray, shape: tuple, scan: str, xp=np):
     return xp.ascontiguousarray(values.reshape(-1, shape[0]).T).reshape(shape)
 
 
-# dtype name -> (code in the table, item size in bytes); codes are fixed by the format.
-ITEMSIZE = {
-    "float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "int16": 2, "int32": 4,
-    "int64": 8, "uint8": 1, "bool": 1, "uint16": 2, "uint32": 4, "uint64": 8,
-}
-DTYPES = tuple(ITEMSIZE)
-FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 MAX_NDIM = 8
 MAX_ELEMENTS = 1 << 40
 MAX_GT_FLAGS_FIELD = 20
@@ -344,11 +337,6 @@ def parse_container(buf: bytes | memoryview) -> Header:
 
 # ---------------------------------------------------------------------------------------------
 # What a record's dtype and mode mean for its decoded values (shared by the CPU and GPU decoders)
-
-
-def numpy_dtype(name: str) -> np.dtype:
-    """The NumPy dtype of a dtype name of the format (bfloat16 from ml_dtypes)."""
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
 def raw_values(rec: TensorRecord, payload: np.ndarray) -> np.ndarray:

