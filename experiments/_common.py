@@ -104,9 +104,13 @@ def tiny_model(seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def snr_db(ref: dict[str, np.ndarray], rec: dict[str, np.ndarray]) -> float:
+    """The SNR over every tensor of `ref`, integer ones included (as the committed results were
+    computed; gpucabac.metrics.tensors_snr_db counts the float tensors only)."""
+    from gpucabac.metrics import snr_db as ratio_db
+
     num = sum(float(np.sum(np.square(ref[k].astype(np.float64)))) for k in ref)
     den = sum(float(np.sum(np.square(ref[k].astype(np.float64) - rec[k].astype(np.float64)))) for k in ref)
-    return float("inf") if den == 0 else 10.0 * np.log10(num / den)
+    return ratio_db(num, den)
 
 
 def md_table(header: list[str], rows: list[list]) -> str:
@@ -172,7 +176,7 @@ def save_figure(fig, ax, path) -> None:
     """Legend, tight layout, write at 130 dpi (atomically), close: the common ending of every figure here."""
     import matplotlib.pyplot as plt
 
-    from gpucabac.sweep import save_figure_atomic
+    from gpucabac.sweeps import save_figure_atomic
 
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -10,7 +10,7 @@ levels under a more practical model:
               layout: bound → levels is the quantizer's own loss
   bins        the static (per-tensor) entropy of the regular bins in their contexts, plus one
               bit per Exp-Golomb suffix bin: the cost of the binarization and context choice
-  adaptive    the §2.8 cost of the bins under the DeepCABAC estimator from the chosen context
+  adaptive    the docs/engine.md §2.8 cost of the bins under the DeepCABAC estimator from the chosen context
               initialisation, reset at every slice: the estimator's learning and tracking noise
   exact       the real coder's bytes, slice table (length + CRC-32 per slice) included
 
@@ -33,8 +33,8 @@ from _common import header_md, machine_info, md_table, out_dir, write_results
 import gpucabac
 from gpucabac import codec
 from gpucabac.binarize import MAX_REGULAR_BINS, binarize_level, dq_coded_level, dq_next_state, dq_states
-from gpucabac.quantize import dequantize, step_from_qp
-from gpucabac.engine_cpu import _cost_and_update
+from gpucabac.quantization import dequantize, step_from_qp
+from gpucabac.context_init import _cost_and_update
 from gpucabac.rdquant import context_arrays
 
 SIGMA = 0.02
@@ -76,7 +76,7 @@ def _bin_streams(levels, slice_size, dq, num_gt_flags):
 
 @nb.njit(cache=True)
 def _adaptive_bits(bins, slices, sh0, sh1, s0_init, s1_init):
-    """§2.8 cost of one context's bins under the estimator, reset at every slice start."""
+    """docs/engine.md §2.8 cost of one context's bins under the estimator, reset at every slice start."""
     s0 = np.empty(1, np.int32)
     s1 = np.empty(1, np.int32)
     total = 0

@@ -38,8 +38,10 @@ import _common as C  # noqa: E402  (also puts the repo root on sys.path)
 import ml_dtypes  # noqa: E402
 
 import gpucabac  # noqa: E402
-from gpucabac import codec, container, engine_cpu, engine_gpu  # noqa: E402
-from gpucabac.quantize import dequantize  # noqa: E402
+from gpucabac import codec, container, slices  # noqa: E402
+from gpucabac.context_init import choose_context_init  # noqa: E402
+from gpucabac.engines import gpu as engine_gpu  # noqa: E402
+from gpucabac.quantization import dequantize  # noqa: E402
 from gpucabac.binarize import full_context_init, used_contexts  # noqa: E402
 from gpucabac.tables import NUM_PRESETS  # noqa: E402
 
@@ -84,8 +86,8 @@ class CpuEngine:
     def prepare_decode(self, payload, lengths, n, s, dq, ngt, init, step):
         ctx_init = init[used_contexts(ngt, dq)]
         offs = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)[:-1]])
-        crcs = container.slice_crcs(payload, offs, lengths.astype(np.int64))
-        rec = container.TensorRecord("t", "float32", (n,), container.dq_mode(dq), step, ngt, s, ctx_init, 0,
+        crcs = slices.slice_crcs(payload, offs, lengths.astype(np.int64))
+        rec = container.TensorRecord("t", "float32", (n,), gpucabac.dq_mode(dq), step, ngt, s, ctx_init, 0,
                                      lengths.astype(np.uint32), crcs)
         return rec, payload
 
@@ -102,7 +104,7 @@ class CpuEngine:
 
 
 class GpuEngine:
-    """engine_gpu's kernels through CuPy, timed with CUDA events."""
+    """The GPU engine's kernels (gpucabac.engines.gpu) through CuPy, timed with CUDA events."""
 
     name = "gpu"
 
@@ -181,7 +183,7 @@ def synthetic_levels(rng: np.random.Generator, n: int, dq: int, slice_size: int 
     k[rng.random(n) < 0.01] *= 9
     if not dq:
         return k
-    # DQ: map coded levels k to reconstruction indices r through the trellis of dq states (§3.5)
+    # DQ: map coded levels k to reconstruction indices r through the trellis of dq states (docs/engine.md §3.5)
     from gpucabac.tables import dq_next_table
 
     out = np.empty(n, np.int32)
@@ -292,7 +294,7 @@ def throughput(eng, sizes, slice_sizes, repeats, cpu_check_max, rng, with_nvcomp
         for s in slice_sizes:
             if s > n:
                 continue
-            ctx_init = engine_cpu.choose_context_init(levels_h, s, False, NUM_GT_FLAGS)
+            ctx_init = choose_context_init(levels_h, s, False, NUM_GT_FLAGS)
             init = full_context_init(ctx_init, NUM_GT_FLAGS, False).astype(np.uint8)
             first_payload = None
             t_enc, t_dec = [], []

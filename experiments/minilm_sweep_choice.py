@@ -28,7 +28,7 @@ import _minilm
 from _common import RESULTS_DIR, header_md, machine_info, md_table, out_dir, write_results
 
 import gpucabac
-from gpucabac.quantize import step_from_qp
+from gpucabac.quantization import step_from_qp
 from gpucabac.rdquant import importance_scales, importance_shapes, steps_from_importance
 
 RULE = "gpucabac DQ, importance-weighted trellis, per-tensor steps"
@@ -72,7 +72,9 @@ def main() -> None:
     points = []
     for rp in rule_points:
         op = gpucabac.choose_operating_point(res, "dq", target_bpw=rp["bpw"])
-        blob = gpucabac.encode(coded, dq=True, tensor_steps=op.steps, lam=op.lams, importance=shapes)
+        base = gpucabac.CodingSettings(quantizer="dq")  # the default slice size, as the rule's points
+        blob = gpucabac.encode(coded, base, per_tensor={k: base.replace(step=op.steps[k], lam=op.lams[k]) for k in op.steps},
+                               importance=shapes)
         bpw = 8 * len(blob) / numel
         cos = check.cosine(gpucabac.decode(blob))
         rule = steps_from_importance(sens, rp["c"])

@@ -40,9 +40,9 @@ import _minilm
 from _common import header_md, machine_info, md_table, out_dir, save_figure, write_results
 
 import gpucabac
-from gpucabac.quantize import step_from_qp
+from gpucabac.quantization import step_from_qp
 from gpucabac.rdquant import importance_shapes, steps_from_importance
-from gpucabac.sweep import pareto
+from gpucabac.sweeps import pareto
 
 def nncodec_rate_at(curve: list[tuple[float, float]], loss: float) -> float | None:
     """Rate (bpw) of the lower envelope `curve` [(bpw, loss)] at quality loss `loss`, interpolated
@@ -122,13 +122,16 @@ def main() -> None:
             bits = 8 * sum(t["bytes"] for t in r["tensors"])
             add("NNCodec DQ" if dq else "NNCodec URQ", {k: arrays[k]["dequant"] for k in coded}, bits / numel, qp=qp)
 
-    def ours(label: str, **kw) -> None:
+    def ours(label: str, steps: dict | None = None, importance=None, **kw) -> None:
+        """gpucabac DQ at settings `kw` (CodingSettings fields), each tensor of `steps` at its own step."""
+        base = gpucabac.CodingSettings(quantizer="dq", **kw)
+        per_tensor = None if steps is None else {k: base.replace(step=v) for k, v in steps.items() if k in coded}
         t = time.perf_counter()
-        blob = gpucabac.encode(coded, dq=True, **kw)
+        blob = gpucabac.encode(coded, base, per_tensor=per_tensor, importance=importance)
         seconds = time.perf_counter() - t
         extra = {k: v for k, v in kw.items() if k in ("qp", "lam")}
         add(label, gpucabac.decode(blob), 8 * len(blob) / numel, encode_seconds=round(seconds, 1), **extra,
-            **({"c": kw["step"]} if "tensor_steps" in kw else {}))
+            **({"c": kw["step"]} if steps is not None else {}))
 
     for qp in qps:
         ours("gpucabac DQ, one step", qp=qp)
@@ -143,11 +146,11 @@ def main() -> None:
     fbar = {k: float(sens[k].mean()) for k in coded}
     for qp in qps:
         c = step_from_qp(qp)
-        ours("gpucabac DQ, per-tensor steps", step=c, tensor_steps=steps_from_importance(sens, c))
+        ours("gpucabac DQ, per-tensor steps", step=c, steps=steps_from_importance(sens, c))
     importance = importance_shapes({k: sens[k] for k in coded}, floor=args.floor)
     for qp in [int(q) for q in args.rd_qps.split(",") if q.strip()]:
         c = step_from_qp(qp)
-        ours("gpucabac DQ, importance-weighted trellis, per-tensor steps", step=c, tensor_steps=steps_from_importance(sens, c),
+        ours("gpucabac DQ, importance-weighted trellis, per-tensor steps", step=c, steps=steps_from_importance(sens, c),
              importance=importance, lam=args.lam)
 
     best = lower_envelope([(p["bpw"], p["loss"]) for lab in ("NNCodec URQ", "NNCodec DQ") for p in curves[lab]])

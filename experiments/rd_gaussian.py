@@ -28,7 +28,7 @@ from _common import header_md, machine_info, md_table, out_dir, save_figure, wri
 
 import gpucabac
 from gpucabac import codec
-from gpucabac.quantize import dequantize, step_from_qp
+from gpucabac.quantization import dequantize, step_from_qp
 
 TARGET_BPW = 3.5
 SIGMA = 0.02

@@ -22,8 +22,8 @@ from _common import header_md, load_default_model_2d, machine_info, md_table, ou
 
 import gpucabac
 from gpucabac.io import atomic_write_bytes
-from gpucabac.quantize import step_from_qp
-from gpucabac.sweep import plot_sweeps
+from gpucabac.quantization import step_from_qp
+from gpucabac.sweeps import plot_sweeps
 
 
 def snr(ref, rec):

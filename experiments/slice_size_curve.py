@@ -1,4 +1,4 @@
-"""Rate overhead of slicing against one slice per tensor, on the default model (DESIGN §1).
+"""Rate overhead of slicing against one slice per tensor, on the default model (docs/design.md §1).
 
 For every slice size S: total container bytes with per-tensor chosen context initialisation
 (what gpucabac writes), and with every context starting at preset 0 (p = 1/2), both against the

@@ -34,7 +34,7 @@ from rd_gaussian import SIGMA, TARGET_BPW, at_target, bound_bpw, measure
 from rd_minilm import interp_bpw, nncodec_dq_points, snr
 
 import gpucabac
-from gpucabac.quantize import step_from_qp
+from gpucabac.quantization import step_from_qp
 from gpucabac.tables import DQ_STATE_COUNTS, dq_next_table
 
 

@@ -20,7 +20,8 @@ from .codec import (
     load as load,
     quantize as quantize,
 )
-from .container import dq_mode as dq_mode
+from .engines import available_engines as available_engines
+from .modes import dq_mode as dq_mode
 from .errors import (
     FormatError as FormatError,
     GpucabacError as GpucabacError,
@@ -29,7 +30,8 @@ from .errors import (
     ModelFileError as ModelFileError,
     TensorNotFoundError as TensorNotFoundError,
 )
-from .quantize import quantize_levels as quantize_levels, step_from_qp as step_from_qp
+from .quantization import quantize_levels as quantize_levels, step_from_qp as step_from_qp
+from .settings import CodingSettings as CodingSettings
 from .tables import DQ_STATE_COUNTS as DQ_STATE_COUNTS
 from .rdquant import (
     fisher_diagonal as fisher_diagonal,
@@ -40,21 +42,23 @@ from .rdquant import (
     smooth_importance as smooth_importance,
     steps_from_importance as steps_from_importance,
 )
-from .sweep import (
+from .sweeps import (
     OperatingPoint as OperatingPoint,
     SweepResult as SweepResult,
     choose_operating_point as choose_operating_point,
     evaluate_task as evaluate_task,
+    point_from_sweep as point_from_sweep,
     sweep as sweep,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_GT_FLAGS", "DEFAULT_QP", "DEFAULT_SLICE_SIZE", "DQ_STATE_COUNTS", "ContainerInfo", "TensorInfo", "dq_mode",
+    "DEFAULT_GT_FLAGS", "DEFAULT_QP", "DEFAULT_SLICE_SIZE", "DQ_STATE_COUNTS", "CodingSettings", "ContainerInfo",
+    "TensorInfo", "available_engines", "dq_mode",
     "decode", "encode", "info", "load", "quantize", "quantize_levels", "step_from_qp",
     "OperatingPoint", "SweepResult", "choose_operating_point", "evaluate_task", "fisher_diagonal",
     "importance_scales", "importance_shapes",
-    "output_sensitivity", "rd_levels", "smooth_importance", "steps_from_importance", "sweep",
+    "output_sensitivity", "point_from_sweep", "rd_levels", "smooth_importance", "steps_from_importance", "sweep",
     "FormatError", "GpucabacError", "GpuUnavailableError", "InputError", "ModelFileError", "TensorNotFoundError",
 ]

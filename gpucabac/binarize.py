@@ -1,4 +1,4 @@
-"""Binarization of integer levels and context selection (methods_spec §1.1, §1.3; DESIGN §2).
+"""Binarization of integer levels and context selection (docs/engine.md §1.1, §1.3; docs/format.md §4.2).
 
 A level q (under dependent quantization the coded level k, §3.5) becomes:
   sig, sign (both context coded), up to N greater-than flags, then an order-0 Exp-Golomb remainder
@@ -30,7 +30,8 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from .tables import DQ_NEXT_ALL, DQ_STATE_COUNTS, EG_PREFIX_BINS, MAX_ABS_LEVEL, MAX_GT_FLAGS
+from .modes import dq_states as dq_states  # re-exported: the engines' `dq` argument
+from .tables import DQ_NEXT_ALL, EG_PREFIX_BINS, MAX_ABS_LEVEL, MAX_GT_FLAGS
 
 _DQ_NEXT = DQ_NEXT_ALL.copy()
 
@@ -44,20 +45,6 @@ MAX_REGULAR_BINS = 2 + MAX_GT_FLAGS + EG_PREFIX_BINS
 
 def num_contexts(num_gt_flags: int) -> int:
     return GT + 2 * num_gt_flags + EG_PREFIX_BINS
-
-
-def dq_states(dq) -> int:
-    """The trellis size a `dq` argument means: False/0 → 0 (off), True → NNC's 8 states, or one of
-    8, 16, ..., 256; anything else is a ValueError. The engines index their tables with it."""
-    if isinstance(dq, (bool, np.bool_)) or dq is None:
-        return 8 if dq else 0
-    try:
-        states = int(dq)
-    except (TypeError, ValueError):
-        states = -1
-    if states != dq or (states != 0 and states not in DQ_STATE_COUNTS):
-        raise ValueError(f"dq must be a bool or a trellis size {DQ_STATE_COUNTS}, got {dq!r}")
-    return states
 
 
 def used_contexts(num_gt_flags: int, dq) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The .gcb container (DESIGN §6): fixed preamble, tensor table, slice payloads.
+"""The .gcb container: fixed preamble, tensor table, slice payloads.
 
 docs/format.md is the specification; this module is its only writer and reader. Every field
 read from a file is validated before use, and every failure raises FormatError naming the field.
@@ -11,35 +11,24 @@ import math
 import struct
 import zlib
 
-import numba as nb
 import numpy as np
 
-from .binarize import dq_states, used_contexts
+from .binarize import used_contexts
 from .dtypes import DTYPES, FLOAT_DTYPES, ITEMSIZE, numpy_dtype
 from .errors import FormatError
-from .tables import NUM_PRESETS
+from .modes import QUANTIZERS, mode_dq
+from .tables import MAX_GT_FLAGS, NUM_PRESETS
 
 MAGIC = b"\x89GCB\r\n\x1a\n"
 VERSION = 2  # the newest this gpucabac writes and reads; a file without version-2 modes is written as 1
 PREAMBLE = struct.Struct("<8sHHIQII")  # magic, version, flags, tensor count, table length, table crc, reserved
 PREAMBLE_SIZE = PREAMBLE.size  # 32
 
-MODES = ("urq", "dq", "int", "raw", "dq16", "dq32", "dq64", "dq128", "dq256")
-V1_MODES = 4  # version 1 has the first four; the larger DQ trellises came with version 2
-SCANS = ("rows", "columns")  # scan orders (docs/format.md §3); "columns" came with version 2
+# Coding modes by their code in the mode byte (docs/format.md §3): version 1 has the first four,
+# the larger DQ trellises came with version 2.
+MODES = ("urq", "dq", "int", "raw", *QUANTIZERS[2:])
+V1_MODES = 4
 COLUMN_SCAN_BIT = 0x80  # of the mode byte
-DQ_MODES = {"dq": 8, "dq16": 16, "dq32": 32, "dq64": 64, "dq128": 128, "dq256": 256}
-
-
-def mode_dq(mode: str) -> int:
-    """The trellis size of a coding mode: 0 unless it is dependent quantization."""
-    return DQ_MODES.get(mode, 0)
-
-
-def dq_mode(dq) -> str:
-    """The mode name of a `dq` argument (binarize.dq_states): 'urq' when off."""
-    states = dq_states(dq)
-    return next((m for m, s in DQ_MODES.items() if s == states), "urq")
 
 
 def format_version(records) -> int:
@@ -69,7 +58,6 @@ def unscan(values: np.ndarray, shape: tuple, scan: str, xp=np):
 
 MAX_NDIM = 8
 MAX_ELEMENTS = 1 << 40
-MAX_GT_FLAGS_FIELD = 20
 # A coded slice cannot hold more levels than this per payload byte: a level costs at least about
 # 0.0102 bits (an MPS in the most skewed state at the narrowest range, ~790 levels per byte), so a
 # reader rejects absurd shapes before it allocates anything.
@@ -105,38 +93,6 @@ class TensorRecord:
     @property
     def payload_length(self) -> int:
         return int(self.slice_lengths.sum(dtype=np.int64))
-
-
-# --- checksums ----------------------------------------------------------------------------------
-
-def _crc_table() -> np.ndarray:
-    t = np.zeros(256, np.uint32)
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ 0xEDB88320 if c & 1 else c >> 1
-        t[i] = c
-    return t
-
-
-_CRC_TABLE = _crc_table()
-
-
-@nb.njit(parallel=True, cache=True)
-def _slice_crcs(data, offsets, lengths, out):
-    for s in nb.prange(lengths.shape[0]):
-        c = np.uint32(0xFFFFFFFF)
-        o = offsets[s]
-        for j in range(lengths[s]):
-            c = _CRC_TABLE[(c ^ data[o + j]) & 0xFF] ^ (c >> np.uint32(8))
-        out[s] = c ^ np.uint32(0xFFFFFFFF)
-
-
-def slice_crcs(data: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """CRC-32 (zlib's polynomial) of every slice data[offsets[s]:offsets[s]+lengths[s]]."""
-    out = np.empty(lengths.shape[0], np.uint32)
-    _slice_crcs(data, offsets.astype(np.int64), lengths.astype(np.int64), out)
-    return out
 
 
 # --- writer ---------------------------------------------------------------------------------------
@@ -201,11 +157,6 @@ class Header:
     payload_start: int  # file offset of the payload area
     payload_size: int
 
-    def find(self, name: str) -> TensorRecord:
-        for r in self.records:
-            if r.name == name:
-                return r
-        raise KeyError(name)
 
 
 def read_preamble(buf: bytes | memoryview) -> tuple[int, int, int, int]:
@@ -273,8 +224,8 @@ def parse(table: bytes | memoryview, count: int, table_crc: int, file_size: int,
                 raise FormatError(f"tensor {name!r}: a raw tensor has one slice, slice size 0 and no flags")
             init = np.zeros(0, np.uint8)
         else:
-            if ngt > MAX_GT_FLAGS_FIELD:
-                raise FormatError(f"tensor {name!r}: {ngt} greater-than flags, at most {MAX_GT_FLAGS_FIELD}")
+            if ngt > MAX_GT_FLAGS:
+                raise FormatError(f"tensor {name!r}: {ngt} greater-than flags, at most {MAX_GT_FLAGS}")
             if not (math.isfinite(step) and step > 0):
                 raise FormatError(f"tensor {name!r}: step {step} is not a positive finite number")
             if dtype in FLOAT_DTYPES and mode == "int":

@@ -1,4 +1,4 @@
-"""Rate-distortion quantization in JAX (DESIGN §4; methods_spec §2.2, §2.8, §3.2, §3.4, §3.5).
+"""Rate-distortion quantization in JAX (docs/design.md §4; docs/engine.md §2.2, §2.8, §3.2, §3.4, §3.5).
 
 Per weight i of a slice (x_i = w_i / Δ, the weight in step units) the quantizer minimises
 
@@ -7,7 +7,7 @@ Per weight i of a slice (x_i = w_i / Δ, the weight in step units) the quantizer
 where R is the cost in bits of the level's bins under the adaptive estimator's *current* context
 states: BIT_COST of §2.8 for regular bins, one bit per bypass bin, and the states updated after
 every decision with the exact integer update of the engine (§2.2). Every slice starts from the
-tensor's signalled context initialisation, neighbour 0 and DQ state 0, as the coder does (DESIGN §1).
+tensor's signalled context initialisation, neighbour 0 and DQ state 0, as the coder does (docs/design.md §1).
 In absolute units the objective is F·(w − rΔ)² + lam·Δ²·R; lam ≈ 0.12 is the high-rate slope
 of a uniform quantizer (2 ln 2 · Δ²/12 per bit).
 
@@ -35,13 +35,13 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from .binarize import GT, SIGN, dq_states, num_contexts, used_contexts
+from .dtypes import is_float
 from .errors import InputError
-from .tables import BIT_COST, CURVE, MAX_GT_FLAGS, PRESETS, dq_next_table
+from .tables import BIT_COST, CURVE, MAX_GT_FLAGS, PRESET_STATES, dq_next_table
 
 ONE_BIT = 32768  # BIT_COST units (2^15) per bit
 # |w/Δ| above this loses integer exactness in float32; the RD path refuses such steps.
 MAX_RD_LEVEL = 1 << 22
-HIGH_RATE_LAMBDA = 2.0 * math.log(2.0) / 12.0  # ≈ 0.1155 Δ² per bit
 MAX_LANE_BYTES = 4 << 30  # trace-back memory of one slice at one setting; beyond it a clear error
 
 
@@ -134,7 +134,7 @@ def _costs(s0, s1):
 
 
 def _update(s0, s1, sh0, sh1, mask, bit):
-    """engine_cpu._update on every context where mask holds (§2.2)."""
+    """The CPU engine's context update (engines/cpu.py `_update`) on every context where mask holds."""
     jnp = _jax().numpy
     curve = jnp.asarray(CURVE)
     sigma = 2 * bit - 1
@@ -283,13 +283,13 @@ def rd_batch(w, f, n_valid, scales, lams, s0, s1, sh0, sh1, cfg: RDConfig, *, ji
 
 def _flat_float32(x) -> np.ndarray:
     w = np.ascontiguousarray(x).reshape(-1)
-    if w.dtype.kind != "f" and w.dtype.name != "bfloat16":
+    if not is_float(w):
         raise InputError(f"RD quantization needs a floating-point tensor, got {w.dtype}")
     return w.astype(np.float32, copy=False)
 
 
 def scale_of(step: float) -> np.float32:
-    """1/Δ in float32, computed as quantize.quantize_levels does for float32 tensors."""
+    """1/Δ in float32, computed as quantization.quantize_levels does for float32 tensors."""
     return np.float32(1.0 / np.float32(np.float32(step)))
 
 
@@ -298,19 +298,15 @@ def context_arrays(ctx_init: np.ndarray, num_gt_flags: int, dq: bool):
     c = num_contexts(num_gt_flags)
     pre = np.zeros(c, np.int64)
     pre[used_contexts(num_gt_flags, dq)] = np.asarray(ctx_init, np.int64)
-    p = PRESETS[pre]
-    sh0 = p[:, 0] + 4
-    sh1 = p[:, 1]
-    s0 = p[:, 3]
-    s1 = p[:, 2] - 16 * p[:, 3]
+    s0, s1, sh0, sh1 = PRESET_STATES[pre].T
     return tuple(a.astype(np.int32) for a in (s0, s1, sh0, sh1))
 
 
 def initial_context(x: np.ndarray, step: float, *, dq: bool, slice_size: int, num_gt_flags: int) -> np.ndarray:
     """The tensor's context init chosen from its plain levels (rounding, or the distortion-only
     trellis), the way the encoder would choose it for them."""
-    from .engine_cpu import choose_context_init  # noqa: PLC0415  (the encoder's one definition)
-    from .quantize import quantize_levels  # noqa: PLC0415
+    from .context_init import choose_context_init  # noqa: PLC0415  (the encoder's one definition)
+    from .quantization import quantize_levels  # noqa: PLC0415
 
     levels = quantize_levels(x, step, dq=dq, slice_size=slice_size)
     return choose_context_init(levels, slice_size, dq, num_gt_flags)
@@ -486,7 +482,7 @@ def rd_levels(x, step: float, lam: float, *, dq: bool = False, slice_size: int =
     res = rd_quantize_tensor(x, [step], [lam], dq=dq, slice_size=slice_size, num_gt_flags=num_gt_flags,
                              importance=importance)
     for _ in range(max(0, int(iterations) - 1)):
-        from .engine_cpu import choose_context_init  # noqa: PLC0415
+        from .context_init import choose_context_init  # noqa: PLC0415
 
         S = max(1, min(int(slice_size), max(np.size(x), 1)))
         init = choose_context_init(res.levels[0, 0], S, dq, num_gt_flags)

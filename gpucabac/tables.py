@@ -1,4 +1,4 @@
-"""The constant tables of the DeepCABAC/NNC engine, defined once (methods_spec §2, §3.5).
+"""The constant tables of the DeepCABAC/NNC engine, defined once (docs/engine.md §2, §3.5).
 
 Both engines read these: the numba reference imports the arrays, and the CUDA sources get them
 through a generated header (see `cuda_header`), so a table can never differ between paths.
@@ -44,7 +44,7 @@ PRESETS = np.array(
         [2, 6, -673, -21],
         [3, 5, 0, 0],
         [3, 5, 962, 30],
-        # gpucabac's additions (DESIGN §3): more starting probabilities at NNC's default rates.
+        # gpucabac's additions (docs/design.md §3): more starting probabilities at NNC's default rates.
         [1, 4, -3039, -95],
         [1, 4, -2000, -63],
         [1, 4, -654, -20],
@@ -56,6 +56,18 @@ PRESETS = np.array(
     dtype=np.int32,
 )
 NUM_PRESETS = len(PRESETS)
+
+
+def _preset_states() -> np.ndarray:
+    """[NUM_PRESETS, 4] the probability model's starting registers of every preset, in the order
+    (S0, S1, sh0, sh1) (docs/format.md §4.1): S0 = S0_init, S1 = P_init − 16·S0_init, and the
+    shift amounts sh0 = SH0 + 4, sh1 = SH1. Every estimator (both coders, the context-init choice,
+    the JAX rate model) starts from these; the CUDA kernels apply the same formula to PRESETS."""
+    sh0, sh1, p_init, s0_init = PRESETS.T
+    return np.stack([s0_init, p_init - 16 * s0_init, sh0 + 4, sh1], axis=1).astype(np.int32)
+
+
+PRESET_STATES = _preset_states()
 
 # §3.5: dependent quantization, next state by (state, parity of the coded level k).
 DQ_NEXT_STATE = np.array(
@@ -112,10 +124,6 @@ def dq_next_table(states: int) -> np.ndarray:
 DQ_NEXT_ALL = np.concatenate([dq_next_table(s).ravel() for s in DQ_STATE_COUNTS]).astype(np.int32)
 
 
-def dq_table_offset(states: int) -> int:
-    return 2 * states - 16
-
-
 def _bit_cost_table() -> np.ndarray:
     """§2.8: cost in bits·2^15 of coding a 0 (column 0) or a 1 (column 1) from state bucket
     i = 512 + (P >> 3). Encoder decisions only (context-init choice, rate estimates); the
@@ -139,3 +147,21 @@ BIT_COST_ONE = 32768  # one bypass bin, in the same 2^15 units
 MAX_GT_FLAGS = 20
 EG_PREFIX_BINS = 31
 MAX_ABS_LEVEL = (1 << 30) - 1
+
+# §2.6: shifts that bring a sub-range x in 1..511 back to [256, 511]: 9 - bit_length(x), i.e.
+# clz32(x) - 23 (entry 0 is unused).
+RENORM = np.array([0] + [9 - int(x).bit_length() for x in range(1, 512)], dtype=np.int32)
+
+
+def _crc32_table() -> np.ndarray:
+    t = np.zeros(256, np.uint32)
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0xEDB88320 if c & 1 else c >> 1
+        t[i] = c
+    return t
+
+
+# The slice checksum: CRC-32 with zlib's reflected polynomial 0xEDB88320, one entry per byte value.
+CRC32 = _crc32_table()

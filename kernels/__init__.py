@@ -1,5 +1,5 @@
 """The CUDA sources of gpucabac's GPU engine, shipped as package data (`gpucabac.kernels`).
 
 The repository keeps them in the top-level kernels/ directory; pyproject.toml maps it into the
-package. gpucabac/kernel_source.py reads and assembles them; gpucabac/engine_gpu.py compiles them.
+package. gpucabac/engines/kernel_source.py reads and assembles them; gpucabac/engines/gpu.py compiles them.
 """

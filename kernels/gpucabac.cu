@@ -1,12 +1,12 @@
-// gpucabac's CUDA kernels (DESIGN §5), loaded by gpucabac/engine_gpu.py with CuPy's RawModule
-// after gpucabac.kernel_source.assemble() has inlined the headers below.
+// gpucabac's CUDA kernels (docs/design.md §2), loaded by gpucabac/engines/gpu.py with CuPy's RawModule
+// after gpucabac.engines.kernel_source.assemble() has inlined the headers below.
 //
 // One thread per slice. Each thread keeps its slice's context states in dynamic shared memory
 // (GC_MAX_CONTEXTS words per thread, interleaved so a warp's threads never share a bank); the
 // small tables are copied from constant memory into shared memory at block start, because the
 // threads of a warp index them at different places (constant memory would serialise that).
 //
-// Launch contract (engine_gpu.py owns it): block size = any multiple of 32 up to 1024 for the
+// Launch contract (gpucabac/engines/gpu.py owns it): block size = any multiple of 32 up to 1024 for the
 // decode and encode kernels, with dynamic shared memory = blockDim.x * GC_MAX_CONTEXTS * 4 bytes;
 // any grid (the kernels loop over their items with a grid stride).
 #include "compat.cuh"
@@ -20,7 +20,7 @@ struct GcSharedTables {
     unsigned char renorm[512];
     unsigned char dq_next[GC_DQ_NEXT_SIZE];
     int curve[32];
-    int presets[4 * GC_NUM_PRESETS];
+    int preset_states[4 * GC_NUM_PRESETS];
     unsigned int crc32[256];
 };
 
@@ -33,12 +33,12 @@ __device__ __forceinline__ GcTables gc_load_tables(GcSharedTables& s) {
             s.rlps[i] = gc_rlps_dev[i];
             s.crc32[i] = gc_crc32_dev[i];
         }
-        if (i < 4 * GC_NUM_PRESETS) s.presets[i] = gc_presets_dev[i];
+        if (i < 4 * GC_NUM_PRESETS) s.preset_states[i] = gc_preset_states_dev[i];
         if (i < 32) s.curve[i] = gc_curve_dev[i];
     }
     for (int i = threadIdx.x; i < GC_DQ_NEXT_SIZE; i += blockDim.x) s.dq_next[i] = gc_dq_next_dev[i];
     __syncthreads();
-    GcTables t = {s.rlps, s.curve, s.renorm, s.dq_next, s.presets, s.crc32};
+    GcTables t = {s.rlps, s.curve, s.renorm, s.dq_next, s.preset_states, s.crc32};
     return t;
 }
 

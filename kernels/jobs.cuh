@@ -1,6 +1,6 @@
 // The work of one GPU thread, as __host__ __device__ functions over flat tables: the kernels of
 // gpucabac.cu call them with their thread index, tests/test_kernels.py calls them in a loop on the
-// CPU with the very tables gpucabac/engine_gpu.py builds. Everything a kernel adds on top is the
+// CPU with the very tables gpucabac/engines/gpu.py builds. Everything a kernel adds on top is the
 // thread index and shared-memory copies of the tables.
 #ifndef GPUCABAC_JOBS_CUH
 #define GPUCABAC_JOBS_CUH

@@ -1,7 +1,7 @@
 // The per-slice coder of the GPU engine: encode one slice, decode one slice, bound one slice.
 //
-// A transcription of gpucabac/engine_cpu.py (encode_slice, decode_slice, slice_bounds) and
-// binarize.py into __host__ __device__ C++: the same binarization (methods_spec §1.1), context
+// A transcription of gpucabac/engines/cpu.py (encode_slice, decode_slice) and gpucabac/slices.py (slice_bounds) and
+// binarize.py into __host__ __device__ C++: the same binarization (docs/engine.md §1.1), context
 // layout (§1.3 as binarize.py numbers it), estimator (§2.2), LPS table and register arithmetic
 // (§2.3-2.7), DQ mapping (§3.5), terminate bin, flush and end checks, and the same error codes.
 // Integers only. tests/test_kernels.py compiles this file with g++ and holds it to the numba
@@ -19,13 +19,13 @@ struct GcTables {
     const int* curve;              // 32
     const unsigned char* renorm;   // 512
     const unsigned char* dq_next;  // every trellis size, tables.DQ_NEXT_ALL
-    const int* presets;            // 16 x 4: SH0, SH1, P_init, S0_init
+    const int* preset_states;      // 16 x 4: S0, S1, sh0, sh1 (tables.PRESET_STATES)
     const unsigned int* crc32;     // 256
 };
 
 #if !defined(__CUDACC__)
 static inline GcTables gc_host_tables() {
-    GcTables t = {gc_rlps_host, gc_curve_host, gc_renorm_host, gc_dq_next_host, gc_presets_host, gc_crc32_host};
+    GcTables t = {gc_rlps_host, gc_curve_host, gc_renorm_host, gc_dq_next_host, gc_preset_states_host, gc_crc32_host};
     return t;
 }
 #endif
@@ -40,7 +40,7 @@ struct GcCtxArray {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Probability model (§2.2), one 32-bit word per context:
+// Probability model (docs/engine.md §2.2), one 32-bit word per context:
 //   bits 0-15 S1 (int16), 16-23 S0 (int8), 24-27 sh0 = SH0 + 4, 28-31 sh1 = SH1.
 // Every state reachable from every preset fits (tests/test_engine.py checks S0 in int8 and P in
 // int16 over all of them; test_kernels.py checks this update against the numba one on each).
@@ -68,13 +68,13 @@ GC_HD unsigned int gc_ctx_update(unsigned int w, int b, const int* curve) {
 // Every context c from preset init[c] (docs/format.md §4.1).
 GC_HD void gc_ctx_init(GcCtxArray ctx, const unsigned char* init, const GcTables& t) {
     for (int c = 0; c < GC_MAX_CONTEXTS; ++c) {
-        const int* p = t.presets + 4 * init[c];
-        ctx[c] = gc_ctx_pack(p[3], p[2] - 16 * p[3], p[0] + 4, p[1]);
+        const int* p = t.preset_states + 4 * init[c];
+        ctx[c] = gc_ctx_pack(p[0], p[1], p[2], p[3]);
     }
 }
 
 // ---------------------------------------------------------------------------------------------
-// DQ mapping (§3.5), as binarize.py.
+// DQ mapping (docs/engine.md §3.5), as binarize.py.
 
 GC_HD int gc_neighbour_class(long long prev) { return prev == 0 ? 0 : (prev < 0 ? 1 : 2); }
 
@@ -100,7 +100,7 @@ GC_HD int gc_dq_next_state(int dq, int state, long long k, const GcTables& t) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Encoder (§2.6): low, range, bits left, the carry buffer (one byte + a run of 0xFF).
+// Encoder (docs/engine.md §2.6): low, range, bits left, the carry buffer (one byte + a run of 0xFF).
 
 struct GcEncoder {
     long long low;
@@ -200,7 +200,7 @@ GC_HD void gc_encode_finish(GcEncoder& e) {
 
 // Code levels[0:count] (reconstruction indices; coded levels k under DQ) as one flushed slice into
 // out[0:cap]. Returns the bytes written, or -1 if they would not fit in cap. Precondition: every
-// level is valid (gc_slice_bound reports none bad), as engine_cpu.encode_slice assumes.
+// level is valid (gc_slice_bound reports none bad), as engines/cpu.py encode_slice assumes.
 GC_HD long long gc_encode_slice(const int* levels, long long count, int dq, int num_gt_flags,
                                 const unsigned char* init, GcCtxArray ctx, const GcTables& t,
                                 unsigned char* out, long long cap) {
@@ -260,7 +260,7 @@ GC_HD long long gc_encode_slice(const int* levels, long long count, int dq, int 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Output bound and validity (engine_cpu.slice_bounds): 7 bits per regular bin (an LPS of the
+// Output bound and validity (slices.slice_bounds): 7 bits per regular bin (an LPS of the
 // smallest sub-range renormalises 7 times), 1 per bypass bin, plus terminate and flush.
 
 GC_HD long long gc_level_bound_bits(long long q, int num_gt_flags) {
@@ -299,7 +299,7 @@ GC_HD long long gc_slice_bound(const int* levels, long long count, int dq, int n
 }
 
 // ---------------------------------------------------------------------------------------------
-// Decoder (§2.7). Streams whose first two bytes are 0xFF00 or more are rejected before decoding
+// Decoder (docs/engine.md §2.7). Streams whose first two bytes are 0xFF00 or more are rejected before decoding
 // (gc_decode_slice), so the value register stays below 2^24 and fits an int (one GPU register).
 
 GC_HD int gc_read_byte(const unsigned char* data, long long len, long long& pos, bool& overrun) {
@@ -316,7 +316,7 @@ enum { GC_PHASE_SIG = 0, GC_PHASE_SIGN = 1, GC_PHASE_GT = 2, GC_PHASE_EG = 3 };
 
 // Decode `count` levels from data[0:len] into sink(i, level); returns a GC_DECODE_* code
 // (GC_DECODE_OK when the slice decoded and ended exactly at its last byte). The binarization is
-// walked as a small state machine (phase = which bin comes next), as in engine_cpu.decode_slice.
+// walked as a small state machine (phase = which bin comes next), as in engines/cpu.py decode_slice.
 template <class Sink>
 GC_HD int gc_decode_slice_as(const unsigned char* data, long long len, long long count, int dq, int num_gt_flags,
                              const unsigned char* init, GcCtxArray ctx, const GcTables& t, Sink& sink) {
@@ -445,7 +445,7 @@ template <class Sink>
 GC_HD int gc_decode_slice(const unsigned char* data, long long len, long long count, int dq, int num_gt_flags,
                           const unsigned char* init, GcCtxArray ctx, const GcTables& t, Sink& sink) {
     // A valid slice starts below 0xFF00 (= 510 << 7, the initial range): reject the rest at once,
-    // as engine_cpu.decode_slice does, so value always fits an int.
+    // as engines/cpu.py decode_slice does, so value always fits an int.
     if (len >= 1 && data[0] == 0xFF) return GC_DECODE_BAD_END;
     return gc_decode_slice_as(data, len, count, dq, num_gt_flags, init, ctx, t, sink);
 }

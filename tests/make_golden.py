@@ -1,4 +1,4 @@
-"""Golden containers that freeze the format (STYLE 5): tiny inputs from a seeded generator, the
+"""Golden containers that freeze the format (docs/format.md §6): tiny inputs from a seeded generator, the
 encode parameters, and the exact bytes gpucabac writes for them.
 
     python tests/make_golden.py            # check: re-encode every case, compare with tests/data

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
+import sys
 
 import ml_dtypes
 import numpy as np
@@ -13,6 +15,7 @@ from click.testing import CliRunner
 
 import gpucabac
 from gpucabac import cli
+from gpucabac.metrics import tensors_snr_db
 from gpucabac import io as gio
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -86,7 +89,7 @@ def test_encode_writes_the_stream_the_api_writes(tmp_path, model_file, options, 
     raw = sum(t.nbytes for t in tensors.values())
     assert _float_after(r"ratio ([\d.]+)x", line) == pytest.approx(raw / len(data), abs=5e-3)
     decoded = gpucabac.decode(data)
-    assert _float_after(r"SNR ([\d.]+) dB", line) == pytest.approx(cli.snr_db(tensors, decoded), abs=5e-3)
+    assert _float_after(r"SNR ([\d.]+) dB", line) == pytest.approx(tensors_snr_db(tensors, decoded), abs=5e-3)
     assert re.search(r"[\d.]+ M weights/s", line)
 
 
@@ -105,7 +108,9 @@ def test_encode_with_importance_sets_steps_per_tensor(tmp_path, model_file):
     assert set(steps) == {"layer.weight", "embedding"}
     assert steps["embedding"] / steps["layer.weight"] == pytest.approx(4.0, rel=0.02)
     data = out.read_bytes()
-    assert data == gpucabac.encode(tensors, qp=-32, dq=True, tensor_steps=steps)
+    base = gpucabac.CodingSettings(qp=-32, quantizer="dq")
+    per_tensor = {name: base.replace(step=step) for name, step in steps.items()}
+    assert data == gpucabac.encode(tensors, base, per_tensor=per_tensor)
     got = {t.name: t.step for t in gpucabac.info(data).tensors}
     assert got["layer.weight"] == pytest.approx(steps["layer.weight"])
     assert got["layer.bias"] == pytest.approx(gpucabac.step_from_qp(-32) / 16)
@@ -114,7 +119,7 @@ def test_encode_with_importance_sets_steps_per_tensor(tmp_path, model_file):
     result = run("encode", model_file, "-o", weighted, "--qp", "-32", "--dq", "--importance", imp_file, "--weighted")
     assert result.exit_code == 0, result.output
     smooth = {k: gpucabac.smooth_importance(v) for k, v in imp.items() if v.ndim == 2}
-    assert weighted.read_bytes() == gpucabac.encode(tensors, qp=-32, dq=True, tensor_steps=steps, importance=smooth)
+    assert weighted.read_bytes() == gpucabac.encode(tensors, base, per_tensor=per_tensor, importance=smooth)
 
 
 @pytest.mark.parametrize("imp, message", [
@@ -180,8 +185,8 @@ def test_encode_at_the_sweeps_operating_point(tmp_path, swept, target):
     op = min(points, key=lambda p: p.wsse if key == "bpw" else p.bits)
     shapes = {k: gpucabac.smooth_importance(np.asarray(a, np.float64)) for k, a in imp.items()}
     data = out.read_bytes()
-    assert data == gpucabac.encode(tensors, dq=op.method == "dq", tensor_steps=op.steps, lam=op.lams, importance=shapes,
-                                   slice_size=1024)
+    assert op.slice_size == 1024
+    assert data == gpucabac.encode(tensors, op.coding_settings(), per_tensor=op.per_tensor(), importance=shapes)
     coded = sum(8 * (t.coded_bytes + t.header_bytes) for t in gpucabac.info(data).tensors if t.name in op.steps)
     assert coded == op.bits  # the sweep's exact rate is the coder's
     if key == "bpw":
@@ -208,7 +213,7 @@ def test_importance_buys_weighted_error_at_the_same_rate(tmp_path, swept):
 
 
 @pytest.mark.parametrize("extra, code, message", [
-    (["--target-bpw", "4"], 2, "the sweep was run with --importance"),
+    (["--target-bpw", "4"], 1, "the sweep was run with --importance"),
     (["--target-bpw", "4", "--importance", "{d}/tiny.safetensors"], 1, "not the importance file the sweep was run with"),
     (["--target-bpw", "0.05", "--importance", "{d}/imp.safetensors"], 1, "meets the target"),
     (["--target-bpw", "4", "--target-snr", "20"], 2, "exactly one of --target-bpw"),
@@ -315,14 +320,16 @@ def test_info_lists_every_tensor_and_totals(tmp_path, model_file):
     assert result.exit_code == 0, result.output
     meta = gpucabac.info(gcb.read_bytes())
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["name", "dtype", "shape", "mode", "step", "slices", "bytes", "bits/weight"]
+    assert lines[0].split() == ["name", "dtype", "shape", "mode", "scan", "step", "slices", "bytes", "bits/weight"]
     rows = {line.split()[0]: line.split() for line in lines[2 : 2 + len(meta.tensors)]}
     assert list(rows) == [t.name for t in meta.tensors]
     for t in meta.tensors:
         row = rows[t.name]
-        assert row[1] == t.dtype and row[3] == t.mode and int(row[5]) == t.num_slices
-        assert int(row[6].replace(",", "")) == t.coded_bytes
-    assert rows["layer.weight"][2] == "40x30" and int(rows["layer.weight"][5]) == math.ceil(1200 / 256)
+        assert row[1] == t.dtype and row[3] == t.mode and row[4] == t.scan and int(row[6]) == t.num_slices
+        assert int(row[7].replace(",", "")) == t.coded_bytes
+        # a tensor's bits/weight counts its header record, as TensorInfo.bits_per_weight does
+        assert row[8] == (f"{t.bits_per_weight:.3f}" if t.numel else "-")
+    assert rows["layer.weight"][2] == "40x30" and int(rows["layer.weight"][6]) == math.ceil(1200 / 256)
     weights = sum(math.prod(t.shape) for t in meta.tensors)
     assert f"{len(meta.tensors)} tensors, {weights:,} weights, {meta.total_bytes:,} bytes" in lines[-1]
     assert meta.total_bytes == gcb.stat().st_size
@@ -348,8 +355,8 @@ def test_demo_on_a_tiny_model_verifies_every_setting(model_file):
 def test_demo_fails_when_a_decoded_tensor_differs(model_file, monkeypatch):
     real = gpucabac.quantize
 
-    def off_by_one_step(tensors, **kwargs):
-        out = dict(real(tensors, **kwargs))
+    def off_by_one_step(tensors, *args, **kwargs):
+        out = dict(real(tensors, *args, **kwargs))
         out["position_ids"] = out["position_ids"] + 1
         return out
 
@@ -363,9 +370,9 @@ def test_demo_fails_when_a_decoded_tensor_differs(model_file, monkeypatch):
 def test_demo_reports_a_stream_that_fails_to_decode(model_file, monkeypatch):
     real = gpucabac.encode
 
-    def corrupting(tensors, **kwargs):
-        data = bytearray(real(tensors, **kwargs))
-        if kwargs.get("dq") and "layer.weight" in tensors:  # not the demo's warm-up
+    def corrupting(tensors, settings, **kwargs):
+        data = bytearray(real(tensors, settings, **kwargs))
+        if settings.dq and "layer.weight" in tensors:  # not the demo's warm-up
             data[-3] ^= 0xFF  # inside the last tensor's payload: its checksum no longer matches
         return bytes(data)
 
@@ -434,6 +441,28 @@ def test_usage_errors_exit_2(tmp_path, model_file, args, message):
     assert not (tmp_path / "m.gcb").exists()
 
 
+def test_python_m_gpucabac_is_the_command():
+    r = subprocess.run([sys.executable, "-m", "gpucabac", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert all(c in r.stdout for c in ("encode", "decode", "info", "demo", "sweep", "plot"))
+
+
+def test_encode_device_and_gt_flag_bound(tmp_path, model_file, monkeypatch):
+    gcb = tmp_path / "m.gcb"
+    assert run("encode", model_file, "-o", gcb, "--device", "cpu").exit_code == 0
+    assert run("encode", model_file, "-o", tmp_path / "auto.gcb", "--device", "auto").exit_code == 0
+    assert (tmp_path / "auto.gcb").read_bytes() == gcb.read_bytes()
+    from gpucabac.engines import gpu as engine_gpu
+
+    monkeypatch.setattr(engine_gpu, "unavailable_reason", lambda: "no CUDA device (test)")
+    result = run("encode", model_file, "-o", tmp_path / "g.gcb", "--device", "gpu")
+    assert result.exit_code == 1 and "no CUDA device (test)" in result.stderr
+    assert not (tmp_path / "g.gcb").exists()
+    for command in (["encode", model_file, "-o", tmp_path / "x.gcb"], ["sweep", model_file, "-o", tmp_path / "x.json"]):
+        result = run(*command, "--gt-flags", "21")
+        assert result.exit_code == 2 and "0<=x<=20" in result.stderr
+
+
 def test_help_and_version():
     result = run("--help")
     assert result.exit_code == 0
@@ -448,10 +477,10 @@ def test_help_and_version():
 
 def test_snr_db():
     w = {"a": np.array([3.0, 4.0], np.float32), "i": np.array([100, 200], np.int64)}
-    assert cli.snr_db(w, {"a": np.array([3.0, 4.0], np.float32), "i": w["i"] * 0}) == math.inf  # ints ignored
-    assert cli.snr_db(w, {"a": np.array([3.0, 3.0], np.float32), "i": w["i"]}) == pytest.approx(
+    assert tensors_snr_db(w, {"a": np.array([3.0, 4.0], np.float32), "i": w["i"] * 0}) == math.inf  # ints ignored
+    assert tensors_snr_db(w, {"a": np.array([3.0, 3.0], np.float32), "i": w["i"]}) == pytest.approx(
         10 * math.log10(25 / 1)
     )
     b = {"b": np.array([1.0, 1.0], BF16)}
-    assert cli.snr_db(b, {"b": np.array([1.0, 0.0], BF16)}) == pytest.approx(10 * math.log10(2))
-    assert math.isnan(cli.snr_db({"i": np.arange(3)}, {"i": np.arange(3)}))
+    assert tensors_snr_db(b, {"b": np.array([1.0, 0.0], BF16)}) == pytest.approx(10 * math.log10(2))
+    assert math.isnan(tensors_snr_db({"i": np.arange(3)}, {"i": np.arange(3)}))

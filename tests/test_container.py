@@ -1,4 +1,4 @@
-"""Bad input must fail cleanly (DESIGN §6, STYLE "validation raises typed errors"): truncated,
+"""Bad input must fail cleanly (docs/format.md §5): truncated,
 bit-flipped and crafted containers raise gpucabac.FormatError naming the problem, never another
 exception, never a hang, never a huge allocation. Plus random access: loading one tensor reads
 only the header and that tensor's bytes.

@@ -1,8 +1,8 @@
-"""Bit-exactness contract of the CPU engine (methods_spec §1.1, §1.3, §2.2-2.8, §3.5).
+"""Bit-exactness contract of the CPU engine (docs/engine.md §1.1, §1.3, §2.2-2.8, §3.5).
 
 Round trips cannot catch a bug that the encoder and decoder share. These tests hold the engine
 against things written independently of it:
-  * the tables, transcribed again here from methods_spec's text;
+  * the tables, transcribed again here from docs/engine.md's text;
   * the context update, checked for every state reachable from every preset;
   * a plain-Python encoder written straight from §1.1 / §1.3 / §2.6, compared byte for byte with
     `engine_cpu.encode_slice` (any shared encoder/decoder bug shows up as a byte difference);
@@ -19,11 +19,12 @@ import pytest
 from hypothesis import given, strategies as st
 
 import gpucabac
-from gpucabac import binarize, codec, container, engine_cpu, tables
+from gpucabac import binarize, codec, container, slices, tables
+from gpucabac.engines import cpu as engine_cpu
 from gpucabac.tables import BIT_COST, CURVE, DQ_NEXT_STATE, MAX_ABS_LEVEL, PRESETS, RLPS
 
 # ---------------------------------------------------------------------------------------------
-# The spec's tables, transcribed again from methods_spec.md (not imported from gpucabac).
+# The spec's tables, transcribed again from docs/engine.md (not imported from gpucabac).
 
 SPEC_CURVE = [2512, 2288, 2064, 1840, 1616, 1392, 1168, 944, 720, 560, 464, 368, 272, 208, 144, 80] + [64] * 15 + [0]
 
@@ -46,7 +47,7 @@ SPEC_PRESETS = [
 ]
 # implied S1_init column of §2.4's table, a consistency check of the transcription
 SPEC_S1_INIT = [0, -654, 1519, 0, 482, 1519, -337, 0, 482]
-# gpucabac may add presets after NNC's nine (DESIGN §3, a 4-bit index per context); those are
+# gpucabac may add presets after NNC's nine (docs/design.md §3, a 4-bit index per context); those are
 # gpucabac's own choice, so the reference takes them from tables.PRESETS.
 ALL_PRESETS = SPEC_PRESETS + [tuple(int(v) for v in row) for row in PRESETS[len(SPEC_PRESETS):]]
 NUM_PRESETS = len(ALL_PRESETS)
@@ -84,6 +85,8 @@ def test_tables_match_spec_text():
     assert 9 <= tables.NUM_PRESETS == len(PRESETS) <= 16
     for sh0f, sh1, p0, s00 in ALL_PRESETS:
         assert 0 <= sh0f <= 3 and 0 <= sh1 <= 15 and -120 <= s00 <= 120 and abs(p0 - 16 * s00) <= 1923
+    # the registers each preset starts from (docs/format.md §4.1), which every estimator reads
+    assert tables.PRESET_STATES.tolist() == [[s00, p0 - 16 * s00, sh0f + 4, sh1] for sh0f, sh1, p0, s00 in ALL_PRESETS]
     assert MAX_ABS_LEVEL == 2**30 - 1
     assert binarize.MAX_CONTEXTS == NUM_CTX
 
@@ -125,7 +128,7 @@ def test_dq_state_machine_properties():
 
 
 # ---------------------------------------------------------------------------------------------
-# §2.3 RLPS table properties, exhaustively over every range R and probability class.
+# docs/engine.md §2.3 RLPS table properties, exhaustively over every range R and probability class.
 
 
 def test_rlps_properties():
@@ -144,17 +147,17 @@ def test_rlps_properties():
 
 def test_renorm_table_is_clz():
     for x in range(1, 512):
-        n = int(engine_cpu._RENORM[x])
+        n = int(tables.RENORM[x])
         assert n == (32 - x.bit_length()) - 23, x  # clz32(x) - 23
         assert 256 <= x << n <= 511
 
 
 # ---------------------------------------------------------------------------------------------
-# §2.2 context state and update.
+# docs/engine.md §2.2 context state and update.
 
 
 def ref_update(s0: int, p: int, sh0: int, sh1: int, b: int) -> tuple[int, int]:
-    """methods_spec §2.2, transcribed: state (S0, P), returns the new (S0, P)."""
+    """docs/engine.md §2.2, transcribed: state (S0, P), returns the new (S0, P)."""
     sigma = 1 if b else -1
     s1 = p - 16 * s0
     s0 += sigma * (SPEC_CURVE[16 + ((sigma * s0) >> 3)] >> sh0)
@@ -226,7 +229,7 @@ def test_update_saturates_and_leans():
 
 
 # ---------------------------------------------------------------------------------------------
-# §2.8 bit costs.
+# docs/engine.md §2.8 bit costs.
 
 
 def test_bit_cost_matches_formula():
@@ -247,7 +250,7 @@ def test_bit_cost_matches_formula():
 
 
 # ---------------------------------------------------------------------------------------------
-# The plain-Python reference: binarization (§1.1, §1.3 as binarize.py numbers the contexts),
+# The plain-Python reference: binarization (docs/engine.md §1.1, §1.3 as binarize.py numbers the contexts),
 # DQ mapping (§3.5) and the encoder engine (§2.6). No numba, no gpucabac arithmetic.
 
 
@@ -290,7 +293,7 @@ def ref_reconstruction(k: int, state: int) -> int:
 
 
 class RefEncoder:
-    """methods_spec §2.6 (VTM-style M-coder with carry buffering), registers as in the C++:
+    """docs/engine.md §2.6 (VTM-style M-coder with carry buffering), registers as in the C++:
     low is a uint32, so every update is masked to 32 bits."""
 
     M32 = 0xFFFFFFFF
@@ -381,7 +384,7 @@ class RefEncoder:
 
 
 def ref_encode_slice(levels, dq: int, n_gt: int, init, enc: RefEncoder | None = None) -> bytes:
-    """One flushed slice (DESIGN §1): contexts from their presets, neighbour and DQ state 0;
+    """One flushed slice (docs/design.md §1): contexts from their presets, neighbour and DQ state 0;
     dq the trellis size (0: URQ; True: 8)."""
     dq = 8 if dq is True else int(dq)
     enc = enc or RefEncoder()
@@ -544,7 +547,7 @@ def test_every_slice_of_a_tensor_is_the_reference_slice(dq):
 
 
 def test_chosen_context_init_pays_off():
-    """The encoder's per-tensor preset choice (DESIGN §3) is a heuristic, not part of the
+    """The encoder's per-tensor preset choice (docs/design.md §3) is a heuristic, not part of the
     bit-exact contract; pin only that it is valid and does not lose against the default preset
     where it matters (small slices of skewed levels)."""
     rng = np.random.default_rng(4)
@@ -570,7 +573,7 @@ def test_slice_crcs_equal_zlib():
     lengths[3] = 0
     lengths[4] = 1
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    got = container.slice_crcs(data, offsets, lengths)
+    got = slices.slice_crcs(data, offsets, lengths)
     want = [zlib.crc32(data[o : o + n].tobytes()) for o, n in zip(offsets, lengths)]
     assert got.dtype == np.uint32 and got.tolist() == want
 
@@ -588,7 +591,7 @@ def test_container_slice_crcs_are_zlib_crc32_of_payload():
 
 
 # ---------------------------------------------------------------------------------------------
-# Rate: inequalities against the empirical entropy and the §2.8 cost estimate.
+# Rate: inequalities against the empirical entropy and the docs/engine.md §2.8 cost estimate.
 
 
 @pytest.mark.parametrize("sigma", [0.7, 4.0, 40.0])
@@ -616,7 +619,7 @@ def test_rate_against_entropy_and_cost_estimate(sigma):
 
 
 def test_slicing_overhead_is_bounded():
-    """DESIGN §1: small slices cost context relearning plus a flush of a few bytes each."""
+    """docs/design.md §1: small slices cost context relearning plus a flush of a few bytes each."""
     n = 65536
     levels = np.round(np.random.default_rng(1).normal(0, 4, n)).astype(np.int32)
     one = int(codec.encode_levels(levels, n, False, 11)[2].sum())

@@ -1,4 +1,4 @@
-"""Format freeze (STYLE 5, DESIGN §6): the checked-in golden containers in tests/data must be
+"""Format freeze (docs/format.md §6): the checked-in golden containers in tests/data must be
 exactly what the current encoder writes for the inputs and parameters in manifest.json, and must
 decode to the expected tensors. A failure here means the container layout or the encoder's
 output changed: bump container.VERSION if the layout changed, and regenerate on purpose with

@@ -213,6 +213,7 @@ def test_pt_without_torch_names_the_extra(tmp_path, monkeypatch):
 # --- packaged models --------------------------------------------------------------------------
 
 
+@pytest.mark.default_model
 def test_packaged_model_by_name():
     tensors = gio.read_model("minilm")
     assert len(tensors) == 104

@@ -1,10 +1,10 @@
-"""The GPU engine's code, checked on the CPU and (marked gpu) on a device (DESIGN §5).
+"""The GPU engine's code, checked on the CPU and (marked gpu) on a device (docs/design.md §2).
 
 kernels/*.cuh are compiled with g++ as plain C++ (tests/kernel_shim.cpp adds C entry points) and
 held to the numba reference: same bytes from the same levels, same levels (or the same error
 code) from the same bytes, for URQ and DQ, every number of greater-than flags the tests of the
 CPU engine use, random presets and every slice-size edge case. The orchestration in
-gpucabac/engine_gpu.py (slice table, prefix sums, compaction, error reporting, dtypes) runs on the
+gpucabac/engines/gpu.py (slice table, prefix sums, compaction, error reporting, dtypes) runs on the
 CPU too, against `ShimKernels`: the same kernel bodies the CUDA kernels call, looped over the
 thread index. nvcc compiles the assembled CUDA source when it is on PATH. What only a GPU can
 check (the CUDA build, launch geometry, shared memory, DLPack) is in the tests marked gpu.
@@ -28,141 +28,25 @@ import numpy as np
 import pytest
 
 import gpucabac
-from gpucabac import codec, container, engine_cpu, engine_gpu, kernel_source
+from gpucabac import codec, container, slices
+from gpucabac.engines import cpu as engine_cpu, gpu as engine_gpu, kernel_source
 from gpucabac.dtypes import cast_float
+from gpucabac.engines import SliceTable, TensorOutput
 from gpucabac.binarize import MAX_CONTEXTS, full_context_init, used_contexts
 from gpucabac.errors import FormatError, GpuUnavailableError, InputError
-from gpucabac.quantize import dequantize
+from gpucabac.quantization import dequantize
 from gpucabac.tables import MAX_ABS_LEVEL, NUM_PRESETS, PRESETS
 
+from shim import ShimKernels, p as _p
 from test_engine import _reachable_1d, random_coded_levels, to_dq_levels
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHIM = ROOT / "tests" / "kernel_shim.cpp"
 BF16 = np.dtype(ml_dtypes.bfloat16)
 GT_FLAGS = [0, 1, 11, 20]
 
-# ---------------------------------------------------------------------------------------------
-# The g++ build of the kernels' host/device code
-
-
-def _build_shim(directory: pathlib.Path) -> ctypes.CDLL:
-    gxx = shutil.which("g++")
-    if gxx is None:
-        pytest.fail("g++ is needed to compile the CUDA slice coder for the CPU (tests/kernel_shim.cpp)")
-    kdir = kernel_source.kernel_dir()
-    h = hashlib.sha256(SHIM.read_bytes())
-    for name in kernel_source.KERNEL_FILES:
-        h.update((kdir / name).read_bytes())
-    lib = directory / f"gcshim-{h.hexdigest()[:16]}.so"
-    cmd = [gxx, "-x", "c++", "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC",
-           "-I", str(kdir), str(SHIM), "-o", str(lib)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    assert r.returncode == 0, f"g++ failed:\n{' '.join(cmd)}\n{r.stderr}"
-    dll = ctypes.CDLL(str(lib))
-    P, I64, I32, U32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_uint
-    sigs = {
-        "gc_shim_max_contexts": (I32, []),
-        "gc_shim_ctx_pack": (U32, [I32, I32, I32, I32]),
-        "gc_shim_ctx_update": (U32, [U32, I32]),
-        "gc_shim_ctx_p": (I32, [U32]),
-        "gc_shim_encode_slice": (I64, [P, I64, I32, I32, P, P, I64]),
-        "gc_shim_decode_slice": (I32, [P, I64, I64, I32, I32, P, P]),
-        "gc_shim_crc32": (U32, [P, I64]),
-        "gc_shim_bound_table": (None, [P, I64, I64, I64, I32, I32, P, P]),
-        "gc_shim_encode_table": (None, [P, I64, I64, I64, I32, I32, P, P, P, P, P]),
-        "gc_shim_gather": (None, [P, P, P, P, I64, P]),
-        "gc_shim_crc_table": (None, [P, P, P, I64, P]),
-        "gc_shim_decode_table": (None, [I64] + [P] * 12),
-        "gc_shim_f32_to_f16": (None, [P, I64, P]),
-        "gc_shim_f64_to_f16": (None, [P, I64, P]),
-        "gc_shim_f32_to_bf16": (None, [P, I64, P]),
-        "gc_shim_f16_to_f32": (None, [P, I64, P]),
-        "gc_shim_store": (None, [P, I64, ctypes.c_float, I32, I32, P]),
-    }
-    for name, (res, args) in sigs.items():
-        fn = getattr(dll, name)
-        fn.restype, fn.argtypes = res, args
-    return dll
-
-
-@pytest.fixture(scope="session")
-def shim(tmp_path_factory) -> ctypes.CDLL:
-    return _build_shim(tmp_path_factory.mktemp("kernel_shim"))
-
-
-def _p(a: np.ndarray) -> int:
-    return a.ctypes.data
-
-
-class ShimKernels:
-    """engine_gpu.Kernels on the CPU: the same argument checks, then the kernels' per-thread jobs
-    (jobs.cuh) looped over the thread index by the g++ build. Arrays are NumPy arrays; to_device
-    copies, so that the orchestration cannot rely on sharing host memory."""
-
-    xp = np
-
-    def __init__(self, lib):
-        self.lib = lib
-
-    def address(self, a):
-        return _p(a)
-
-    def to_device(self, a):
-        return np.array(a, copy=True)
-
-    def to_host(self, a):
-        return np.array(a, copy=True)
-
-    def bfloat16_array(self, a):
-        return a.view(BF16) if a.dtype == np.uint16 else a
-
-    def bounds(self, levels, slice_size, dq, num_gt_flags):
-        engine_gpu.check_array(np, "levels", levels, np.int32, min_size=1)
-        ns = -(-levels.size // slice_size)
-        bound, bad = np.full(ns, -7, np.int64), np.full(ns, -7, np.int64)
-        self.lib.gc_shim_bound_table(_p(levels), levels.size, slice_size, ns, int(dq), num_gt_flags, _p(bound), _p(bad))
-        return bound, bad
-
-    def encode(self, levels, slice_size, dq, num_gt_flags, init, scratch, scratch_offset, bound):
-        engine_gpu.check_array(np, "levels", levels, np.int32, min_size=1)
-        ns = -(-levels.size // slice_size)
-        engine_gpu.check_array(np, "init", init, np.uint8, size=MAX_CONTEXTS)
-        engine_gpu.check_array(np, "scratch", scratch, np.uint8)
-        engine_gpu.check_array(np, "scratch_offset", scratch_offset, np.int64, size=ns)
-        engine_gpu.check_array(np, "bound", bound, np.int64, size=ns)
-        assert int(scratch_offset[-1] + bound[-1]) <= scratch.size
-        lengths = np.full(ns, -7, np.int64)
-        self.lib.gc_shim_encode_table(_p(levels), levels.size, slice_size, ns, int(dq), num_gt_flags, _p(init),
-                                      _p(scratch), _p(scratch_offset), _p(bound), _p(lengths))
-        return lengths
-
-    def gather(self, scratch, src_offset, lengths, dst_offset, out):
-        ns = lengths.size
-        for name, a, dt in (("src_offset", src_offset, np.int64), ("lengths", lengths, np.int64), ("dst_offset", dst_offset, np.int64)):
-            engine_gpu.check_array(np, name, a, dt, size=ns)
-        if ns:
-            assert int(dst_offset[-1] + lengths[-1]) <= out.size
-        self.lib.gc_shim_gather(_p(scratch), _p(src_offset), _p(lengths), _p(dst_offset), ns, _p(out))
-
-    def crc(self, data, offsets, lengths):
-        out = np.zeros(lengths.size, np.uint32)
-        self.lib.gc_shim_crc_table(_p(data), _p(offsets), _p(lengths), lengths.size, _p(out))
-        return out
-
-    def decode(self, t):
-        t.check(np)
-        errors = np.full(t.num_slices, -7, np.int32)
-        self.lib.gc_shim_decode_table(
-            t.num_slices, _p(t.payload), _p(t.slice_offset), _p(t.slice_length), _p(t.slice_crc), _p(t.slice_tensor),
-            _p(t.slice_first), _p(t.slice_count), _p(t.tensor_params), _p(t.tensor_step), _p(t.tensor_out),
-            _p(t.tensor_init), _p(errors))
-        return errors
-
-
 @pytest.fixture
 def host_gpu(shim, monkeypatch) -> ShimKernels:
-    """Makes device='gpu' run engine_gpu's orchestration on ShimKernels (no CuPy involved)."""
+    """Makes device='gpu' run the GPU engine's orchestration on ShimKernels (no CuPy involved)."""
     k = ShimKernels(shim)
     monkeypatch.setattr(engine_gpu, "unavailable_reason", lambda: None)
     monkeypatch.setattr(engine_gpu, "device_name", lambda: "g++ shim")
@@ -182,7 +66,7 @@ def full_init(rng: np.random.Generator | None) -> np.ndarray:
 
 def cpu_encode_slice(levels: np.ndarray, dq: int, ngt: int, init: np.ndarray) -> bytes:
     levels = np.ascontiguousarray(levels, np.int32)
-    bound, bad = engine_cpu.slice_bounds(levels, max(1, levels.size), dq, ngt)
+    bound, bad = slices.slice_bounds(levels, max(1, levels.size), dq, ngt)
     assert (bad < 0).all()
     out = np.zeros(int(bound.sum()) if levels.size else 16, np.uint8)
     n = engine_cpu.encode_slice(levels, 0, levels.size, dq, ngt, init, out, 0)
@@ -231,15 +115,15 @@ def test_tables_header_is_the_generated_text():
     # "Tables live once": kernels/tables.cuh is generated from gpucabac's Python tables.
     text = kernel_source.tables_header()
     assert (ROOT / "kernels" / "tables.cuh").read_text(encoding="utf-8") == text, (
-        "kernels/tables.cuh is stale: run `python -m gpucabac.kernel_source --write`")
+        "kernels/tables.cuh is stale: run `python -m gpucabac.engines.kernel_source --write`")
     # the values in it are the tables' values
-    for name, arr in (("GC_CURVE_VALUES", gpucabac.tables.CURVE), ("GC_PRESETS_VALUES", PRESETS),
+    for name, arr in (("GC_CURVE_VALUES", gpucabac.tables.CURVE), ("GC_PRESET_STATES_VALUES", gpucabac.tables.PRESET_STATES),
                       ("GC_RLPS_VALUES", gpucabac.tables.RLPS), ("GC_DQ_NEXT_VALUES", gpucabac.tables.DQ_NEXT_ALL)):
         line = text.split(f"#define {name} ", 1)[1].split("\n//", 1)[0].split("\n\n", 1)[0]
         vals = [int(v) for v in line.replace("\\", " ").replace(",", " ").split()]
         assert vals == arr.ravel().tolist(), name
     assert f"#define GC_MAX_CONTEXTS {MAX_CONTEXTS}\n" in text
-    assert f"#define GC_DECODE_BAD_END {engine_cpu.DECODE_BAD_END}\n" in text
+    assert f"#define GC_DECODE_BAD_END {slices.DECODE_BAD_END}\n" in text
 
 
 def test_generator_cli_check(capsys):
@@ -285,7 +169,7 @@ def test_wheel_contains_the_kernel_sources(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in kernel_source.KERNEL_FILES + ("__init__.py",):
         assert f"gpucabac/kernels/{name}" in names, name
-    assert "gpucabac/engine_gpu.py" in names and "gpucabac/kernel_source.py" in names
+    assert "gpucabac/engines/gpu.py" in names and "gpucabac/engines/kernel_source.py" in names
 
 
 def test_assembled_source_is_self_contained():
@@ -364,7 +248,7 @@ def test_slice_coder_matches_reference(shim, ngt, dq):
         got = shim_encode_slice(shim, levels, dq, ngt, init)
         assert got == want, (trial, n)
         err, out = shim_decode_slice(shim, got, n, dq, ngt, init)
-        assert err == engine_cpu.DECODE_OK and np.array_equal(out, levels), (trial, n)
+        assert err == slices.DECODE_OK and np.array_equal(out, levels), (trial, n)
 
 
 def test_slice_coder_edge_sequences(shim):
@@ -429,11 +313,11 @@ def test_corrupt_slices_give_the_reference_error_codes(shim, ngt, dq):
                 want_err, want_out = cpu_decode_slice(bad, count, dq, ngt, init)
                 got_err, got_out = shim_decode_slice(shim, bad, count, dq, ngt, init)
                 assert got_err == want_err, (trial, what, count)
-                if want_err == engine_cpu.DECODE_OK:
+                if want_err == slices.DECODE_OK:
                     assert np.array_equal(got_out, want_out), (trial, what, count)
                 seen.add(want_err)
     # the corpus reaches every error code of the decoder
-    assert {engine_cpu.DECODE_OVERRUN, engine_cpu.DECODE_BAD_END} <= seen
+    assert {slices.DECODE_OVERRUN, slices.DECODE_BAD_END} <= seen
 
 
 def test_bad_level_code_on_a_long_prefix(shim):
@@ -451,7 +335,7 @@ def test_bad_level_code_on_a_long_prefix(shim):
         want = cpu_decode_slice(bad, 50, False, 0, init)[0]
         assert shim_decode_slice(shim, bad, 50, False, 0, init)[0] == want
         codes.add(want)
-    assert engine_cpu.DECODE_BAD_LEVEL in codes
+    assert slices.DECODE_BAD_LEVEL in codes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,18 +366,21 @@ def test_encode_slices_equals_cpu_engine(shim, n, slice_size, dq):
         assert lengths.dtype == np.uint32 and np.array_equal(lengths, want_lengths)
         assert payload.tobytes() == want_payload.tobytes()
         offsets = np.concatenate([[0], np.cumsum(want_lengths, dtype=np.int64)[:-1]])
-        assert np.array_equal(crcs, container.slice_crcs(want_payload, offsets, want_lengths))
+        assert np.array_equal(crcs, slices.slice_crcs(want_payload, offsets, want_lengths))
         # the decode kernel's table over these slices gives the CPU's values (level 0.5-steps)
-        rec = container.TensorRecord("t", "float32", (n,), container.dq_mode(dq), 0.5, ngt, slice_size, ctx_init, 0,
+        rec = container.TensorRecord("t", "float32", (n,), gpucabac.dq_mode(dq), 0.5, ngt, slice_size, ctx_init, 0,
                                      lengths, crcs)
-        want = codec._decode_record(rec, want_payload, None)
-        got = engine_gpu.decode_records([rec], lambda r: payload, k=k)["t"]
+        table = SliceTable.from_records([rec], [payload])
+        out = [TensorOutput("float32", "float32", 0.5)]
+        (want,), want_err = engine_cpu.CpuEngine().decode(table, out)
+        (got,), got_err = engine_gpu.GpuEngine(k).decode(table, out)
+        assert not want_err.any() and not got_err.any()
         _same(got, want, f"decode n={n} S={slice_size}")
         assert np.array_equal(got, levels.astype(np.float32) * np.float32(0.5))
-        # and the bounds are engine_cpu.slice_bounds
+        # and the bounds are slices.slice_bounds
         lv = levels.astype(np.int32)
         assert [a.tolist() for a in k.bounds(lv, slice_size, dq, ngt)] == [
-            a.tolist() for a in engine_cpu.slice_bounds(lv, slice_size, dq, ngt)]
+            a.tolist() for a in slices.slice_bounds(lv, slice_size, dq, ngt)]
 
 
 def test_encode_slices_empty_and_invalid(shim):
@@ -502,7 +389,7 @@ def test_encode_slices_empty_and_invalid(shim):
     payload, lengths, crcs, bad = engine_gpu.encode_slices(np.zeros(0, np.int32), 8, False, 11, init, k=k)
     assert payload.size == lengths.size == crcs.size == 0 and bad == -1
     levels = np.array([0, 2, 4, 3, 0, 0, 0, 0, 5], np.int32)  # DQ: 3 is off the state's quantizer
-    want = engine_cpu.slice_bounds(levels, 4, 8, 11)[1]
+    want = slices.slice_bounds(levels, 4, 8, 11)[1]
     got = k.bounds(levels, 4, 8, 11)[1]
     assert got.tolist() == want.tolist()
     first_bad = int(want[want >= 0][0])
@@ -595,7 +482,7 @@ def _recrc(data: bytes) -> bytes:
         start = header.payload_start + r.offset
         pay = np.frombuffer(buf[start : start + r.payload_length], np.uint8)
         offs = np.concatenate([[0], np.cumsum(r.slice_lengths, dtype=np.int64)[:-1]])
-        recs.append(dataclasses.replace(r, slice_crcs=container.slice_crcs(pay, offs, r.slice_lengths.astype(np.int64))))
+        recs.append(dataclasses.replace(r, slice_crcs=slices.slice_crcs(pay, offs, r.slice_lengths.astype(np.int64))))
     return container.write(recs, np.frombuffer(buf[header.payload_start:], np.uint8))
 
 

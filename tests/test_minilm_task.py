@@ -15,6 +15,8 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 import _minilm  # noqa: E402
 
+pytestmark = pytest.mark.default_model
+
 
 @pytest.fixture(scope="module")
 def weights():

@@ -12,7 +12,7 @@ import gpucabac
 from gpucabac import codec, container, rdquant
 from gpucabac.errors import InputError
 from gpucabac.binarize import binarize_level, dq_coded_level, dq_next_state, dq_states
-from gpucabac.quantize import quantize_levels
+from gpucabac.quantization import quantize_levels
 from gpucabac.tables import BIT_COST, CURVE
 
 jax = pytest.importorskip("jax")
@@ -21,7 +21,7 @@ N = 11
 
 
 def _ref_bits(levels, slice_size, dq, ctx_init, n=N):
-    """Plain-Python estimator cost (§2.8) of levels coded slice by slice from ctx_init:
+    """Plain-Python estimator cost (docs/engine.md §2.8) of levels coded slice by slice from ctx_init:
     BIT_COST per regular bin with the states updated as the coder updates them, 1 bit per bypass bin."""
     s0i, s1i, sh0, sh1 = (a.astype(np.int64) for a in rdquant.context_arrays(ctx_init, n, dq))
     dq = dq_states(dq)
@@ -196,10 +196,14 @@ def test_round_trip_with_rd_levels(dq):
     assert len(data) < len(gpucabac.encode(t, **kw))
     assert gpucabac.encode(t, lam=0.0, **kw) == gpucabac.encode(t, **kw)
     # per-tensor steps and lambdas
-    d2 = gpucabac.encode(t, lam={"a.weight": 0.1}, tensor_steps={"a.weight": 0.01}, **kw)
+    base = gpucabac.CodingSettings.from_keywords(**kw)
+    own = {"a.weight": base.replace(step=0.01, lam=0.1)}
+    d2 = gpucabac.encode(t, base, per_tensor=own)
     assert gpucabac.info(d2).tensors[0].step == pytest.approx(0.01)
-    np.testing.assert_array_equal(gpucabac.decode(d2)["a.weight"],
-                                  gpucabac.quantize(t, lam={"a.weight": 0.1}, tensor_steps={"a.weight": 0.01}, **kw)["a.weight"])
+    np.testing.assert_array_equal(gpucabac.decode(d2)["a.weight"], gpucabac.quantize(t, base, per_tensor=own)["a.weight"])
+    # the deprecated spellings of the same thing give the same bytes
+    with pytest.warns(DeprecationWarning, match="per_tensor"):
+        assert gpucabac.encode(t, lam={"a.weight": 0.1}, tensor_steps={"a.weight": 0.01}, **kw) == d2
 
 
 @pytest.mark.parametrize("slice_size", [300, None])
@@ -215,8 +219,9 @@ def test_encode_quantizes_rd_tensors_as_one_rd_levels_call_each(slice_size):
     imp = {"b": rng.uniform(0.5, 2.0, (7, 30)).astype(np.float32), "d": np.float32(2.0)}
     steps = {"a": 0.004, "b": 0.006, "c": 0.002, "d": 0.005}
     done = []
-    data = gpucabac.encode(t, dq=16, lam=lam, importance=imp, tensor_steps=steps, slice_size=slice_size,
-                           progress=done.append)
+    base = gpucabac.CodingSettings(quantizer="dq16", slice_size=slice_size)
+    per_tensor = {n: base.replace(step=steps[n], lam=lam.get(n, 0.0)) for n in t}
+    data = gpucabac.encode(t, base, per_tensor=per_tensor, importance=imp, progress=done.append)
     assert sum(done) == sum(x.size for x in t.values())
     out = gpucabac.decode(data)
     for name, x in t.items():
@@ -386,8 +391,8 @@ def test_sweep_with_a_grid_per_tensor(small_sweep, tmp_path):
     # the task sees each tensor at its own step
     seen = []
     gpucabac.evaluate_task(res, t, lambda m: seen.append({k: m[k] for k in grids}) or 0.0)
-    want = gpucabac.quantize({k: t[k] for k in grids}, dq=True, tensor_steps={n: g[0] for n, g in grids.items()},
-                             slice_size=2048)
+    base = gpucabac.CodingSettings(quantizer="dq", slice_size=2048)
+    want = gpucabac.quantize({k: t[k] for k in grids}, base, per_tensor={n: base.replace(step=g[0]) for n, g in grids.items()})
     first = next(i for i, m in enumerate(res.model) if (m["grid_index"], m["lam"]) == (0, 0.0))
     assert all(np.array_equal(seen[first][k], want[k]) for k in grids)
     res.to_json(tmp_path / "g.json")
@@ -404,7 +409,8 @@ def test_operating_point_meets_its_target(small_sweep, tmp_path):
         op = gpucabac.choose_operating_point(small_sweep, "dq", target_bpw=4.0, per_tensor=per_tensor)
         assert op.bpw <= 4.0
         t = _small_model()
-        data = gpucabac.encode(t, dq=True, tensor_steps=op.steps, lam=op.lams, slice_size=2048)
+        assert op.slice_size == 2048
+        data = gpucabac.encode(t, op.coding_settings(), per_tensor=op.per_tensor())
         coded = sum(i.coded_bytes + i.header_bytes for i in gpucabac.info(data).tensors if i.name in op.steps)
         assert coded * 8 == pytest.approx(op.bits)
     op = gpucabac.choose_operating_point(small_sweep, "urq", target_snr_db=20.0)
@@ -502,7 +508,7 @@ def test_tensor_weights_scale_the_weighted_error_only(small_sweep):
 
 
 def test_sweep_files_and_figures_are_written_whole_or_not_at_all(small_sweep, tmp_path):
-    from gpucabac.sweep import plot_sweeps
+    from gpucabac.sweeps import plot_sweeps
 
     small_sweep.to_json(tmp_path / "s.json")
     small_sweep.to_csv(tmp_path / "s.csv")
@@ -569,7 +575,7 @@ def test_evaluate_task_scores_the_quantized_model_of_each_setting(small_sweep, t
         gpucabac.evaluate_task(res, t, lambda model: float("nan"))
     pytest.importorskip("matplotlib")
     res.to_json(tmp_path / "task.json")
-    from gpucabac.sweep import plot_sweeps
+    from gpucabac.sweeps import plot_sweeps
 
     plot_sweeps([tmp_path / "task.json"], tmp_path / "task.png", metric="task")
     assert (tmp_path / "task.png").read_bytes()[:4] == b"\x89PNG"
@@ -664,3 +670,26 @@ def test_bench_rd_smoke(tmp_path):
 
     res = json.loads((tmp_path / "bench_rd.json").read_text())
     assert all(v["validated"] for v in res["results"].values())
+
+
+def test_sweep_takes_bfloat16_tensors_as_encode_does(tmp_path):
+    # "is a float tensor" is one definition (gpucabac.dtypes.is_float): bfloat16 is swept, and the
+    # sweep's exact rate is what encode writes for it
+    import ml_dtypes
+
+    from click.testing import CliRunner
+
+    from gpucabac import cli
+    from gpucabac import io as gio
+
+    rng = np.random.default_rng(8)
+    t = {"w": (rng.standard_normal((24, 64)) * 0.05).astype(ml_dtypes.bfloat16), "ids": np.arange(4, dtype=np.int32)}
+    res = gpucabac.sweep(t, [2.0**-6], [0.0], methods=("urq",), slice_size=256)
+    assert res.settings["tensors"] == ["w"]
+    info = {i.name: i for i in gpucabac.info(gpucabac.encode(t, step=2.0**-6, slice_size=256)).tensors}
+    assert res.rows[0]["exact_bits"] == 8 * (info["w"].coded_bytes + info["w"].header_bytes)
+    gio.write_model(tmp_path / "m.safetensors", t)
+    r = CliRunner().invoke(cli.main, ["sweep", str(tmp_path / "m.safetensors"), "-o", str(tmp_path / "s.json"),
+                                      "--steps", "0.015625", "--lams", "0", "--methods", "urq", "--slice-size", "256"])
+    assert r.exit_code == 0, r.output
+    assert gpucabac.SweepResult.from_json(tmp_path / "s.json").settings["tensors"] == ["w"]

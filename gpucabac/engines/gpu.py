@@ -1,13 +1,14 @@
-"""GPU engine: the CUDA kernels of kernels/gpucabac.cu through CuPy (DESIGN §5).
+"""The GPU engine: the CUDA kernels of kernels/gpucabac.cu through CuPy, behind the engine contract
+(engines/base.py; `GpuEngine`).
 
-CuPy is optional (`pip install "gpucabac[gpu]"`) and imported only when a GPU function runs.
-Same contract as engine_cpu: the same levels give the same bytes, the same bytes the same
-tensors; tests/test_kernels.py checks the kernels' code on the CPU and, on a GPU, against
-engine_cpu byte for byte.
+CuPy is optional (`pip install "gpucabac[gpu]"`) and imported only when a GPU engine is made.
+Same contract as the CPU engine: the same levels give the same bytes, the same bytes the same
+tensors; tests/test_engines.py runs one suite over both (and over the kernels compiled for the
+CPU), tests/test_kernels.py checks the kernels' code itself.
 
-* Decoding a container: one launch decodes every slice of every selected tensor (one thread per
-  slice), after checking each slice's CRC-32, and writes the dequantized values straight into
-  one device array per tensor. The payload goes to the device once; results stay there.
+* Decoding a slice table: one launch decodes every slice of every tensor (one thread per slice),
+  after checking each slice's CRC-32, and writes the dequantized values straight into one
+  device array per tensor. The payload goes to the device once; results stay there.
 * Encoding a tensor: a bound kernel sizes a scratch region per slice (and finds invalid levels),
   the encode kernel codes every slice into its region, a prefix sum of the slice sizes places
   them, a gather kernel compacts them and a CRC kernel checksums them.
@@ -25,31 +26,30 @@ is logged once): `torch.from_dlpack(a).view(torch.bfloat16)`, or `to_numpy(a, "b
 
 Every kernel has one typed wrapper in `Kernels`: it checks dtypes, contiguity and shapes (CuPy
 does not check raw kernel arguments), casts scalars to fixed-width NumPy types and owns the
-launch geometry. The orchestration (`encode_slices`, `decode_records`) talks only to such a
-wrapper object, so the tests run it on the CPU with the same kernels compiled by g++.
+launch geometry. The orchestration (`encode_slices`, `GpuEngine`) talks only to such a wrapper
+object, so the tests run it on the CPU with the same kernels compiled by g++.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import ml_dtypes
 import numpy as np
 
+from ..binarize import MAX_CONTEXTS
+from ..errors import GpuUnavailableError
+from ..modes import dq_states
+from ..slices import DECODE_CRC
+from ..tables import DQ_STATE_COUNTS, MAX_GT_FLAGS
 from . import kernel_source
-from .binarize import MAX_CONTEXTS, dq_states, full_context_init
-from .container import TensorRecord, check_int_range, mode_dq, raw_values, unscan
-from .dtypes import FLOAT_DTYPES, cast_float, numpy_dtype
-from .engine_cpu import DECODE_ERROR_MESSAGES
-from .errors import FormatError, GpucabacError, GpuUnavailableError
-from .tables import DQ_STATE_COUNTS
+from .base import CodedSlices, EncodeJob, SliceTable, TensorOutput
 
 log = logging.getLogger("gpucabac")
 
 DTYPE_CODES = kernel_source.DTYPE_CODES
-DECODE_CRC = kernel_source.DECODE_CRC
 
 # Launch geometry. The coder kernels keep GC_MAX_CONTEXTS 32-bit context words per thread in
 # shared memory: 64 threads use 25 KiB, under the 48 KiB a block gets without opting in.
@@ -130,8 +130,8 @@ def _check_dq(v) -> np.int32:
 
 
 def _check_gt_flags(v) -> np.int32:
-    if not 0 <= int(v) <= 20:
-        raise ValueError(f"num_gt_flags must be in 0..20, got {v}")
+    if not 0 <= int(v) <= MAX_GT_FLAGS:
+        raise ValueError(f"num_gt_flags must be in 0..{MAX_GT_FLAGS}, got {v}")
     return np.int32(v)
 
 
@@ -275,8 +275,9 @@ def to_numpy(a, dtype_name: str | None = None) -> np.ndarray:
 
 
 def encode_slices(levels, slice_size: int, dq: bool | int, num_gt_flags: int, init: np.ndarray, *, k=None):
-    """Engine contract: int32 levels (host or device) coded in slices of `slice_size`, each from the
-    context initialisation `init` (a preset index per context, MAX_CONTEXTS of them).
+    """The encode kernels on one tensor: int32 levels (host or device) coded in slices of
+    `slice_size`, each from the context initialisation `init` (a preset index per context,
+    MAX_CONTEXTS of them).
 
     Returns (payload uint8, lengths uint32, crcs uint32, bad) as arrays of `k.xp`; `bad` is the
     index of the first level that cannot be coded (and the rest None), or -1."""
@@ -306,7 +307,7 @@ def encode_slices(levels, slice_size: int, dq: bool | int, num_gt_flags: int, in
 
 
 # ---------------------------------------------------------------------------------------------
-# Decoding a container
+# Decoding a slice table
 
 
 class DecodeTable:
@@ -342,125 +343,81 @@ class DecodeTable:
                 raise ValueError("decode table: slice_tensor out of range")
 
 
-def _target_dtype(rec: TensorRecord, dtype) -> str | None:
-    """The dtype name of the decoded array: the tensor's own, or `dtype` for float tensors."""
-    if dtype is None or rec.dtype not in FLOAT_DTYPES:
-        return rec.dtype
-    name = dtype if isinstance(dtype, str) else ("bfloat16" if np.dtype(dtype) == ml_dtypes.bfloat16 else np.dtype(dtype).name)
-    if name not in FLOAT_DTYPES:
-        raise GpucabacError(f"the GPU decoder writes float32, float16, bfloat16 or float64, not {name}")
-    return name
+def _out_code(out: TensorOutput) -> tuple[int, int]:
+    """(work, out) dtype codes of the kernel's store (kernels/dequant.cuh): int32 stores levels."""
+    if out.dtype == "int32":
+        return DTYPE_CODES["int32"], DTYPE_CODES["int32"]
+    return DTYPE_CODES[out.work], DTYPE_CODES[out.dtype]
 
 
 def _device_dtype(name: str, k) -> np.dtype:
-    if name == "bfloat16":
+    if name == "bfloat16":  # written as its bits; bfloat16_array relabels them
         return np.dtype(np.uint16) if k.xp is not np else np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
 
 
-def decode_records(records: Sequence[TensorRecord], payload_of: Callable[[TensorRecord], np.ndarray], *,
-                   dtype=None, k=None, progress: Callable[[int], None] | None = None) -> dict:
-    """Decode tensors of a parsed container on the device: {name: array of k.xp}, shaped.
+class GpuEngine:
+    """The CUDA engine; `kernels` is a `Kernels` (default: compiled on first use), or any object
+    with its methods, as the tests' g++ build of the same kernel bodies."""
 
-    `payload_of(rec)` returns the host bytes of a tensor's slices. Errors are those of the CPU
-    path, raised for the first bad tensor in `records` order (FormatError naming tensor and slice).
-    """
-    k = k or kernels()
-    xp = k.xp
-    coded = [r for r in records if r.mode != "raw" and r.numel > 0]
-    pieces, outs = [], {}
-    # host-side table
-    offs, lens, crcs, tens, firsts, counts = [], [], [], [], [], []
-    params = np.zeros((len(coded), 4), np.int32)
-    steps = np.zeros(len(coded), np.float32)
-    inits = np.zeros((len(coded), MAX_CONTEXTS), np.uint8)
-    ptrs = np.zeros(len(coded), np.uint64)
-    base = 0
-    for t, rec in enumerate(coded):
-        data = np.ascontiguousarray(payload_of(rec), dtype=np.uint8)
-        pieces.append(data)
-        ns = rec.num_slices
-        lengths = rec.slice_lengths.astype(np.int64)
-        offs.append(base + np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64))
-        lens.append(rec.slice_lengths.astype(np.uint32))
-        crcs.append(rec.slice_crcs.astype(np.uint32))
-        tens.append(np.full(ns, t, np.int32))
-        first = np.arange(ns, dtype=np.int64) * rec.slice_size
-        firsts.append(first)
-        counts.append(np.minimum(rec.slice_size, rec.numel - first))
-        base += data.size
-        dq = mode_dq(rec.mode)
-        target = _target_dtype(rec, dtype)
-        if rec.mode == "int":
-            params[t] = (0, rec.num_gt_flags, DTYPE_CODES["int32"], DTYPE_CODES["int32"])
-            out = xp.empty(rec.numel, np.int32)
-        else:
-            params[t] = (dq, rec.num_gt_flags, DTYPE_CODES[rec.dtype], DTYPE_CODES[target])
-            out = xp.empty(rec.numel, _device_dtype(target, k))
-        steps[t] = np.float32(rec.step)
-        inits[t] = full_context_init(rec.ctx_init, rec.num_gt_flags, dq)
-        ptrs[t] = k.address(out)
-        outs[rec.name] = out
+    name = "gpu"
 
-    def cat(parts, dtype):
-        return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+    def __init__(self, kernels_: Kernels | None = None):
+        self.k = kernels_ if kernels_ is not None else kernels()
+        self.xp = self.k.xp
 
-    host = dict(
-        payload=cat(pieces, np.uint8), slice_offset=cat(offs, np.int64), slice_length=cat(lens, np.uint32),
-        slice_crc=cat(crcs, np.uint32), slice_tensor=cat(tens, np.int32), slice_first=cat(firsts, np.int64),
-        slice_count=cat(counts, np.int64), tensor_params=params.reshape(-1), tensor_step=steps,
-        tensor_out=ptrs, tensor_init=inits.reshape(-1),
-    )
-    table = DecodeTable(**{name: k.to_device(a) for name, a in host.items()})
-    errors = k.to_host(k.decode(table))
+    def describe(self) -> str:
+        return device_name()
 
-    # Errors in record order, as the CPU path raises them.
-    slice_base, tindex = {}, {}
-    pos = 0
-    for t, rec in enumerate(coded):
-        slice_base[rec.name] = pos
-        tindex[rec.name] = t
-        pos += rec.num_slices
-    result = {}
-    for rec in records:
-        if rec.mode == "raw":
-            host_x = raw_values(rec, np.ascontiguousarray(payload_of(rec), dtype=np.uint8))
-            target = _target_dtype(rec, dtype)
-            host_x = cast_float(host_x, target) if target != rec.dtype else host_x
-            x = _upload(k, host_x, target)
-        elif rec.numel == 0:
-            target = _target_dtype(rec, dtype)
-            x = _upload(k, np.zeros(0, numpy_dtype(target)), target)
-        else:
-            s0 = slice_base[rec.name]
-            err = errors[s0 : s0 + rec.num_slices]
-            bad_crc = np.flatnonzero(err == DECODE_CRC)
-            if bad_crc.size:
-                raise FormatError(f"tensor {rec.name!r}: checksum mismatch in slice {int(bad_crc[0])} of {rec.num_slices} ({bad_crc.size} corrupt)")
-            bad = np.flatnonzero(err)
-            if bad.size:
-                s = int(bad[0])
-                raise FormatError(f"tensor {rec.name!r}, slice {s}: {DECODE_ERROR_MESSAGES.get(int(err[s]), 'decoding failed')}")
-            x = outs[rec.name]
-            if rec.mode == "int":
-                check_int_range(rec, int(x.min()), int(x.max()))
-                x = x.astype(numpy_dtype(rec.dtype))
-            elif _target_dtype(rec, dtype) == "bfloat16":
-                x = k.bfloat16_array(x)
-        # a column-scanned tensor is decoded in scan order, then transposed on the device (one copy)
-        result[rec.name] = unscan(x.reshape(-1), rec.shape, rec.scan, xp)
+    def encode(self, jobs: Sequence[EncodeJob], progress=None) -> list[CodedSlices]:
+        out = []
+        for job in jobs:
+            payload, lengths, crcs, bad = encode_slices(job.levels, job.slice_size, job.dq, job.num_gt_flags, job.init, k=self.k)
+            if bad >= 0:
+                raise ValueError(f"level {int(np.asarray(job.levels).reshape(-1)[bad])} at position {bad} cannot be coded "
+                                 "(the contract takes valid levels: slices.check_levels)")
+            out.append(CodedSlices(self.k.to_host(payload), self.k.to_host(lengths), self.k.to_host(crcs)))
+            if progress is not None:
+                progress(int(np.size(job.levels)))
+        return out
+
+    def decode(self, table: SliceTable, outputs: Sequence[TensorOutput], progress=None) -> tuple[list, np.ndarray]:
+        k, xp = self.k, self.xp
+        nt = table.num_tensors
+        params = np.zeros((nt, 4), np.int32)
+        steps = np.zeros(nt, np.float32)
+        ptrs = np.zeros(nt, np.uint64)
+        arrays = []
+        for t, out in enumerate(outputs):
+            work, code = _out_code(out)
+            params[t] = (table.tensor_dq[t], table.tensor_gt[t], work, code)
+            steps[t] = np.float32(out.step)
+            a = xp.empty(int(table.tensor_numel[t]), _device_dtype(out.dtype, k))
+            ptrs[t] = k.address(a)
+            arrays.append(a)
+        host = dict(
+            payload=table.payload, slice_offset=table.slice_offset, slice_length=table.slice_length,
+            slice_crc=table.slice_crc, slice_tensor=table.slice_tensor, slice_first=table.slice_first,
+            slice_count=table.slice_count, tensor_params=params.reshape(-1), tensor_step=steps,
+            tensor_out=ptrs, tensor_init=np.ascontiguousarray(table.tensor_init, np.uint8).reshape(-1),
+        )
+        device_table = DecodeTable(**{name: k.to_device(np.ascontiguousarray(a)) for name, a in host.items()})
+        errors = k.to_host(k.decode(device_table)).astype(np.int32)
+        arrays = [k.bfloat16_array(a) if out.dtype == "bfloat16" else a for a, out in zip(arrays, outputs)]
         if progress is not None:
-            progress(rec.numel)
-    return result
+            progress(int(table.tensor_numel.sum()))
+        return arrays, errors
 
+    def upload(self, host: np.ndarray):
+        if host.dtype == ml_dtypes.bfloat16 and self.xp is not np:
+            return self.k.bfloat16_array(self.k.to_device(host.view(np.uint16)))
+        return self.k.to_device(host)
 
-def _upload(k, host_x: np.ndarray, name: str):
-    if name == "bfloat16" and k.xp is not np:
-        return k.bfloat16_array(k.to_device(host_x.view(np.uint16)))
-    return k.to_device(host_x)
+    def to_host(self, a) -> np.ndarray:
+        return to_numpy(a)
 
 
 __all__ = [
-    "GpuUnavailableError", "Kernels", "DecodeTable", "available", "unavailable_reason", "device_name",
-    "kernels", "encode_slices", "decode_records", "to_numpy", "check_array",
+    "GpuUnavailableError", "Kernels", "DecodeTable", "GpuEngine", "available", "unavailable_reason", "device_name",
+    "kernels", "encode_slices", "to_numpy", "check_array",
 ]

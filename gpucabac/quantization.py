@@ -1,4 +1,4 @@
-"""Quantization: weights -> integer levels, and levels -> reconstruction (methods_spec §3).
+"""Quantization: weights -> integer levels, and levels -> reconstruction (docs/engine.md §3).
 
 This is the simple quantizer of the codec core: uniform rounding, and a distortion-only
 dependent-quantization trellis (NNCodec's default, lambda_scale = 0). The JAX rate-distortion
@@ -32,19 +32,11 @@ def step_from_qp(qp: int, qp_density: int = 2) -> float:
     return float((k + (qp & (k - 1))) * 2.0 ** ((qp >> qp_density) - qp_density))
 
 
-def round_half_away(x: np.ndarray) -> np.ndarray:
-    """Round to nearest, ties away from zero, exactly (no x + 0.5 rounding error)."""
-    a = np.abs(x)
-    r = np.floor(a)
-    r += (a - r) >= 0.5
-    return np.copysign(r, x)
-
-
 def quantize_levels(x: np.ndarray, step: float, *, dq: bool | int = False, slice_size: int | None = None) -> np.ndarray:
     """Integer levels (reconstruction indices) of x at `step`, flattened in scan order.
 
     Uniform: round half away from zero. DQ: a Viterbi search per slice over the trellis of `dq`
-    states (True: NNC's 8; the DQ state restarts at every slice, DESIGN §1) minimising the
+    states (True: NNC's 8; the DQ state restarts at every slice, docs/design.md §1) minimising the
     squared error.
     """
     try:

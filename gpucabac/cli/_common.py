@@ -1,0 +1,154 @@
+"""What the commands share: one-line errors, option types, progress bars, tables and numbers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import click
+import numpy as np
+
+from ..engines import DEVICES
+from ..errors import GpucabacError
+
+PROGRESS_DELAY_S = 0.5
+
+
+class Failure(click.ClickException):
+    """`gpucabac: error: ...` on stderr, exit status 1."""
+
+    exit_code = 1
+
+    def show(self, file=None) -> None:
+        click.echo(f"gpucabac: error: {self.format_message()}", err=True)
+
+
+class Group(click.Group):
+    """Turns every GpucabacError and OSError of a command into a Failure."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (GpucabacError, OSError) as e:
+            raise Failure(describe(e)) from e
+
+
+def describe(e: BaseException) -> str:
+    if isinstance(e, GpucabacError):
+        return str(e)
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        return f"{e.filename}: {e.strerror}"
+    return str(e) or type(e).__name__
+
+
+class SliceSize(click.ParamType):
+    """A positive number of weights per slice, or 'whole' for one slice per tensor (None)."""
+
+    name = "S|whole"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int):
+            return value
+        if str(value).lower() == "whole":
+            return None
+        try:
+            size = int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number of weights nor 'whole'", param, ctx)
+        if size <= 0:
+            self.fail(f"{value!r} must be positive", param, ctx)
+        return size
+
+
+class SmallStep(click.ParamType):
+    """The step for small tensors (biases, norms): a positive number or 'lossless'."""
+
+    name = "X|lossless"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, float):
+            return value
+        if str(value).lower() == "lossless":
+            return "lossless"
+        try:
+            step = float(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a step size nor 'lossless'", param, ctx)
+        if not (step > 0 and math.isfinite(step)):
+            self.fail(f"{value!r} must be a positive finite number", param, ctx)
+        return step
+
+
+def threads_option(f):
+    return click.option(
+        "--threads", "-t", type=click.IntRange(min=1), default=None,
+        help="Worker threads (default: all cores).",
+    )(f)
+
+
+def device_option(verb: str):
+    def add(f):
+        return click.option(
+            "--device", type=click.Choice(list(DEVICES)), default="cpu", show_default=True,
+            help=f"{verb} engine: CPU (numba), GPU (CUDA through CuPy; an error if there is none), "
+                 "or auto (the GPU when CuPy sees one).",
+        )(f)
+
+    return add
+
+
+def explicit(name: str) -> bool:
+    """Whether the user gave option `name` on the command line (not its default)."""
+    return click.get_current_context().get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+
+
+def weights(tensors: Mapping[str, np.ndarray]) -> int:
+    return sum(int(t.size) for t in tensors.values())
+
+
+def raw_bytes(tensors: Mapping[str, np.ndarray]) -> int:
+    return sum(int(t.nbytes) for t in tensors.values())
+
+
+def fmt_snr(snr: float) -> str:
+    if math.isnan(snr):
+        return "n/a"
+    if math.isinf(snr):
+        return "inf" if snr > 0 else "-inf"
+    return f"{snr:.2f}"
+
+
+def count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
+def rate(n_weights: int, seconds: float) -> float:
+    """Millions of weights per second."""
+    return n_weights / max(seconds, 1e-9) / 1e6
+
+
+@contextmanager
+def progress_bar(total: int, desc: str) -> Iterator[Callable[[int], None]]:
+    """A tqdm bar over weights on stderr, shown only on a terminal and after a short delay."""
+    from tqdm import tqdm  # noqa: PLC0415
+
+    with tqdm(
+        total=total, desc=desc, unit="w", unit_scale=True, leave=False,
+        disable=None, delay=PROGRESS_DELAY_S, dynamic_ncols=True,
+    ) as bar:
+        yield bar.update
+
+
+def table(headers: list[str], rows: list[list[str]], right: set[int]) -> str:
+    """Columns two spaces apart; those in `right` right-aligned."""
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def line(cells):
+        padded = (c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(padded).rstrip()
+
+    out = [line(headers), line(["-" * w for w in widths])]
+    out += [line(r) for r in rows]
+    return "\n".join(out)

@@ -1,0 +1,146 @@
+"""What every engine shares about slices (docs/design.md §1): where they lie, which levels can be
+coded, how large a coded slice can get, their checksums, and what a slice decoder reports.
+
+The engines sit above this module and never below it: the CPU engine runs `slice_bounds` to size
+its scratch space, the GPU engine runs the same rule as a kernel (kernels/jobs.cuh), and the codec
+checks levels with `check_levels` before it chooses a context initialisation for them.
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+from .binarize import dq_coded_level, dq_next_state
+from .errors import FormatError, InputError
+from .tables import CRC32, MAX_ABS_LEVEL
+
+# Error codes of a slice decoder, one per slice (0: decoded, and ended exactly at its last byte).
+DECODE_OK = 0
+DECODE_OVERRUN = 1  # the arithmetic decoder needed bytes past the slice's end
+DECODE_BAD_LEVEL = 2  # an Exp-Golomb prefix longer than any valid level allows
+DECODE_BAD_END = 3  # missing terminate bin or stop pattern, or unused bytes at the end
+DECODE_CRC = 4  # the slice's bytes do not match its CRC-32 (it was not decoded)
+DECODE_ERROR_MESSAGES = {
+    DECODE_OVERRUN: "the arithmetic decoder ran past the slice's end",
+    DECODE_BAD_LEVEL: "an Exp-Golomb prefix is longer than any valid level",
+    DECODE_BAD_END: "the slice does not end with the terminate bin and stop pattern",
+}
+
+
+def slice_offsets(lengths: np.ndarray) -> np.ndarray:
+    """int64 start of every slice when the slices of `lengths` bytes lie back to back."""
+    lengths = np.asarray(lengths, np.int64)
+    out = np.zeros(lengths.size, np.int64)
+    np.cumsum(lengths[:-1], out=out[1:])
+    return out
+
+
+def num_slices(numel: int, slice_size: int) -> int:
+    return -(-int(numel) // int(slice_size))
+
+
+def slice_counts(numel: int, slice_size: int) -> np.ndarray:
+    """int64 number of values in every slice (the last one may be shorter)."""
+    first = np.arange(num_slices(numel, slice_size), dtype=np.int64) * slice_size
+    return np.minimum(slice_size, numel - first)
+
+
+def raise_slice_errors(name: str, errors: np.ndarray) -> None:
+    """FormatError for the first bad slice of one tensor's error codes (a checksum mismatch first,
+    as a decoder must not trust a slice whose bytes are corrupt); nothing when all are DECODE_OK."""
+    errors = np.asarray(errors)
+    bad_crc = np.flatnonzero(errors == DECODE_CRC)
+    if bad_crc.size:
+        raise FormatError(f"tensor {name!r}: checksum mismatch in slice {int(bad_crc[0])} of {errors.size} ({bad_crc.size} corrupt)")
+    bad = np.flatnonzero(errors)
+    if bad.size:
+        s = int(bad[0])
+        raise FormatError(f"tensor {name!r}, slice {s}: {DECODE_ERROR_MESSAGES.get(int(errors[s]), 'decoding failed')}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Level validity and the byte bound of a coded slice
+
+
+@nb.njit(inline="always", cache=True)
+def _level_bound_bits(q, num_gt_flags):
+    """Upper bound on the coded bits of one level: 7 per regular bin (an LPS of the smallest
+    sub-range, 2, renormalises 7 times), 1 per bypass bin."""
+    a = q if q >= 0 else -q
+    if a == 0:
+        return 7
+    if a <= num_gt_flags:
+        return 7 * (2 + a)
+    rem = a - (num_gt_flags + 1)
+    m = 0
+    base = 0
+    while rem >= base + (1 << m):
+        base += 1 << m
+        m += 1
+    return 7 * (2 + num_gt_flags + m + 1) + m
+
+
+@nb.njit(parallel=True, cache=True)
+def slice_bounds(levels, slice_size, dq, num_gt_flags):
+    """Per slice: an upper bound on its coded bytes, and the index of the first invalid level
+    (|level| too large, or under DQ not on the current state's quantizer), or -1."""
+    n = levels.shape[0]
+    nslices = (n + slice_size - 1) // slice_size
+    bound = np.empty(nslices, np.int64)
+    bad = np.full(nslices, -1, np.int64)
+    for s in nb.prange(nslices):
+        start = s * slice_size
+        end = min(n, start + slice_size)
+        bits = 0
+        state = 0
+        for i in range(start, end):
+            q = levels[i]
+            if dq:
+                q = dq_coded_level(q, state)
+            if q > MAX_ABS_LEVEL or q < -MAX_ABS_LEVEL:
+                bad[s] = i
+                break
+            bits += _level_bound_bits(q, num_gt_flags)
+            if dq:
+                state = dq_next_state(dq, state, q)
+        # terminate (7 bits), flush and stop bit: at most 5 more bytes with pending 0xFF runs
+        bound[s] = (bits + 7) // 8 + 8
+    return bound, bad
+
+
+def bad_level_error(levels: np.ndarray, i: int, dq: int) -> InputError:
+    """The InputError for the invalid level at position i (both engines raise this one)."""
+    q = int(levels[i])
+    what = "is not on the dependent quantizer of its state" if dq and abs(q) <= MAX_ABS_LEVEL else f"exceeds the largest codable level {MAX_ABS_LEVEL}"
+    return InputError(f"level {q} at position {i} {what}")
+
+
+def check_levels(levels: np.ndarray, slice_size: int, dq: int, num_gt_flags: int) -> np.ndarray:
+    """The byte bound of every slice of int32 `levels`; InputError naming the first level that
+    cannot be coded."""
+    bound, bad = slice_bounds(levels, slice_size, dq, num_gt_flags)
+    if (bad >= 0).any():
+        raise bad_level_error(levels, int(bad[bad >= 0][0]), dq)
+    return bound
+
+
+# ---------------------------------------------------------------------------------------------
+# Checksums
+
+
+@nb.njit(parallel=True, cache=True)
+def _slice_crcs(data, offsets, lengths, out):
+    for s in nb.prange(lengths.shape[0]):
+        c = np.uint32(0xFFFFFFFF)
+        o = offsets[s]
+        for j in range(lengths[s]):
+            c = CRC32[(c ^ data[o + j]) & 0xFF] ^ (c >> np.uint32(8))
+        out[s] = c ^ np.uint32(0xFFFFFFFF)
+
+
+def slice_crcs(data: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """CRC-32 (zlib's polynomial) of every slice data[offsets[s]:offsets[s]+lengths[s]]."""
+    out = np.empty(np.shape(lengths)[0], np.uint32)
+    _slice_crcs(data, np.asarray(offsets, np.int64), np.asarray(lengths, np.int64), out)
+    return out

@@ -1,0 +1,91 @@
+"""The package's layers (docs/design.md §7): every module imports only from its own layer or the
+layers below it, so that data flows one way and no module reaches back up. The core import
+stays light: `import gpucabac` loads neither JAX, CuPy, matplotlib nor torch."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+import gpucabac
+
+PACKAGE = pathlib.Path(gpucabac.__file__).resolve().parent
+
+# docs/design.md §7, bottom first; a module may import from its layer and the ones above it here
+LAYERS = [
+    {"errors", "tables", "dtypes", "modes"},
+    {"binarize", "slices", "context_init", "threads", "metrics"},
+    {"quantization", "rdquant"},
+    {"settings"},
+    {"engines"},
+    {"container"},
+    {"io", "models", "importance"},
+    {"codec", "sweeps"},
+    {"cli"},
+    {"__init__", "__main__"},
+]
+LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+
+
+def _module_of(path: pathlib.Path) -> str:
+    rel = path.relative_to(PACKAGE)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    """The gpucabac modules (top-level names inside the package) that a file imports."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    depth = len(path.relative_to(PACKAGE).parts) - 1  # 0 for gpucabac/x.py, 1 for gpucabac/engines/x.py
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                if node.module and node.module.split(".")[0] == "gpucabac":
+                    parts = node.module.split(".")[1:]
+                    out |= {parts[0]} if parts else {a.name for a in node.names}
+            elif node.level > depth:  # reaches the package level
+                if node.module:
+                    out.add(node.module.split(".")[0])
+                else:
+                    out |= {a.name for a in node.names}
+            # a relative import inside the same subpackage stays in its module
+        elif isinstance(node, ast.Import):
+            out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("gpucabac.")}
+            if any(a.name == "gpucabac" for a in node.names):
+                out.add("__init__")
+    return out
+
+
+def test_every_module_has_a_layer():
+    modules = {_module_of(p) for p in PACKAGE.rglob("*.py")}
+    assert modules == set(LEVEL), sorted(modules ^ set(LEVEL))
+
+
+def test_imports_flow_down_the_layers():
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        me = _module_of(path)
+        for other in _imports(path) - {me}:
+            if other not in LEVEL:
+                wrong.append(f"{path.relative_to(PACKAGE)} imports unknown gpucabac.{other}")
+            elif LEVEL[other] > LEVEL[me] and not (me == "cli" and other == "__init__"):
+                wrong.append(f"{path.relative_to(PACKAGE)} ({me}) imports {other}, a layer above it")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_engines_do_not_import_each_other():
+    for a, b in (("cpu", "gpu"), ("gpu", "cpu")):
+        tree = ast.parse((PACKAGE / "engines" / f"{a}.py").read_text(encoding="utf-8"))
+        names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not any(m and (m == b or m.endswith(f".{b}") or m.endswith(f"engines.{b}")) for m in names), (a, names)
+
+
+def test_the_core_import_is_light():
+    code = ("import sys, gpucabac; heavy = [m for m in ('jax', 'cupy', 'matplotlib', 'torch') if m in sys.modules]; "
+            "print(','.join(heavy))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ""
