@@ -17,6 +17,11 @@ import numpy as np
 
 SENTENCES = pathlib.Path(__file__).resolve().parent / "data" / "minilm_sentences.txt"
 NUM_LAYERS, NUM_HEADS, LN_EPS = 6, 12, 1e-12
+# --tiny runs of the task experiments code only these tensors (of the last layer, so that the
+# sensitivity's backward pass stays short; one 384x384 matrix, as the RD trellis costs several
+# microseconds per weight and setting on a CPU) and use this many sentences of each half.
+TINY_TENSORS = ("encoder.layer.5.attention.output.dense.weight",)
+TINY_SENTENCES = 8
 
 
 def sentences() -> tuple[list[str], list[str]]:
@@ -82,6 +87,18 @@ def embed(params: dict, ids, mask):
     return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
 
 
+def task_setup(tiny: bool = False):
+    """(every float weight, the coded 2-D tensors, calibration sentences, held-out sentences) of the
+    task experiments; `tiny`: only TINY_TENSORS coded and TINY_SENTENCES of each half."""
+    weights = float_weights()
+    coded = {k: v for k, v in weights.items() if v.ndim == 2}
+    calibration, held_out = sentences()
+    if tiny:
+        coded = {k: coded[k] for k in TINY_TENSORS}
+        calibration, held_out = calibration[:TINY_SENTENCES], held_out[:TINY_SENTENCES]
+    return weights, coded, calibration, held_out
+
+
 def float_weights() -> dict[str, np.ndarray]:
     """Every floating-point tensor of the default model, float32."""
     from gpucabac.io import read_model
@@ -112,13 +129,18 @@ class TaskCheck:
 
 
 def output_sensitivity(weights: dict[str, np.ndarray], texts: list[str], *, probes: int = 32,
-                       chunk: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
+                       chunk: int = 4, seed: int = 0, names=None) -> dict[str, np.ndarray]:
     """How much each weight moves the embeddings of `texts` (gpucabac.output_sensitivity):
-    sum_i F_i dw_i^2 ~ sum_s |e_s(w + dw) - e_s(w)|^2 = 2 sum_s (1 - cos_s) for small dw."""
+    sum_i F_i dw_i^2 ~ sum_s |e_s(w + dw) - e_s(w)|^2 = 2 sum_s (1 - cos_s) for small dw.
+    `names`: only these tensors' sensitivities (the others held at their values), else all."""
     import jax.numpy as jnp
 
     from gpucabac.rdquant import output_sensitivity as sensitivity
 
     ids, mask = tokenize(texts)
     params = {k: jnp.asarray(v) for k, v in weights.items()}
-    return sensitivity(lambda p, batch: embed(p, *batch), params, (ids, mask), probes=probes, chunk=chunk, seed=seed)
+    if names is None:
+        return sensitivity(lambda p, batch: embed(p, *batch), params, (ids, mask), probes=probes, chunk=chunk, seed=seed)
+    fixed = {k: v for k, v in params.items() if k not in names}
+    return sensitivity(lambda p, batch: embed({**fixed, **p}, *batch), {k: params[k] for k in names}, (ids, mask),
+                       probes=probes, chunk=chunk, seed=seed)

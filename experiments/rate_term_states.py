@@ -7,6 +7,10 @@ of its 2-D tensors (one 384×384 attention matrix and both 1536-wide MLP matrice
 layers, 1.33 M weights), with NNCodec 2.1.3's DQ on the same tensors in the same run. Exact file sizes, default slice size.
 
     python experiments/rate_term_states.py [--tiny] [--model M] [--all] [--tensors A,B,...] [--variants ...] [--qps ...] [--nncodec-qps ...]
+
+--tiny (a smoke run, results to a temp dir or --out): one 96x64 tensor of the tiny random model
+(the rate-aware trellis compiles once per tensor shape, and its cost per weight is above),
+variants 8,256,256+lam0.3, QPs -30,-26; NNCodec only if its venv exists.
 """
 
 from __future__ import annotations
@@ -34,16 +38,20 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="a model name, file or .gcb (default: the default model)")
     ap.add_argument("--all", action="store_true", help="every 2-D tensor of the model (a GPU run)")
     ap.add_argument("--tensors", default=",".join(SUBSET), help="comma-separated tensor names")
-    ap.add_argument("--variants", default="8,8+lam0.3,256,256+lam0.3",
-                    help="trellis_states.parse_variant: M[+auto][+lamX]")
-    ap.add_argument("--qps", default="-34,-30,-26,-22,-18")
+    ap.add_argument("--variants", default=None,
+                    help="trellis_states.parse_variant: M[+auto][+lamX] (default 8,8+lam0.3,256,256+lam0.3; --tiny: 8,256,256+lam0.3)")
+    ap.add_argument("--qps", default=None, help="default -34,-30,-26,-22,-18 (--tiny: -30,-26)")
     ap.add_argument("--nncodec-qps", default=None, help="NNCodec's QPs when not --qps (its curve must bracket our SNRs)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.variants is None:
+        args.variants = "8,256,256+lam0.3" if args.tiny else "8,8+lam0.3,256,256+lam0.3"
+    if args.qps is None:
+        args.qps = "-30,-26" if args.tiny else "-34,-30,-26,-22,-18"
     info = machine_info()
     t0 = time.perf_counter()
     if args.tiny:
-        model, tensors = "tiny random", {k: v for k, v in tiny_model().items() if v.ndim == 2}
+        model, tensors = "tiny random", {"fc1.weight": tiny_model()["fc1.weight"]}
     else:
         model, everything = load_default_model_2d(args.model)
         names = list(everything) if args.all else args.tensors.split(",")

@@ -7,6 +7,9 @@ distortion-only trellis and param-opt, one NDU per tensor, at the same QPs. Savi
 NNCodec's rate is interpolated (linearly in SNR) at each of our points inside its SNR range.
 
     python experiments/rd_minilm.py [--tiny] [--qps -38,-34,...] [--lams 0,0.3] [--out DIR]
+
+--tiny (a smoke run, results to a temp dir or --out): the tiny random model, QPs -34,-26, DQ at
+λ 0.3 and URQ at λ 0.1 only; NNCodec only if its venv exists.
 """
 
 from __future__ import annotations
@@ -82,12 +85,18 @@ def plot_savings(res, path, title):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--qps", default="-38,-34,-30,-26,-22")
-    ap.add_argument("--dq-lams", default="0,0.3")
-    ap.add_argument("--urq-lams", default="0,0.1")
+    ap.add_argument("--tiny", action="store_true", help="smoke run: the tiny random model, two QPs")
+    ap.add_argument("--qps", default=None, help="default -38,-34,-30,-26,-22 (--tiny: -34,-26)")
+    ap.add_argument("--dq-lams", default=None, help="default 0,0.3 (--tiny: 0.3)")
+    ap.add_argument("--urq-lams", default=None, help="default 0,0.1 (--tiny: 0.1)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.qps is None:
+        args.qps = "-34,-26" if args.tiny else "-38,-34,-30,-26,-22"
+    if args.dq_lams is None:
+        args.dq_lams = "0.3" if args.tiny else "0,0.3"
+    if args.urq_lams is None:
+        args.urq_lams = "0.1" if args.tiny else "0,0.1"
     info = machine_info()
     if args.tiny:
         model, tensors = "tiny random", {k: v for k, v in tiny_model().items() if v.ndim == 2}

@@ -5,7 +5,11 @@ The significance and sign contexts follow the previous level, so the order decid
 neighbour predicts a weight: row-major pairs the inputs of one output, transposed the outputs of
 one input. Format version 2 signals a column scan per tensor (for a 2-D tensor: its transpose), and
 `encode(scan="auto")` codes each tensor the cheaper way; this measures what that saves.
-Writes scan_order.{json,md}.
+
+    python experiments/scan_order.py [--model M] [--qps -36,-30,-26] [--out DIR]
+    python experiments/scan_order.py --tiny         # smoke run: the tiny random model, QPs -36,-26
+
+Writes scan_order.{json,md} to experiments/results (full run) or a temp dir (--tiny; see --out).
 """
 
 from __future__ import annotations
@@ -15,19 +19,25 @@ import argparse
 import numpy as np
 
 import _common
-from _common import header_md, load_default_model_2d, machine_info, md_table, out_dir, write_results
+from _common import header_md, load_default_model_2d, machine_info, md_table, out_dir, tiny_model, write_results
 
 import gpucabac
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="smoke run: the tiny random model, two QPs")
     ap.add_argument("--model", default=None)
-    ap.add_argument("--qps", default="-36,-30,-26")
+    ap.add_argument("--qps", default=None, help="default -36,-30,-26 (--tiny: -36,-26)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.qps is None:
+        args.qps = "-36,-26" if args.tiny else "-36,-30,-26"
     info = machine_info()
-    model, coded = load_default_model_2d(args.model)
+    if args.tiny:
+        model, coded = "tiny random", {k: v for k, v in tiny_model().items() if v.ndim == 2}
+    else:
+        model, coded = load_default_model_2d(args.model)
     numel = sum(v.size for v in coded.values())
     rows, results = [], []
     for qp in (int(q) for q in args.qps.split(",")):
@@ -53,7 +63,7 @@ def main() -> None:
            "Transposed: every tensor transposed; best of both: each tensor the cheaper way.\n\n")
     md += md_table(["QP", "row-major bpw", "all transposed", "best of both", "largest savings"], rows)
     md += "\n"
-    write_results(out_dir(args.out, False), "scan_order", dict(info=info, model=model, numel=numel, results=results), md)
+    write_results(out_dir(args.out, args.tiny), "scan_order", dict(info=info, model=model, numel=numel, results=results), md)
     print(md)
 
 

@@ -2,22 +2,22 @@
 
 For every slice size S: total container bytes with per-tensor chosen context initialisation
 (what gpucabac writes), and with every context starting at preset 0 (p = 1/2), both against the
-one-slice-per-tensor container. Writes experiments/results/slice_size_curve.{json,md}.
+one-slice-per-tensor container. Writes slice_size_curve_qp<QP>[_dq].{json,md} to experiments/results
+(full run) or a temp dir (--tiny: three random 64x96 tensors; see --out).
 
-    python experiments/slice_size_curve.py [--qp -32] [--dq] [--tiny]
+    python experiments/slice_size_curve.py [--qp -32] [--dq] [--tiny] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import pathlib
 import platform
 import subprocess
 import sys
 
 import numpy as np
-from _common import write_results
+from _common import out_dir, write_results
 
 import gpucabac
 from gpucabac import codec, container
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--qp", type=int, default=-32)
     ap.add_argument("--dq", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="small random model, for the test suite")
-    ap.add_argument("--out", default="experiments/results")
+    ap.add_argument("--out", default=None, help="output directory (default experiments/results; --tiny: a temp dir)")
     args = ap.parse_args(argv)
     if args.tiny:
         rng = np.random.default_rng(0)
@@ -79,11 +79,9 @@ def main(argv=None) -> int:
     lines += [f"| {r['slice_size']} | {r['overhead_chosen_pct']:+.2f}% | {r['overhead_p_half_pct']:+.2f}% |" for r in rows]
     text = "\n".join(lines)
     print(text)
-    if not args.tiny:
-        out = pathlib.Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        tag = f"slice_size_curve_qp{args.qp}{'_dq' if args.dq else ''}"
-        write_results(out, tag, result, text + f"\n\n{result['machine']}, {result['date']}, commit {result['commit']}")
+    tag = f"slice_size_curve_qp{args.qp}{'_dq' if args.dq else ''}"
+    write_results(out_dir(args.out, args.tiny), tag, result,
+                  text + f"\n\n{result['machine']}, {result['date']}, commit {result['commit']}")
     return 0
 
 

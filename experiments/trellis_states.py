@@ -19,6 +19,9 @@ default slice size, rates exact (the real container's bytes: payload plus header
    our own 8-state trellis.
 
     python experiments/trellis_states.py [--tiny] [--out DIR] [--sizes 8,64,256]
+
+--tiny (a smoke run, results to a temp dir or --out): 16 k Gaussian values at trellis sizes 8 and
+256, the tiny random model at 8, 256 and 256+auto, QPs -34,-26; NNCodec only if its venv exists.
 """
 
 from __future__ import annotations
@@ -132,17 +135,25 @@ def _pct(v):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tiny", action="store_true", help="smoke run: 64 k Gaussian values, a tiny model")
+    ap.add_argument("--tiny", action="store_true", help="smoke run: 16 k Gaussian values, a tiny model, fewer sizes and QPs")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--sizes", default=",".join(map(str, DQ_STATE_COUNTS)), help="trellis sizes for the Gaussian part")
-    ap.add_argument("--model-sizes", default="8,64,256,256+auto",
-                    help="trellis sizes for the model part; M+auto: each tensor in its cheaper scan order")
-    ap.add_argument("--qps", default="-40,-38,-34,-30,-26,-22")
+    ap.add_argument("--sizes", default=None,
+                    help=f"trellis sizes for the Gaussian part (default {','.join(map(str, DQ_STATE_COUNTS))}; --tiny: 8,256)")
+    ap.add_argument("--model-sizes", default=None,
+                    help="trellis sizes for the model part; M+auto: each tensor in its cheaper scan order "
+                         "(default 8,64,256,256+auto; --tiny: 8,256,256+auto)")
+    ap.add_argument("--qps", default=None, help="default -40,-38,-34,-30,-26,-22 (--tiny: -34,-26)")
     args = ap.parse_args()
+    if args.sizes is None:
+        args.sizes = "8,256" if args.tiny else ",".join(map(str, DQ_STATE_COUNTS))
+    if args.model_sizes is None:
+        args.model_sizes = "8,256,256+auto" if args.tiny else "8,64,256,256+auto"
+    if args.qps is None:
+        args.qps = "-34,-26" if args.tiny else "-40,-38,-34,-30,-26,-22"
     info = machine_info()
     S = gpucabac.DEFAULT_SLICE_SIZE
     t0 = time.perf_counter()
-    gauss = gaussian([int(v) for v in args.sizes.split(",")], 1 << (16 if args.tiny else 20), S)
+    gauss = gaussian([int(v) for v in args.sizes.split(",")], 1 << (14 if args.tiny else 20), S)
     if args.tiny:
         model, tensors = "tiny random", {k: v for k, v in tiny_model().items() if v.ndim == 2}
     else:
