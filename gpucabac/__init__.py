@@ -8,6 +8,7 @@
     True
 """
 
+from . import threads as _threads  # noqa: F401  (first: numba's fork-safe threading layer)
 from .codec import (
     DEFAULT_GT_FLAGS as DEFAULT_GT_FLAGS,
     DEFAULT_QP as DEFAULT_QP,

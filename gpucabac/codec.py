@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import stat
 import warnings
 import zlib
 from collections.abc import Callable, Iterable, Mapping
@@ -23,9 +24,9 @@ from . import container
 from .binarize import full_context_init, used_contexts
 from .context_init import choose_context_init
 from .container import TensorRecord, check_int_range, mode_dq, raw_values
-from .dtypes import FLOAT_DTYPES, cast_float, dtype_name, numpy_dtype
+from .dtypes import FLOAT_DTYPES, ITEMSIZE, cast_float, dtype_name, numpy_dtype
 from .engines import Engine, EncodeJob, SliceTable, TensorOutput, get_engine
-from .errors import FormatError, InputError, TensorNotFoundError
+from .errors import FormatError, InputError, ModelFileError, TensorNotFoundError
 from .metrics import bits_per_weight
 from .modes import dq_states
 from .quantization import dequantize, fit_dtype_range, quantize_levels
@@ -141,8 +142,14 @@ def _check_per_tensor(per_tensor, tensors: Mapping) -> dict:
 
 
 def _as_array(name, x) -> np.ndarray:
-    if not isinstance(name, str) or not name or len(name.encode("utf-8")) > 0xFFFF:
-        raise InputError(f"tensor names must be non-empty strings of at most 65535 bytes, got {name!r}")
+    if not isinstance(name, str) or not name:
+        raise InputError(f"tensor names must be non-empty strings, got {name!r}")
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InputError(f"tensor name {name!r} is not valid Unicode text (a lone surrogate?); it cannot be stored") from None
+    if size > 0xFFFF:
+        raise InputError(f"tensor name {name[:40]!r}... is {size} bytes of UTF-8; at most 65535 can be stored")
     a = np.asarray(x)
     if a.ndim > container.MAX_NDIM:
         raise InputError(f"tensor {name!r} has {a.ndim} dimensions, at most {container.MAX_NDIM} are supported")
@@ -165,7 +172,10 @@ def _prepare(tensors, settings, per_tensor, importance, keywords, what) -> _Job:
     plans, slice_settings = {}, {}
     for name, x in arrays.items():
         s = per_tensor.get(name, settings)
-        plans[name] = plan_tensor(x, s, explicit=name in per_tensor)
+        try:
+            plans[name] = plan_tensor(x, s, explicit=name in per_tensor)
+        except InputError as e:
+            raise InputError(f"tensor {name!r}: {e}") from None
         slice_settings[name] = s.slice_size
     imp = {}
     for name, f in (importance or {}).items():
@@ -269,7 +279,10 @@ def _code_tensors(job: _Job, engine: Engine, progress: Progress | None, *, need_
             candidates = []
             for order in plan.scans:
                 key = (name, order)
-                levels = rd[key] if key in rd else _levels(views[key], plan)
+                try:
+                    levels = rd[key] if key in rd else _levels(views[key], plan)
+                except InputError as e:
+                    raise InputError(f"tensor {name!r}: {e}") from None
                 if not need_bytes and len(plan.scans) == 1:
                     candidates.append(_Coded(None, None, None, None, order, levels))
                     continue
@@ -367,11 +380,22 @@ def _target_dtype(rec: TensorRecord, dtype) -> str:
     return name
 
 
+# decode/load refuse a container whose selected tensors need more than this, before allocating
+DEFAULT_MAX_OUTPUT_BYTES = 64 << 30
+# exponent range of the float dtypes: a decoded value is finite in its own dtype and in any as wide
+_RANGE = {"float16": 0, "bfloat16": 1, "float32": 1, "float64": 2}
+
+
 def _decode_records(records: list[TensorRecord], payload_of: Callable[[TensorRecord], np.ndarray], dtype,
-                    engine: Engine, progress: Progress | None) -> dict:
+                    engine: Engine, progress: Progress | None, max_output_bytes: int | None) -> dict:
     """The tensors of parsed records, as arrays of engine.xp: every coded slice in one engine call,
     then errors raised for the first bad tensor in record order (FormatError naming it)."""
     targets = {rec.name: _target_dtype(rec, dtype) for rec in records}
+    limit = DEFAULT_MAX_OUTPUT_BYTES if max_output_bytes is None else int(max_output_bytes)
+    need = sum(rec.numel * ITEMSIZE[targets[rec.name]] for rec in records)
+    if need > limit:
+        raise InputError(f"the selected tensors decode to {need / 2**30:.2f} GiB, more than max_output_bytes "
+                         f"({limit / 2**30:.2f} GiB); pass a larger max_output_bytes if that is intended")
     coded = [r for r in records if r.mode != "raw" and r.numel > 0]
     table = SliceTable.from_records(coded, [payload_of(r) for r in coded])
     outputs = [TensorOutput("int32") if r.mode == "int" else TensorOutput(targets[r.name], r.dtype, r.step) for r in coded]
@@ -390,7 +414,11 @@ def _decode_records(records: list[TensorRecord], payload_of: Callable[[TensorRec
             x = arrays[t]
             if rec.mode == "int":
                 check_int_range(rec, int(x.min()), int(x.max()))
-                x = x.astype(numpy_dtype(rec.dtype))
+                x = x.astype(numpy_dtype(rec.dtype), copy=False)
+            elif _RANGE[targets[rec.name]] >= _RANGE[rec.dtype] and not bool(engine.xp.isfinite(x).all()):
+                # the writer keeps every level x step finite in the tensor's dtype (fit_dtype_range)
+                raise FormatError(f"tensor {rec.name!r}: decoded values overflow {rec.dtype} (level x step is not "
+                                  "finite): the levels or the step are corrupt")
         result[rec.name] = container.unscan(x.reshape(-1), rec.shape, rec.scan, engine.xp)
         if progress is not None and (rec.mode == "raw" or rec.numel == 0):
             progress(rec.numel)
@@ -420,9 +448,14 @@ def _select(header: container.Header, names) -> list[TensorRecord]:
 
 
 def decode(data: bytes | bytearray | memoryview, names: Iterable[str] | None = None, *, dtype=None,
-           threads: int | None = None, progress: Progress | None = None, device: str | Engine = "cpu") -> dict[str, np.ndarray]:
+           threads: int | None = None, progress: Progress | None = None, device: str | Engine = "cpu",
+           max_output_bytes: int | None = None) -> dict[str, np.ndarray]:
     """Decompress a container (bytes) into named numpy arrays of their original dtype (or
     `dtype` for floating-point tensors). `names` selects tensors; only their slices are read.
+
+    Memory: each output is allocated once and filled slice batch by slice batch (a column-scanned
+    tensor is transposed at the end, one more copy of it). A container whose selected tensors
+    need more than `max_output_bytes` (default 64 GiB) is refused before anything is allocated.
 
     `device="gpu"` decodes all selected slices in one CUDA launch and returns CuPy arrays that
     stay on the device (hand them to PyTorch or JAX with DLPack: `torch.from_dlpack(a)`);
@@ -436,7 +469,22 @@ def decode(data: bytes | bytearray | memoryview, names: Iterable[str] | None = N
         return np.frombuffer(buf[start : start + rec.payload_length], np.uint8)
 
     with numba_threads(threads):
-        return _decode_records(_select(header, names), payload_of, dtype, engine, progress)
+        return _decode_records(_select(header, names), payload_of, dtype, engine, progress, max_output_bytes)
+
+
+def _open_container(path):
+    """A .gcb file opened for reading; ModelFileError for a missing path or one that is not a
+    regular file (a FIFO would block the reader, a directory cannot be read)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise ModelFileError(f"{os.fspath(path)}: {e.strerror or e}") from e
+    if not stat.S_ISREG(mode):
+        raise ModelFileError(f"{os.fspath(path)}: not a regular file (a directory, device or pipe); a .gcb container is a file")
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise ModelFileError(f"{os.fspath(path)}: {e.strerror or e}") from e
 
 
 def _read_header_file(f) -> container.Header:
@@ -449,11 +497,12 @@ def _read_header_file(f) -> container.Header:
 
 
 def load(path, names: Iterable[str] | None = None, *, dtype=None, threads: int | None = None,
-         progress: Progress | None = None, device: str | Engine = "cpu") -> dict[str, np.ndarray]:
+         progress: Progress | None = None, device: str | Engine = "cpu",
+         max_output_bytes: int | None = None) -> dict[str, np.ndarray]:
     """Decode tensors from a .gcb file, reading only the header and the selected tensors' bytes.
-    `device` as for `decode`."""
+    `device` and `max_output_bytes` as for `decode`."""
     engine = get_engine(device, "load")
-    with open(path, "rb") as f:
+    with _open_container(path) as f:
         header = _read_header_file(f)
 
         def payload_of(rec):
@@ -464,13 +513,13 @@ def load(path, names: Iterable[str] | None = None, *, dtype=None, threads: int |
             return np.frombuffer(raw, np.uint8)
 
         with numba_threads(threads):
-            return _decode_records(_select(header, names), payload_of, dtype, engine, progress)
+            return _decode_records(_select(header, names), payload_of, dtype, engine, progress, max_output_bytes)
 
 
 def info(data) -> ContainerInfo:
     """Describe a container given as bytes or as a path (of which only the header is read)."""
     if isinstance(data, (str, os.PathLike)):
-        with open(data, "rb") as f:
+        with _open_container(data) as f:
             header = _read_header_file(f)
             total = os.fstat(f.fileno()).st_size
     else:

@@ -215,6 +215,8 @@ def parse(table: bytes | memoryview, count: int, table_crc: int, file_size: int,
         shape = f.unpack(f"{ndim}Q", f"shape of {name!r}")
         numel = 1
         for d in shape:
+            if d > MAX_ELEMENTS:  # also with a zero elsewhere: no array of such a shape can be made
+                raise FormatError(f"tensor {name!r}: dimension {d} of shape {shape} exceeds {MAX_ELEMENTS}")
             numel *= d
             if numel > MAX_ELEMENTS:
                 raise FormatError(f"tensor {name!r}: shape {shape} has more than {MAX_ELEMENTS} elements")
@@ -230,6 +232,8 @@ def parse(table: bytes | memoryview, count: int, table_crc: int, file_size: int,
                 raise FormatError(f"tensor {name!r}: step {step} is not a positive finite number")
             if dtype in FLOAT_DTYPES and mode == "int":
                 raise FormatError(f"tensor {name!r}: integer mode for a {dtype} tensor")
+            if dtype not in FLOAT_DTYPES and mode != "int":
+                raise FormatError(f"tensor {name!r}: coding mode {mode} for a {dtype} tensor (integer tensors are 'int' or 'raw')")
             if slice_size == 0:
                 raise FormatError(f"tensor {name!r}: slice size 0")
             want = -(-numel // slice_size)
@@ -240,6 +244,8 @@ def parse(table: bytes | memoryview, count: int, table_crc: int, file_size: int,
             init = np.empty(2 * raw.size, np.uint8)
             init[0::2] = raw & 15
             init[1::2] = raw >> 4
+            if nctx % 2 and init[nctx]:
+                raise FormatError(f"tensor {name!r}: the padding nibble after its {nctx} context initialisations is not zero")
             init = init[:nctx]
             want_ctx = len(used_contexts(ngt, mode_dq(mode)))
             if nctx != want_ctx:
@@ -296,6 +302,8 @@ def raw_values(rec: TensorRecord, payload: np.ndarray) -> np.ndarray:
     if zlib.crc32(payload) != int(rec.slice_crcs[0]):
         raise FormatError(f"tensor {rec.name!r}: checksum mismatch in its raw payload")
     dtype = numpy_dtype(rec.dtype)
+    if rec.dtype == "bool" and payload.size and int(np.asarray(payload, np.uint8).max()) > 1:
+        raise FormatError(f"tensor {rec.name!r}: a raw bool payload holds bytes other than 0 and 1")
     return np.asarray(payload, np.uint8).view(dtype.newbyteorder("<")).astype(dtype)
 
 

@@ -80,12 +80,17 @@ def read_model(path: PathLike) -> dict[str, np.ndarray]:
     unknown extension, an unreadable file or a tensor of a dtype outside :data:`SUPPORTED_DTYPES`
     raises :class:`ModelFileError` naming the path and the problem.
     """
-    path = _resolve_model_path(path)
-    if path.is_dir():
-        raise ModelFileError(f"{path}: is a directory, not a model file")
-    kind = model_format(path)
-    if not path.is_file():
-        raise ModelFileError(f"{path}: no such file" if not path.exists() else f"{path}: not a regular file")
+    try:
+        path = _resolve_model_path(path)
+        if path.is_dir():
+            raise ModelFileError(f"{path}: is a directory, not a model file")
+        kind = model_format(path)
+        if not path.is_file():
+            raise ModelFileError(f"{path}: no such file" if not path.exists() else f"{path}: not a regular file")
+    except ModelFileError:
+        raise
+    except OSError as e:  # a name too long for the file system, a symlink loop, ...
+        raise ModelFileError(f"{os.fspath(path)}: {e.strerror or e}") from e
     reader = {"safetensors": _read_safetensors, "npz": _read_npz, "torch": _read_torch}[kind]
     try:
         tensors = reader(path)
@@ -263,6 +268,7 @@ def write_model(path: PathLike, tensors: Mapping[str, np.ndarray]) -> None:
     path = pathlib.Path(path)
     kind = model_format(path)
     arrays = _checked_arrays(tensors)
+    _check_names(path, kind, arrays)
     writer = {"safetensors": _write_safetensors, "npz": _write_npz, "torch": _write_torch}[kind]
     if kind == "torch":
         _import_torch()  # fail before creating anything
@@ -291,6 +297,18 @@ def _checked_arrays(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             )
         arrays[name] = array
     return arrays
+
+
+def _check_names(path: pathlib.Path, kind: str, arrays: Mapping[str, np.ndarray]) -> None:
+    """Refuse names a format cannot store faithfully (they would read back as other names)."""
+    for name in arrays:
+        if "\0" in name:
+            raise InputError(f"{path}: tensor name {name!r} holds a NUL character, which model files cannot store")
+        if kind == "npz" and name.endswith(".npy"):
+            raise InputError(f"{path}: tensor name {name!r} cannot be stored faithfully in .npz (NumPy's reader "
+                             "takes 'x.npy' and 'x' for the same tensor); write .safetensors instead")
+        if kind == "safetensors" and name == "__metadata__":
+            raise InputError(f"{path}: '__metadata__' is reserved in .safetensors files; it cannot name a tensor")
 
 
 def _atomic_write(path: pathlib.Path, write: Callable[[BinaryIO], Any]) -> None:

@@ -102,8 +102,9 @@ def _quantize(w, scale, dq, slice_size, levels):
 def dequantize(levels: np.ndarray, step: float, shape, dtype) -> np.ndarray:
     """r * step in float32 (float64 for float64 tensors), rounded to `dtype`, shaped."""
     work = np.float64 if np.dtype(dtype) == np.float64 else np.float32
-    out = levels.astype(work) * work(np.float32(step))
-    return out.astype(dtype).reshape(shape)
+    with np.errstate(over="ignore"):  # only corrupt levels overflow; the decoder checks for them
+        out = levels.astype(work) * work(np.float32(step))
+        return out.astype(dtype).reshape(shape)
 
 
 # --- dependent quantization (§3.5) -----------------------------------------------------------

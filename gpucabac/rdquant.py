@@ -383,20 +383,25 @@ def rd_quantize_tensors(tensors: Mapping, steps: Sequence[float] | Mapping, lams
                          f"per setting to trace back; use a smaller slice size")
     grids, scales, inits, ctx, weights = {}, [], {}, [], []
     for name in names:
+        # keys are tensor names, or (name, scan order) pairs from the codec
+        what = f"tensor {name if isinstance(name, str) else name[0]!r}"
         w = flat[name]
         grid = np.atleast_1d(np.asarray(steps[name] if isinstance(steps, Mapping) else steps, np.float64))
         if np.any(~np.isfinite(grid)) or np.any(grid <= 0):
-            raise InputError(f"steps must be positive and finite, got {grid}")
+            raise InputError(f"{what}: steps must be positive and finite, got {grid}")
         if grids and grid.size != next(iter(grids.values())).size:
             raise InputError("every tensor needs the same number of steps")
         grids[name] = grid
         sc = np.array([scale_of(s) for s in grid], np.float32)
-        _check_range(w, sc)
+        try:
+            _check_range(w, sc)
+        except InputError as e:
+            raise InputError(f"{what}: {e}") from None
         f = as_importance(importance, name)
         if f is not None:
             f = _flat_float32(f)
             if f.size != w.size or np.any(~np.isfinite(f)) or np.any(f < 0):
-                raise InputError("importance must have the tensor's size, finite and >= 0")
+                raise InputError(f"{what}: importance must have the tensor's size, finite and >= 0")
         weights.append(f)
         given = None if ctx_init is None else ctx_init.get(name)
         if given is None:

@@ -1,13 +1,33 @@
-"""The number of CPU threads numba's parallel loops use (the CPU engine, the plain quantizer and
-the context-init choice), set for one call and restored after it."""
+"""numba's threads: which threading layer runs gpucabac's parallel loops (the CPU engine, the plain
+quantizer, the context-init choice), and how many threads one call uses.
+
+Worker pools, Flower and Ray fork processes after the parent has used gpucabac; GNU OpenMP, the
+layer numba picks first on Linux, kills such a child ("fork() called from a process already using
+GNU OpenMP"). So unless the user chose a layer (NUMBA_THREADING_LAYER, or numba.config before
+importing gpucabac), gpucabac asks numba for a fork-safe one when it is imported: TBB where the
+`tbb` package is installed, else numba's own workqueue. This must happen before the first parallel
+call of the process, which is why gpucabac/__init__.py imports this module first.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import numba
 
 from .errors import InputError
+
+FORK_SAFE_LAYER = "forksafe"
+
+
+def use_fork_safe_layer() -> None:
+    """Select numba's fork-safe threading layer, unless the user has chosen one."""
+    if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
+        numba.config.THREADING_LAYER = FORK_SAFE_LAYER
+
+
+use_fork_safe_layer()
 
 
 @contextlib.contextmanager

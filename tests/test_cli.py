@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import re
@@ -430,7 +431,6 @@ def test_unwritable_output_is_a_clean_error(tmp_path, model_file):
         (["encode", "{model}"], "Missing option '-o'"),
         (["decode", "{model}", "-o", "{tmp}/out.bin"], "unknown model file extension '.bin'"),
         (["decode", "{model}", "-o", "{tmp}/out.npz", "--dtype", "int8"], "--dtype"),
-        (["info", "{tmp}/missing.gcb"], "does not exist"),
     ],
 )
 def test_usage_errors_exit_2(tmp_path, model_file, args, message):
@@ -484,3 +484,92 @@ def test_snr_db():
     b = {"b": np.array([1.0, 1.0], BF16)}
     assert tensors_snr_db(b, {"b": np.array([1.0, 0.0], BF16)}) == pytest.approx(10 * math.log10(2))
     assert math.isnan(tensors_snr_db({"i": np.arange(3)}, {"i": np.arange(3)}))
+
+
+# --- never clobber, and the output checked before the work ----------------------------------------
+
+
+def test_encode_refuses_to_overwrite_its_input(tmp_path, model_file, monkeypatch):
+    before = model_file.read_bytes()
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(model_file)
+    monkeypatch.setattr(gpucabac, "encode", lambda *a, **k: pytest.fail("encode ran before the output was checked"))
+    for out in (model_file, link):
+        for extra in ([], ["--force"]):
+            result = run("encode", model_file, "-o", out, *extra)
+            assert result.exit_code == 1, result.output
+            assert "refusing to overwrite the input file" in result.stderr
+    assert model_file.read_bytes() == before
+
+
+def test_an_existing_output_needs_force(tmp_path, model_file):
+    gcb = tmp_path / "m.gcb"
+    assert run("encode", model_file, "-o", gcb, "--qp", "-30").exit_code == 0
+    first = gcb.read_bytes()
+    result = run("encode", model_file, "-o", gcb, "--qp", "-36")
+    assert result.exit_code == 1 and "already exists; give --force (-f)" in result.stderr
+    assert gcb.read_bytes() == first
+    assert run("encode", model_file, "-o", gcb, "--qp", "-36", "-f").exit_code == 0
+    assert gcb.read_bytes() != first
+    out = tmp_path / "back.npz"
+    assert run("decode", gcb, "-o", out).exit_code == 0
+    result = run("decode", gcb, "-o", out)
+    assert result.exit_code == 1 and "already exists" in result.stderr
+    assert run("decode", gcb, "-o", out, "--force").exit_code == 0
+    result = run("decode", gcb, "-o", gcb.with_suffix(".npz").parent / "m.gcb")
+    assert result.exit_code == 2  # .gcb is not a model file extension: a usage error
+
+
+def test_output_problems_are_found_before_the_work(tmp_path, model_file, monkeypatch):
+    gcb = tmp_path / "m.gcb"
+    assert run("encode", model_file, "-o", gcb).exit_code == 0
+    monkeypatch.setattr(gpucabac, "encode", lambda *a, **k: pytest.fail("encode ran"))
+    monkeypatch.setattr(gpucabac, "load", lambda *a, **k: pytest.fail("decode ran"))
+    monkeypatch.setattr(gpucabac, "sweep", lambda *a, **k: pytest.fail("sweep ran"))
+    missing = tmp_path / "no" / "such"
+    for args, message in (
+        (["encode", model_file, "-o", missing / "m.gcb"], "does not exist"),
+        (["decode", gcb, "-o", missing / "m.npz"], "does not exist"),
+        (["sweep", model_file, "-o", missing / "s.json"], "does not exist"),
+        (["sweep", model_file, "-o", tmp_path / "s.json", "--csv", gcb], "already exists"),
+    ):
+        result = run(*args)
+        assert result.exit_code == 1, (args, result.output)
+        assert "gpucabac: error:" in result.stderr and message in result.stderr, (args, result.stderr)
+    assert run("encode", model_file, "-o", tmp_path).exit_code == 2  # a folder as the output: click's usage error
+    if importlib.util.find_spec("torch") is None:
+        result = run("decode", gcb, "-o", tmp_path / "m.pt")
+        assert result.exit_code == 1 and "needs PyTorch" in result.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["encode", "{tmp}/missing.safetensors", "-o", "{tmp}/m.gcb"],
+    ["decode", "{tmp}/missing.gcb", "-o", "{tmp}/m.npz"],
+    ["info", "{tmp}/missing.gcb"],
+    ["sweep", "{tmp}/missing.safetensors", "-o", "{tmp}/s.json"],
+    ["plot", "{tmp}/missing.json", "-o", "{tmp}/rd.png"],
+    ["encode", "{model}", "-o", "{tmp}/m.gcb", "--importance", "{tmp}/missing.npz"],
+    ["encode", "{model}", "-o", "{tmp}/m.gcb", "--sweep", "{tmp}/missing.json", "--target-bpw", "4"],
+])
+def test_a_missing_input_is_an_error_of_status_1_for_every_command(tmp_path, model_file, args):
+    result = run(*[a.format(model=model_file, tmp=tmp_path) for a in args])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("gpucabac: error: ") and "missing" in result.stderr
+    assert not (tmp_path / "m.gcb").exists()
+
+
+def test_an_empty_selection_is_an_error(tmp_path, model_file):
+    gcb = tmp_path / "m.gcb"
+    assert run("encode", model_file, "-o", gcb).exit_code == 0
+    for names in ("", " , "):
+        result = run("decode", gcb, "-o", tmp_path / "x.npz", "--names", names)
+        assert result.exit_code == 1 and "no tensor names" in result.stderr
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_settings_that_destroy_the_model_warn(tmp_path, model_file):
+    result = run("encode", model_file, "-o", tmp_path / "m.gcb", "--qp", "100")
+    assert result.exit_code == 0
+    assert "warning:" in result.stderr and "zero" in result.stderr
+    result = run("encode", model_file, "-o", tmp_path / "ok.gcb", "--qp", "-32")
+    assert "warning:" not in result.stderr

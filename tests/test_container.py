@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import builtins
 import io
+import os
 import struct
 import time
 import tracemalloc
@@ -77,7 +78,7 @@ def pack_record(r: dict) -> bytes:
            struct.pack(f"<{len(r['shape'])}Q", *r["shape"]),
            struct.pack("<fII", r["step"], r["slice_size"], r.get("nslices_field", len(r["lengths"])))]
     if r["ctx"] is not None:
-        ctx = list(r["ctx"]) + [0] * (len(r["ctx"]) % 2)
+        ctx = list(r["ctx"]) + [r.get("pad_nibble", 0)] * (len(r["ctx"]) % 2)
         out += [struct.pack("<B", len(r["ctx"])), bytes(a | (b << 4) for a, b in zip(ctx[0::2], ctx[1::2]))]
     out += [struct.pack("<QQ", r["offset"], r["length"]),
             struct.pack(f"<{len(r['lengths'])}I", *r["lengths"]),
@@ -289,7 +290,7 @@ def _count(n):
 
 CRAFTED = {
     "shape over 2**40 elements": (_set("conv.weight", shape=[2**21, 2**20]), "more than 1099511627776 elements"),
-    "shape of 2**64-1 in one dim": (_set("fc.weight", shape=[2**64 - 1, 1]), "elements"),
+    "shape of 2**64-1 in one dim": (_set("fc.weight", shape=[2**64 - 1, 1]), "exceeds 1099511627776"),
     "huge shape, consistent slices": (_consistent_huge, "more than any valid stream holds"),
     "shape larger than payload": (_big_for_payload, "more than any valid stream holds"),
     "raw shape larger than payload": (_set("huge", shape=[2**30]), "raw payload of 16 bytes"),
@@ -379,6 +380,34 @@ def _check_clean_failure(data: bytes, match: str, tmp_path, header_level: bool =
         tracemalloc.stop()
     assert time.perf_counter() - t0 < 5.0
     assert peak < 32 << 20, f"peak allocation {peak} bytes"
+
+
+# records the header reader accepts, whose values the decoder must refuse
+DECODE_CRAFTED = {
+    "raw bool bytes other than 0 and 1": (_set("huge", dcode=DTYPES.index("bool"), shape=[16]), "raw bool payload holds bytes"),
+    "levels x step overflow the dtype": (_set("fc.weight", step=3e38), "decoded values overflow bfloat16"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DECODE_CRAFTED))
+def test_crafted_values_raise_format_error(case, sample, tmp_path):
+    fn, match = DECODE_CRAFTED[case]
+    data = _edit(sample, fn)
+    assert data != sample
+    gpucabac.info(data)  # a valid header
+    _check_clean_failure(data, match, tmp_path, header_level=False)
+
+
+def test_only_regular_files_are_read(sample, tmp_path):
+    fifo = tmp_path / "pipe.gcb"
+    os.mkfifo(fifo)
+    loop = tmp_path / "loop.gcb"
+    loop.symlink_to(loop)
+    for path, match in ((fifo, "not a regular file"), (tmp_path, "not a regular file"), (loop, "symbolic links"),
+                        (tmp_path / "missing.gcb", "No such file")):
+        for call in (gpucabac.info, gpucabac.load):
+            with pytest.raises(gpucabac.ModelFileError, match=match):
+                call(path)
 
 
 @pytest.mark.parametrize("case", sorted(CRAFTED))

@@ -419,3 +419,21 @@ def test_big_endian_npz_reads_as_native(tmp_path):
     got = gio.read_model(tmp_path / "be.npz")
     assert got["f"].dtype == np.float32 and got["f"].dtype.isnative and got["f"].tolist() == [0, 1, 2]
     assert got["i"].dtype == np.int64 and got["i"].dtype.isnative and got["i"].tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("ext, names, match", [
+    (".npz", {"x.npy": 1, "x": 2}, "cannot be stored faithfully in .npz"),
+    (".safetensors", {"__metadata__": 1}, "reserved in .safetensors"),
+    (".safetensors", {"a\0b": 1}, "NUL character"),
+    (".npz", {"a\0b": 1}, "NUL character"),
+])
+def test_names_a_format_cannot_store_are_refused(tmp_path, ext, names, match):
+    tensors = {k: np.full(3, v, np.float32) for k, v in names.items()}
+    with pytest.raises(InputError, match=match):
+        gio.write_model(tmp_path / f"m{ext}", tensors)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_name_too_long_for_the_file_system_is_a_model_file_error(tmp_path):
+    with pytest.raises(ModelFileError):
+        gio.read_model(tmp_path / ("n" * 300 + ".safetensors"))

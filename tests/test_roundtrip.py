@@ -275,6 +275,20 @@ def test_non_finite_values_raise_input_error(bad):
         gpucabac.encode({"w": x})
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(dq=True), dict(lam=0.2), dict(dq=True, lam=0.2), dict(scan="auto")])
+def test_errors_name_the_tensor(kw):
+    """In a model of many tensors, an error says which one: plain and RD quantizers alike."""
+    ok = np.full((4, 4), 0.01, np.float32)
+    bad = ok.copy()
+    bad[2, 1] = np.nan
+    with pytest.raises(InputError, match="tensor 'layer.2.weight': .*NaN or infinite"):
+        gpucabac.encode({"layer.1.weight": ok, "layer.2.weight": bad}, **kw)
+    with pytest.raises(InputError, match="tensor 'big': .*too small"):
+        gpucabac.encode({"small": ok, "big": np.full((2, 2), 1e4, np.float32)}, step=1e-6, **kw)
+    with pytest.raises(InputError, match="tensor 'c': unsupported dtype complex64"):
+        gpucabac.encode({"a": ok, "c": np.zeros(3, np.complex64)}, **kw)
+
+
 @pytest.mark.parametrize("kw", [dict(step=0.0), dict(step=-1.0), dict(step=float("nan")), dict(step=1e-60),
                                 dict(step=1.0, qp=3), dict(slice_size=0), dict(num_gt_flags=21),
                                 dict(num_gt_flags=-1), dict(small_step="fine"), dict(small_step=-2.0)])
@@ -430,3 +444,37 @@ def test_default_model_roundtrips_exactly():
                 assert t.num_slices == (1 if size is None else -(-t.numel // size)), t.name
         bits = 8 * info.total_bytes / info.numel
         assert 2.0 < bits < 8.0, f"{bits:.2f} bits/weight at the default QP {kw}"
+
+
+def test_names_that_cannot_be_stored_are_input_errors():
+    x = np.zeros((2, 2), np.float32)
+    with pytest.raises(InputError, match="not valid Unicode"):
+        gpucabac.encode({"\ud800": x})
+    with pytest.raises(InputError, match="at most 65535"):
+        gpucabac.encode({"n" * 70000: x})
+    with pytest.raises(InputError, match="non-empty strings"):
+        gpucabac.encode({"": x})
+
+
+def test_decode_refuses_outputs_above_the_limit_before_allocating():
+    data = gpucabac.encode({"a": np.zeros((64, 64), np.float32), "b": np.zeros(100, np.int8)})
+    need = 64 * 64 * 4 + 100
+    assert set(gpucabac.decode(data, max_output_bytes=need)) == {"a", "b"}
+    with pytest.raises(InputError, match="more than max_output_bytes"):
+        gpucabac.decode(data, max_output_bytes=need - 1)
+    assert set(gpucabac.decode(data, ["b"], max_output_bytes=100)) == {"b"}
+    with pytest.raises(InputError, match="max_output_bytes"):
+        gpucabac.decode(data, dtype="float64", max_output_bytes=need)  # 8 bytes per value asked for
+
+
+def test_decode_in_slice_batches_gives_the_whole_tensor(monkeypatch):
+    from gpucabac.engines import cpu
+
+    monkeypatch.setattr(cpu, "DECODE_BATCH", 100)  # batches of 1, 2 and 12 slices below
+    rng = np.random.default_rng(3)
+    t = {"w": (rng.standard_normal((37, 41)) * 0.05).astype(np.float16), "i": rng.integers(-9, 9, 777).astype(np.int32)}
+    for size in (7, 64, 100, 5000):
+        data = gpucabac.encode(t, qp=-34, dq=True, slice_size=size)
+        got, want = gpucabac.decode(data), gpucabac.quantize(t, qp=-34, dq=True, slice_size=size)
+        for k in t:
+            assert_same(got[k], want[k])

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
-from collections.abc import Callable, Iterator, Mapping
+import os
+import pathlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -97,6 +100,36 @@ def device_option(verb: str):
         )(f)
 
     return add
+
+
+def force_option(f):
+    return click.option("--force", "-f", is_flag=True,
+                        help="Overwrite an existing output file (never the input itself).")(f)
+
+
+def check_output(output: pathlib.Path, inputs: Sequence, force: bool, *, model_file: bool = False) -> None:
+    """Before any work: the output must not be one of the inputs (also through links), must not
+    exist unless `force`, and its folder must exist and be writable; a model-file output needs a
+    known extension and, for .pt/.pth, PyTorch. A Failure (status 1) otherwise."""
+    output = pathlib.Path(output)
+    for source in inputs:
+        if source is not None and pathlib.Path(source).exists() and output.exists() and os.path.samefile(source, output):
+            raise Failure(f"{output}: refusing to overwrite the input file {source}")
+    if output.exists() or output.is_symlink():
+        if output.is_dir():
+            raise Failure(f"{output}: is a directory")
+        if not force:
+            raise Failure(f"{output} already exists; give --force (-f) to overwrite it")
+    folder = output.parent
+    if not folder.is_dir():
+        raise Failure(f"{output}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise Failure(f"{output}: the folder {folder} is not writable")
+    if model_file:
+        from .. import io as gio  # noqa: PLC0415
+
+        if gio.model_format(output) == "torch" and importlib.util.find_spec("torch") is None:
+            raise Failure(f"{output}: writing .pt/.pth files needs PyTorch: pip install 'gpucabac[torch]'")
 
 
 def explicit(name: str) -> bool:

@@ -14,7 +14,7 @@ import gpucabac as api
 from .. import io as gio
 from ..dtypes import FLOAT_DTYPES
 from ..errors import GpucabacError
-from ._common import Failure, count, device_option, progress_bar, rate, threads_option, weights
+from ._common import Failure, check_output, count, device_option, force_option, progress_bar, rate, threads_option, weights
 
 
 def _model_output(ctx, param, value):
@@ -27,7 +27,7 @@ def _model_output(ctx, param, value):
 
 
 @click.command(name="decode")
-@click.argument("input", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path))
+@click.argument("input", type=click.Path(dir_okay=False, path_type=pathlib.Path))
 @click.option("-o", "--output", required=True, callback=_model_output,
               type=click.Path(dir_okay=False, path_type=pathlib.Path),
               help="Model file to write: .safetensors, .npz, .pt or .pth.")
@@ -36,10 +36,14 @@ def _model_output(ctx, param, value):
               help="Dtype of decoded float tensors (default: each tensor's original dtype).")
 @device_option("Decoding")
 @threads_option
-def command(input, output, names, dtype, threads, device):
+@force_option
+def command(input, output, names, dtype, threads, device, force):
     """Decode a .gcb file INPUT into a model file."""
+    check_output(output, [input], force, model_file=True)
     info = api.info(input)  # reads the header only
     selected = None if names is None else [n.strip() for n in names.split(",") if n.strip()]
+    if selected is not None and not selected:
+        raise Failure(f"--names {names!r}: no tensor names given (leave out --names to decode every tensor)")
     if selected is not None:
         known = {t.name for t in info.tensors}
         missing = [n for n in selected if n not in known]

@@ -6,16 +6,19 @@ import pathlib
 import time
 
 import click
+import numpy as np
 
 import gpucabac as api  # the public surface (tests patch it); the package never imports the CLI
 
 from .. import io as gio
+from ..dtypes import is_float
 from ..importance import importance_settings, read_importance
 from ..metrics import bits_per_weight, tensors_snr_db
 from ..modes import SCAN_CHOICES
 from ..settings import SMALL_STEP_DIVISOR
 from ..tables import MAX_GT_FLAGS
-from ._common import SliceSize, SmallStep, count, device_option, explicit, fmt_snr, progress_bar, raw_bytes, rate, threads_option, weights
+from ._common import (SliceSize, SmallStep, check_output, count, device_option, explicit, fmt_snr, force_option,
+                      progress_bar, raw_bytes, rate, threads_option, weights)
 
 
 @click.command(name="encode")
@@ -45,7 +48,7 @@ from ._common import SliceSize, SmallStep, count, device_option, explicit, fmt_s
                    f"[default: the step / {SMALL_STEP_DIVISOR}]")
 @click.option("--lam", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Rate-distortion quantization: weight of the rate, in step² per bit (0: plain quantizer).")
-@click.option("--importance", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path), default=None,
+@click.option("--importance", type=click.Path(dir_okay=False, path_type=pathlib.Path), default=None,
               help="Importance of every weight (e.g. a diagonal Fisher estimate): a .safetensors/.npz/.pt "
                    "file of arrays named and shaped like MODEL's tensors. Each named tensor of two or more "
                    "dimensions gets its own step, the step times (its mean importance / their "
@@ -55,7 +58,7 @@ from ._common import SliceSize, SmallStep, count, device_option, explicit, fmt_s
 @click.option("--weighted/--no-weighted", default=False, show_default=True,
               help="With --importance: also weight each weight's error in the quantizer by its "
                    "(smoothed) importance; runs the JAX rate-distortion quantizer.")
-@click.option("--sweep", "sweep_path", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
+@click.option("--sweep", "sweep_path", type=click.Path(dir_okay=False, path_type=pathlib.Path),
               default=None,
               help="Code the swept tensors at the operating point this `gpucabac sweep` file finds for "
                    "the --target-* given: each tensor its own (step, lambda) from the sweep, the sweep's "
@@ -71,8 +74,9 @@ from ._common import SliceSize, SmallStep, count, device_option, explicit, fmt_s
               help="With --sweep: one (step, lambda) for all swept tensors instead of one per tensor.")
 @device_option("Coding")
 @threads_option
+@force_option
 def command(model, output, qp, step, qp_density, dq, trellis, slice_size, scan, gt_flags, small_step, lam, importance,
-            weighted, sweep_path, target_bpw, target_snr, target_mse, one_setting, device, threads):
+            weighted, sweep_path, target_bpw, target_snr, target_mse, one_setting, device, threads, force):
     """Compress MODEL (a .safetensors/.npz/.pt file or a packaged model name) into a .gcb file."""
     if qp is not None and step is not None:
         raise click.UsageError("give --qp or --step, not both")
@@ -94,6 +98,7 @@ def command(model, output, qp, step, qp_density, dq, trellis, slice_size, scan, 
         if clashing:
             raise click.UsageError(f"--sweep sets {', '.join(clashing)} from the sweep; "
                                    f"do not give {'it' if len(clashing) == 1 else 'them'}")
+    check_output(output, [model, importance, sweep_path], force)
     settings = api.CodingSettings.from_keywords(step=step, qp=qp, qp_density=qp_density, dq=dq, slice_size=slice_size,
                                                 num_gt_flags=gt_flags, small_step=small_step, lam=lam, scan=scan)
     tensors = gio.read_model(model)
@@ -123,16 +128,36 @@ def command(model, output, qp, step, qp_density, dq, trellis, slice_size, scan, 
 
     # the SNR of what was written: decoding is far cheaper than quantizing again (the RD trellis)
     expected = api.decode(data, threads=threads)
+    snr = tensors_snr_db(tensors, expected)
     click.echo(
         f"{output}: {count(n_weights, 'weight')} in {count(len(tensors), 'tensor')} "
         f"-> {len(data):,} bytes, "
         f"{bits_per_weight(len(data), n_weights):.3f} bits/weight, "
         f"ratio {raw_bytes(tensors) / max(len(data), 1):.2f}x, "
-        f"SNR {fmt_snr(tensors_snr_db(tensors, expected))} dB, "
+        f"SNR {fmt_snr(snr)} dB, "
         f"{seconds:.2f} s ({rate(n_weights, seconds):.2f} M weights/s)"
     )
+    _warn_if_destroyed(tensors, expected, snr)
     if point is not None:
         coded = {t.name: 8 * (t.coded_bytes + t.header_bytes) for t in api.info(data).tensors if t.name in point.steps}
         swept_snr = tensors_snr_db({n: tensors[n] for n in coded}, {n: expected[n] for n in coded})
         click.echo(f"swept tensors: {sum(coded.values()) / point.numel:.3f} bits/weight, "
                    f"SNR {fmt_snr(swept_snr)} dB (predicted {point.bpw:.3f}, {fmt_snr(point.snr_db)} dB)")
+
+
+# Below this SNR a coded model keeps almost nothing of its weights.
+DESTROYED_SNR_DB = 1.0
+
+
+def _warn_if_destroyed(tensors, decoded, snr: float) -> None:
+    """A loud warning when the settings wiped the weights out (all float weights coded as zero,
+    or an SNR near 0 dB): the command did what it was told, but hardly anyone means that."""
+    floats = [n for n, x in tensors.items() if is_float(x) and np.size(x)]
+    if not floats:
+        return
+    if all(not np.any(np.asarray(decoded[n])) for n in floats) and any(np.any(np.asarray(tensors[n])) for n in floats):
+        click.echo("gpucabac: warning: every float weight was coded as zero: the step is far too large for this "
+                   "model; use a smaller --step or a lower --qp", err=True)
+    elif snr < DESTROYED_SNR_DB:
+        click.echo(f"gpucabac: warning: SNR {fmt_snr(snr)} dB: the coded model keeps almost nothing of its weights; "
+                   "use a smaller --step or a lower --qp", err=True)

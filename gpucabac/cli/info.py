@@ -12,7 +12,7 @@ from ._common import count, table
 
 
 @click.command(name="info")
-@click.argument("input", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path))
+@click.argument("input", type=click.Path(dir_okay=False, path_type=pathlib.Path))
 def command(input):
     """List the tensors of a .gcb file INPUT: coding mode, scan, step, slices and size.
 

@@ -17,7 +17,7 @@ from ..dtypes import is_float
 from ..importance import file_digest, read_importance, sweep_weighting
 from ..modes import QUANTIZERS
 from ..tables import MAX_GT_FLAGS
-from ._common import Failure, count, fmt_snr, progress_bar, table, weights
+from ._common import Failure, check_output, count, fmt_snr, force_option, progress_bar, table, weights
 
 
 def _import_task(spec: str) -> Callable[[dict], float]:
@@ -71,15 +71,19 @@ def _floats(text: str, what: str) -> list[float]:
                    "quantized at the setting.")
 @click.option("--task-label", default="task metric", show_default=True, help="Name of the task metric in plots.")
 @click.option("--task-lower-is-better", is_flag=True, help="The task metric is a loss (default: higher is better).")
-@click.option("--importance", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path), default=None,
+@click.option("--importance", type=click.Path(dir_okay=False, path_type=pathlib.Path), default=None,
               help="Importance of every weight (as for encode), one array per swept tensor: each weight's "
                    "error is weighted by its smoothed importance (mean 1 per tensor, so lambda means the same "
                    "in every tensor), and each tensor's weighted error by its mean importance relative to "
                    "the others', so that `encode --sweep` gives the important tensors the bits.")
+@force_option
 def command(model, output, csv_path, qp_range, steps, qp_density, lams, methods, slice_size, gt_flags, only, exact,
-            task_spec, task_label, task_lower_is_better, importance):
+            task_spec, task_label, task_lower_is_better, importance, force):
     """RD sweep of MODEL over steps x lambdas x methods: estimated and exact rate, MSE, SNR."""
     task = None if task_spec is None else _import_task(task_spec)
+    for out in (output, csv_path):
+        if out is not None:
+            check_output(out, [model, importance], force)
     tensors = gio.read_model(model)
     if only:
         names = [n.strip() for n in only.split(",") if n.strip()]

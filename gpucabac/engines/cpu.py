@@ -346,8 +346,10 @@ def decode_slices_into(data, slice_offsets, slice_lengths, first_slice, nslices,
 # ---------------------------------------------------------------------------------------------
 # The engine behind the contract (engines/base.py)
 
-# Slices are encoded in batches whose worst-case output fits this scratch budget.
+# Slices are encoded in batches whose worst-case output fits this scratch budget, and decoded in
+# batches of at most this many levels (16 MiB of int32 scratch).
 SCRATCH_BYTES = 64 << 20
+DECODE_BATCH = 1 << 22
 
 
 def encode_job(job: EncodeJob, progress: Callable[[int], None] | None = None) -> CodedSlices:
@@ -394,28 +396,46 @@ class CpuEngine:
         return [encode_job(job, progress) for job in jobs]
 
     def decode(self, table: SliceTable, outputs: Sequence[TensorOutput], progress=None) -> tuple[list, np.ndarray]:
+        """Each tensor's output is allocated once and filled batch by batch of slices (at most
+        DECODE_BATCH levels each), so that memory stays the outputs plus bounded scratch."""
         errors = np.zeros(table.num_slices, np.int32)
         crcs = slice_crcs(table.payload, table.slice_offset, table.slice_length)
         errors[crcs != table.slice_crc] = DECODE_CRC
         arrays = []
+        scratch = None
         for t, out in enumerate(outputs):
             part = table.slices_of(t)
             err = errors[part]
             n = int(table.tensor_numel[t])
-            levels = np.zeros(n, np.int32)
             if (err != DECODE_OK).any():  # the codec raises for this tensor: decode nothing more
-                arrays += [levels] * (len(outputs) - t)
                 break
-            size = int(table.slice_count[part.start]) if part.stop > part.start else 1
-            decode_slices_into(table.payload, table.slice_offset[part], table.slice_length[part].astype(np.int64), 0,
-                               part.stop - part.start, n, size, int(table.tensor_dq[t]), int(table.tensor_gt[t]),
-                               table.tensor_init[t].astype(np.int32), levels, err)
+            levels_out = out.dtype == "int32"
+            result = np.empty(n, np.int32 if levels_out else numpy_dtype(out.dtype))
+            size = int(table.slice_count[part.start])  # the slice size (or the whole tensor, if shorter)
+            per_batch = max(1, DECODE_BATCH // size)
+            offsets, lengths = table.slice_offset[part], table.slice_length[part].astype(np.int64)
+            init = table.tensor_init[t].astype(np.int32)
+            for b0 in range(0, err.size, per_batch):
+                b1 = min(err.size, b0 + per_batch)
+                first, stop = b0 * size, min(n, b1 * size)
+                if levels_out:
+                    target = result[first:stop]
+                else:
+                    if scratch is None or scratch.size < stop - first:
+                        scratch = np.empty(min(n, per_batch * size), np.int32)
+                    target = scratch[: stop - first]
+                decode_slices_into(table.payload, offsets[b0:b1], lengths[b0:b1], 0, b1 - b0, stop - first, size,
+                                   int(table.tensor_dq[t]), int(table.tensor_gt[t]), init, target, err[b0:b1])
+                if (err[b0:b1] != DECODE_OK).any():
+                    break
+                if not levels_out:
+                    result[first:stop] = cast_float(dequantize(target, out.step, (stop - first,), numpy_dtype(out.work)), out.dtype)
+                if progress is not None:
+                    progress(stop - first)
             if (err != DECODE_OK).any():
-                arrays += [levels] * (len(outputs) - t)
                 break
-            arrays.append(levels if out.dtype == "int32" else cast_float(dequantize(levels, out.step, (n,), numpy_dtype(out.work)), out.dtype))
-            if progress is not None:
-                progress(n)
+            arrays.append(result)
+        arrays += [np.zeros(int(table.tensor_numel[t]), np.int32) for t in range(len(arrays), len(outputs))]
         return arrays, errors
 
     def upload(self, host: np.ndarray) -> np.ndarray:
