@@ -573,3 +573,17 @@ def test_settings_that_destroy_the_model_warn(tmp_path, model_file):
     assert "warning:" in result.stderr and "zero" in result.stderr
     result = run("encode", model_file, "-o", tmp_path / "ok.gcb", "--qp", "-32")
     assert "warning:" not in result.stderr
+
+
+def test_progress_without_a_terminal_is_plain_lines(tmp_path, model_file, monkeypatch):
+    from gpucabac.cli import _common
+
+    monkeypatch.setattr(_common, "PLAIN_FIRST_S", 0.0)
+    monkeypatch.setattr(_common, "PLAIN_EVERY_S", 0.0)
+    result = run("encode", model_file, "-o", tmp_path / "m.gcb")
+    assert result.exit_code == 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("gpucabac: encode: ")]
+    assert lines and lines[-1].startswith("gpucabac: encode: 100% (")
+    assert "\r" not in result.stderr  # no bar redrawing itself into a log
+    result = run("--quiet", "encode", model_file, "-o", tmp_path / "q.gcb")
+    assert result.exit_code == 0 and "gpucabac: encode:" not in result.stderr

@@ -24,7 +24,8 @@ def _version() -> str:
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(version=_version(), prog_name="gpucabac")
-def main() -> None:
+@click.option("--quiet", "-q", is_flag=True, help="No progress output (errors and results still print).")
+def main(quiet: bool) -> None:
     """Slice-parallel DeepCABAC coding of neural-network weights (.gcb files)."""
 
 

@@ -6,6 +6,8 @@ import importlib.util
 import math
 import os
 import pathlib
+import sys
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -162,14 +164,61 @@ def rate(n_weights: int, seconds: float) -> float:
     return n_weights / max(seconds, 1e-9) / 1e6
 
 
+# Without a terminal, long work reports plain lines to stderr: after this long, then this often.
+PLAIN_FIRST_S = 2.0
+PLAIN_EVERY_S = 10.0
+
+
+def quiet() -> bool:
+    """Whether `gpucabac --quiet` was given (no progress at all)."""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.find_root().params.get("quiet"))
+
+
+class _PlainProgress:
+    """Progress as rate-limited lines, for logs and pipes where a bar cannot redraw itself."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.done = max(int(total), 1), desc, 0
+        self.start = self.last = time.monotonic()
+        self.printed = False
+
+    def update(self, n: int) -> None:
+        self.done += int(n)
+        now = time.monotonic()
+        if now - self.start >= PLAIN_FIRST_S and (not self.printed or now - self.last >= PLAIN_EVERY_S):
+            self.line(now)
+
+    def line(self, now: float) -> None:
+        elapsed = now - self.start
+        frac = min(1.0, self.done / self.total)
+        eta = f", about {elapsed * (1 - frac) / frac:.0f} s left" if 0 < frac < 1 else ""
+        click.echo(f"gpucabac: {self.desc}: {100 * frac:.0f}% ({self.done:,} of {self.total:,}) after {elapsed:.0f} s{eta}",
+                   err=True)
+        self.last, self.printed = now, True
+
+    def close(self) -> None:
+        if self.printed:  # the work was long enough to report: say that it ended
+            self.line(time.monotonic())
+
+
 @contextmanager
 def progress_bar(total: int, desc: str) -> Iterator[Callable[[int], None]]:
-    """A tqdm bar over weights on stderr, shown only on a terminal and after a short delay."""
+    """Progress over weights on stderr: a tqdm bar on a terminal (after a short delay), plain
+    rate-limited lines otherwise; nothing with --quiet."""
+    if quiet():
+        yield lambda n: None
+        return
+    if not sys.stderr.isatty():
+        plain = _PlainProgress(total, desc)
+        yield plain.update
+        plain.close()
+        return
     from tqdm import tqdm  # noqa: PLC0415
 
     with tqdm(
         total=total, desc=desc, unit="w", unit_scale=True, leave=False,
-        disable=None, delay=PROGRESS_DELAY_S, dynamic_ncols=True,
+        delay=PROGRESS_DELAY_S, dynamic_ncols=True,
     ) as bar:
         yield bar.update
 
