@@ -60,6 +60,9 @@ _MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors library's own limit on th
 def model_format(path: PathLike) -> str:
     """'safetensors', 'npz' or 'torch' by the file's extension (any case); ModelFileError otherwise."""
     suffix = pathlib.Path(path).suffix.lower()
+    if suffix == ".gcb":
+        raise ModelFileError(f"{os.fspath(path)}: a .gcb file is a gpucabac container, not a model file; "
+                             "decode it (gpucabac decode, gpucabac.load) instead")
     if suffix not in _FORMATS:
         raise ModelFileError(
             f"{os.fspath(path)}: unknown model file extension {suffix or '(none)'!r}; "

@@ -333,6 +333,8 @@ def test_info_lists_every_tensor_and_totals(tmp_path, model_file):
     assert rows["layer.weight"][2] == "40x30" and int(rows["layer.weight"][6]) == math.ceil(1200 / 256)
     weights = sum(math.prod(t.shape) for t in meta.tensors)
     assert f"{len(meta.tensors)} tensors, {weights:,} weights, {meta.total_bytes:,} bytes" in lines[-1]
+    coded = sum(t.coded_bytes for t in meta.tensors)
+    assert f"({coded:,} coded, {meta.total_bytes - coded:,} of header: " in lines[-1]
     assert meta.total_bytes == gcb.stat().st_size
 
 
@@ -587,3 +589,10 @@ def test_progress_without_a_terminal_is_plain_lines(tmp_path, model_file, monkey
     assert "\r" not in result.stderr  # no bar redrawing itself into a log
     result = run("--quiet", "encode", model_file, "-o", tmp_path / "q.gcb")
     assert result.exit_code == 0 and "gpucabac: encode:" not in result.stderr
+
+
+def test_encode_of_a_container_points_to_decode(tmp_path, model_file):
+    gcb = tmp_path / "m.gcb"
+    assert run("encode", model_file, "-o", gcb).exit_code == 0
+    result = run("encode", gcb, "-o", tmp_path / "again.gcb")
+    assert result.exit_code == 1 and "is a gpucabac container" in result.stderr and "decode" in result.stderr

@@ -33,6 +33,7 @@ def command(input):
     click.echo(
         f"{input}: format version {meta.version}, {count(len(meta.tensors), 'tensor')}, "
         f"{count(meta.numel, 'weight')}, "
-        f"{meta.total_bytes:,} bytes in all ({total_coded:,} coded), "
+        f"{meta.total_bytes:,} bytes in all ({total_coded:,} coded, "
+        f"{meta.total_bytes - total_coded:,} of header: {100 * (meta.total_bytes - total_coded) / max(meta.total_bytes, 1):.2f}%), "
         f"{meta.bits_per_weight:.3f} bits/weight"
     )
