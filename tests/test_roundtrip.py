@@ -421,6 +421,7 @@ def test_finite_weights_never_reconstruct_as_inf():
 
 
 @pytest.mark.slow
+@pytest.mark.default_model
 def test_default_model_roundtrips_exactly():
     from safetensors.numpy import load_file
 
