@@ -245,10 +245,10 @@ def code_levels(levels: np.ndarray, slice_size: int, dq: int, num_gt_flags: int,
     if levels.size == 0:
         empty = np.zeros(0, np.uint32)
         return np.zeros(len(used_contexts(num_gt_flags, dq)), np.uint8), np.zeros(0, np.uint8), empty, empty
-    check_levels(levels, slice_size, dq, num_gt_flags)
+    bound = check_levels(levels, slice_size, dq, num_gt_flags)
     if ctx_init is None:
         ctx_init = choose_context_init(levels, slice_size, dq, num_gt_flags)
-    job = EncodeJob(levels, slice_size, dq, num_gt_flags, full_context_init(ctx_init, num_gt_flags, dq))
+    job = EncodeJob(levels, slice_size, dq, num_gt_flags, full_context_init(ctx_init, num_gt_flags, dq), bound)
     coded = engine.encode([job], progress)[0]
     return ctx_init, coded.payload, coded.lengths, coded.crcs
 

@@ -43,6 +43,9 @@ class EncodeJob:
     dq: int  # trellis size, 0 without dependent quantization
     num_gt_flags: int
     init: np.ndarray  # [MAX_CONTEXTS] the preset every context starts each slice from
+    # an upper bound on every slice's coded bytes, when the caller has it (slices.check_levels
+    # returns it with the validity check); an engine may use it instead of computing its own
+    slice_bytes_bound: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -360,7 +360,9 @@ def encode_job(job: EncodeJob, progress: Callable[[int], None] | None = None) ->
     if n == 0:
         return CodedSlices(np.zeros(0, np.uint8), np.zeros(0, np.uint32), np.zeros(0, np.uint32))
     init = np.ascontiguousarray(job.init, dtype=np.int32)
-    bounds, _ = slice_bounds(levels, size, job.dq, job.num_gt_flags)
+    bounds = job.slice_bytes_bound
+    if bounds is None:
+        bounds, _ = slice_bounds(levels, size, job.dq, job.num_gt_flags)
     nslices = bounds.size
     lengths = np.zeros(nslices, np.int64)
     pieces = []
