@@ -17,6 +17,7 @@ from .binarize import used_contexts
 from .dtypes import DTYPES, FLOAT_DTYPES, ITEMSIZE, numpy_dtype
 from .errors import FormatError
 from .modes import QUANTIZERS, mode_dq
+from .slices import num_slices
 from .tables import MAX_GT_FLAGS, NUM_PRESETS
 
 MAGIC = b"\x89GCB\r\n\x1a\n"
@@ -236,7 +237,7 @@ def parse(table: bytes | memoryview, count: int, table_crc: int, file_size: int,
                 raise FormatError(f"tensor {name!r}: coding mode {mode} for a {dtype} tensor (integer tensors are 'int' or 'raw')")
             if slice_size == 0:
                 raise FormatError(f"tensor {name!r}: slice size 0")
-            want = -(-numel // slice_size)
+            want = num_slices(numel, slice_size)
             if nslices != want:
                 raise FormatError(f"tensor {name!r}: {nslices} slices, but {numel} elements in slices of {slice_size} make {want}")
             (nctx,) = f.unpack("B", f"context count of {name!r}")

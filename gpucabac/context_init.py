@@ -12,6 +12,7 @@ import numpy as np
 
 from .binarize import MAX_CONTEXTS, MAX_REGULAR_BINS, binarize_level, dq_coded_level, dq_next_state, used_contexts
 from .modes import dq_states
+from .slices import num_slices
 from .tables import BIT_COST, CURVE, NUM_PRESETS, PRESET_STATES, PRESETS
 
 # numba indexes global 2-D arrays far slower than 1-D ones, so the hot paths use flat copies.
@@ -117,7 +118,7 @@ def choose_context_init(levels: np.ndarray, slice_size: int, dq: bool | int, num
     can mislead (the first rows of an embedding table are often untrained tokens). `levels` must
     be valid (slices.check_levels)."""
     dq = dq_states(dq)  # a bool would index the trellis tables wrongly
-    nslices = -(-levels.size // slice_size)
+    nslices = num_slices(levels.size, slice_size)
     every = 1 if sample is None else max(1, (nslices * slice_size) // max(sample, slice_size))
     ngroups = max(1, min(4 * nb.get_num_threads(), -(-nslices // every)))
     cost = preset_costs(levels, slice_size, dq, num_gt_flags, ngroups, every)

@@ -26,12 +26,13 @@ from .metrics import signal_of as signal_of, snr_db as _snr
 from .modes import QUANTIZERS, mode_dq
 from .quantization import dequantize
 from .settings import CodingSettings
+from .slices import num_slices
 
 METHODS = QUANTIZERS  # urq; dq (NNC's 8-state trellis), dq16 .. dq256
 
 
 def _header_bytes(name, x, step, mode, n_gt, slice_size, n_used) -> int:
-    nsl = max(1, -(-x.size // slice_size))
+    nsl = max(1, num_slices(x.size, slice_size))
     rec = container.TensorRecord(name, "float32", tuple(int(d) for d in x.shape), mode, float(step), n_gt, slice_size,
                                  np.zeros(n_used, np.uint8), 0, np.zeros(nsl, np.uint32), np.zeros(nsl, np.uint32))
     return container.record_size(rec)
@@ -280,6 +281,7 @@ class OperatingPoint:
     signal: float
     slice_size: int | None = None  # the sweep's, which its rates were measured with
     num_gt_flags: int | None = None
+    exact: bool = False  # `bits` is the real coder's rate (else the quantizer's estimate)
 
     def coding_settings(self, base: CodingSettings | None = None) -> CodingSettings:
         """`base` (default CodingSettings()) with the point's quantizer and the sweep's slice size
@@ -360,7 +362,7 @@ def choose_operating_point(result: SweepResult, method: str, *, target_bpw: floa
     ngt = result.settings.get("num_gt_flags")
     return OperatingPoint(method, {n: c["step"] for n, c in choice.items()}, {n: c["lam"] for n, c in choice.items()},
                           bits, sse, wsse, numel, signal, size if isinstance(size, int) else None,
-                          ngt if isinstance(ngt, int) else None)
+                          ngt if isinstance(ngt, int) else None, key == "exact_bits")
 
 
 def _lower_hull(rows: list[dict], key: str) -> list[dict]:

@@ -110,11 +110,10 @@ def command(model, output, qp, step, qp_density, dq, trellis, slice_size, scan, 
                                                 importance_file=importance, **targets)
         settings, per_tensor = point.coding_settings(settings), point.per_tensor(settings)
         steps = sorted(point.steps.values())
-        exact = api.SweepResult.from_json(sweep_path).settings.get("exact")
         click.echo(f"operating point from {sweep_path}: {point.method.upper()}, "
                    f"{count(len(steps), 'tensor')} at steps {steps[0]:.6g}..{steps[-1]:.6g}, "
                    f"lambda {', '.join(f'{v:g}' for v in sorted(set(point.lams.values())))}; "
-                   f"predicted {point.bpw:.3f} bits/weight ({'exact' if exact else 'estimated'}), "
+                   f"predicted {point.bpw:.3f} bits/weight ({'exact' if point.exact else 'estimated'}), "
                    f"SNR {fmt_snr(point.snr_db)} dB over the swept tensors")
     elif importance is not None:
         per_tensor, weighting = importance_settings(read_importance(importance, tensors), settings, weighted=weighted)

@@ -42,7 +42,7 @@ import numpy as np
 from ..binarize import MAX_CONTEXTS
 from ..errors import GpuUnavailableError
 from ..modes import dq_states
-from ..slices import DECODE_CRC
+from ..slices import DECODE_CRC, num_slices
 from ..tables import DQ_STATE_COUNTS, MAX_GT_FLAGS
 from . import kernel_source
 from .base import CodedSlices, EncodeJob, SliceTable, TensorOutput
@@ -172,7 +172,7 @@ class Kernels:
         xp = self.xp
         check_array(xp, "levels", levels, np.int32, min_size=1)
         n = levels.size
-        ns = -(-n // int(slice_size))
+        ns = num_slices(n, slice_size)
         bound = xp.empty(ns, np.int64)
         bad = xp.empty(ns, np.int64)
         self._fn["gc_bound_kernel"](
@@ -186,7 +186,7 @@ class Kernels:
         xp = self.xp
         check_array(xp, "levels", levels, np.int32, min_size=1)
         n = levels.size
-        ns = -(-n // int(slice_size))
+        ns = num_slices(n, slice_size)
         check_array(xp, "init", init, np.uint8, size=MAX_CONTEXTS)
         check_array(xp, "scratch", scratch, np.uint8)
         check_array(xp, "scratch_offset", scratch_offset, np.int64, size=ns)
