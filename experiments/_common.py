@@ -176,7 +176,7 @@ def save_figure(fig, ax, path) -> None:
     """Legend, tight layout, write at 130 dpi (atomically), close: the common ending of every figure here."""
     import matplotlib.pyplot as plt
 
-    from gpucabac.sweeps import save_figure_atomic
+    from gpucabac.plotting import save_figure_atomic
 
     ax.legend(fontsize=8)
     fig.tight_layout()

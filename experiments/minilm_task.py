@@ -50,7 +50,7 @@ from _common import header_md, machine_info, md_table, out_dir, save_figure, wri
 import gpucabac
 from gpucabac.quantization import step_from_qp
 from gpucabac.rdquant import importance_shapes, steps_from_importance
-from gpucabac.sweeps import pareto
+from gpucabac.plotting import pareto
 
 def nncodec_rate_at(curve: list[tuple[float, float]], loss: float) -> float | None:
     """Rate (bpw) of the lower envelope `curve` [(bpw, loss)] at quality loss `loss`, interpolated

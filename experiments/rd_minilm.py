@@ -26,7 +26,7 @@ from _common import header_md, load_default_model_2d, machine_info, md_table, ou
 import gpucabac
 from gpucabac.io import atomic_write_bytes
 from gpucabac.quantization import step_from_qp
-from gpucabac.sweeps import plot_sweeps
+from gpucabac.plotting import plot_sweeps
 
 
 def snr(ref, rec):

@@ -23,6 +23,7 @@ LAYERS = [
     {"container"},
     {"io", "models", "importance"},
     {"codec", "sweeps"},
+    {"plotting"},
     {"cli"},
     {"__init__", "__main__"},
 ]

@@ -508,7 +508,7 @@ def test_tensor_weights_scale_the_weighted_error_only(small_sweep):
 
 
 def test_sweep_files_and_figures_are_written_whole_or_not_at_all(small_sweep, tmp_path):
-    from gpucabac.sweeps import plot_sweeps
+    from gpucabac.plotting import plot_sweeps
 
     small_sweep.to_json(tmp_path / "s.json")
     small_sweep.to_csv(tmp_path / "s.csv")
@@ -575,7 +575,7 @@ def test_evaluate_task_scores_the_quantized_model_of_each_setting(small_sweep, t
         gpucabac.evaluate_task(res, t, lambda model: float("nan"))
     pytest.importorskip("matplotlib")
     res.to_json(tmp_path / "task.json")
-    from gpucabac.sweeps import plot_sweeps
+    from gpucabac.plotting import plot_sweeps
 
     plot_sweeps([tmp_path / "task.json"], tmp_path / "task.png", metric="task")
     assert (tmp_path / "task.png").read_bytes()[:4] == b"\x89PNG"

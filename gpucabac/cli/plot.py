@@ -23,7 +23,7 @@ def command(sweeps, output, rate, metric, title, force):
     """RD curves (bits/weight vs SNR or a task metric) of one or more SWEEP JSON files on one figure
     (needs matplotlib)."""
     check_output(output, list(sweeps), force)
-    from ..sweeps import plot_sweeps  # noqa: PLC0415  (matplotlib loads only here)
+    from ..plotting import plot_sweeps  # noqa: PLC0415  (matplotlib loads only here)
 
     plot_sweeps(list(sweeps), output, rate=rate, title=title, metric=metric)
     click.echo(f"{output}: written")
