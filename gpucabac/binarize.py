@@ -4,20 +4,7 @@ A level q (under dependent quantization the coded level k, §3.5) becomes:
   sig, sign (both context coded), up to N greater-than flags, then an order-0 Exp-Golomb remainder
   of |q| - (N+1) with context-coded prefix bins and bypass suffix bins.
 
-Context layout of one tensor (a compact renumbering of NNC's, without TCA/HDSP/row skipping):
-
-  ====================  =================================  =========================
-  bins                  context index                      selected by
-  ====================  =================================  =========================
-  sig                   SIG + 3*(s & 7) + nb               DQ state s, neighbour nb
-  sign                  SIGN + nb                          neighbour nb
-  g_j (j = 1..N)        GT + 2*(j-1) + (q < 0)             flag position, own sign
-  EG prefix bin j       GT + 2*N + j   (j = 0..30)         position in the prefix
-  ====================  =================================  =========================
-
-nb is 0, 1, 2 for a previous level (in the slice) that is zero, negative, positive. The trellises
-larger than NNC's 8 states (format version 2) share the 8 sets of sig contexts by s & 7 (s & 1 is
-the state's quantizer in every trellis).
+The context layout (which context index each bin uses) is gpucabac/layout.py's.
 
 `dq` below is the trellis size: 0 without dependent quantization, else 8, 16, ..., 256.
 
@@ -28,37 +15,14 @@ same rules and are tested against them.
 from __future__ import annotations
 
 import numba as nb
-import numpy as np
 
+# the context layout, re-exported for the engines and the tests
+from .layout import GT as GT, MAX_CONTEXTS as MAX_CONTEXTS, MAX_REGULAR_BINS as MAX_REGULAR_BINS, SIG as SIG, SIGN as SIGN
+from .layout import full_context_init as full_context_init, num_contexts as num_contexts, used_contexts as used_contexts
 from .modes import dq_states as dq_states  # re-exported: the engines' `dq` argument
-from .tables import DQ_NEXT_ALL, EG_PREFIX_BINS, MAX_ABS_LEVEL, MAX_GT_FLAGS
+from .tables import DQ_NEXT_ALL, MAX_ABS_LEVEL
 
 _DQ_NEXT = DQ_NEXT_ALL.copy()
-
-SIG = 0
-SIGN = 24
-GT = 27
-MAX_CONTEXTS = GT + 2 * MAX_GT_FLAGS + EG_PREFIX_BINS
-# Regular bins of one level at most: sig, sign, N flags, EG prefix.
-MAX_REGULAR_BINS = 2 + MAX_GT_FLAGS + EG_PREFIX_BINS
-
-
-def num_contexts(num_gt_flags: int) -> int:
-    return GT + 2 * num_gt_flags + EG_PREFIX_BINS
-
-
-def used_contexts(num_gt_flags: int, dq) -> np.ndarray:
-    """Indices of the contexts a tensor can use; only these carry a signalled initialisation."""
-    sig = np.arange(SIG, SIG + (24 if dq else 3))
-    rest = np.arange(SIGN, num_contexts(num_gt_flags))
-    return np.concatenate([sig, rest]).astype(np.int32)
-
-
-def full_context_init(ctx_init: np.ndarray, num_gt_flags: int, dq: bool) -> np.ndarray:
-    """The engines' per-context preset table (MAX_CONTEXTS entries) from a tensor's used-context choice."""
-    init = np.zeros(MAX_CONTEXTS, np.int32)
-    init[used_contexts(num_gt_flags, dq)] = ctx_init
-    return init
 
 
 @nb.njit(inline="always", cache=True)

@@ -9,10 +9,6 @@ backwards: the container's slice table goes to the engine in one call. The engin
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import os
-import stat
 import warnings
 import zlib
 from collections.abc import Callable, Iterable, Mapping
@@ -21,13 +17,12 @@ from typing import NamedTuple
 import numpy as np
 
 from . import container
-from .binarize import full_context_init, used_contexts
 from .context_init import choose_context_init
 from .container import TensorRecord, check_int_range, mode_dq, raw_values
 from .dtypes import FLOAT_DTYPES, ITEMSIZE, cast_float, dtype_name, numpy_dtype
 from .engines import Engine, EncodeJob, SliceTable, TensorOutput, get_engine
-from .errors import FormatError, InputError, ModelFileError, TensorNotFoundError
-from .metrics import bits_per_weight
+from .errors import FormatError, InputError, TensorNotFoundError
+from .layout import full_context_init, used_contexts
 from .modes import dq_states
 from .quantization import dequantize, fit_dtype_range, quantize_levels
 from .settings import (
@@ -40,49 +35,10 @@ from .settings import (
     plan_tensor,
 )
 from .slices import check_levels, raise_slice_errors
+from .summary import ContainerInfo as ContainerInfo, TensorInfo as TensorInfo, info as info
 from .threads import numba_threads
 
 Progress = Callable[[int], None]
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    mode: str  # 'urq' | 'dq' (or 'dq16' .. 'dq256') | 'int' | 'raw'
-    step: float
-    slice_size: int
-    num_slices: int
-    num_gt_flags: int
-    coded_bytes: int  # payload bytes of all its slices
-    header_bytes: int  # bytes of its record in the tensor table
-    scan: str = "rows"  # or "columns": the order its slices hold the values in
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def bits_per_weight(self) -> float:
-        """Its payload and its header record, per weight."""
-        return bits_per_weight(self.coded_bytes + self.header_bytes, self.numel)
-
-
-@dataclasses.dataclass(frozen=True)
-class ContainerInfo:
-    version: int
-    total_bytes: int
-    tensors: list[TensorInfo]
-
-    @property
-    def numel(self) -> int:
-        return sum(t.numel for t in self.tensors)
-
-    @property
-    def bits_per_weight(self) -> float:
-        """The whole container (preamble, table, payloads) per weight."""
-        return bits_per_weight(self.total_bytes, self.numel)
 
 
 # --- settings in -------------------------------------------------------------------------------
@@ -370,10 +326,11 @@ def encode_levels(levels: np.ndarray, slice_size: int, dq: bool | int, num_gt_fl
 
 # --- decoding -----------------------------------------------------------------------------------
 
-def _target_dtype(rec: TensorRecord, dtype) -> str:
-    """The dtype name of a decoded tensor: its own, or `dtype` for float tensors."""
-    if dtype is None or rec.dtype not in FLOAT_DTYPES:
-        return rec.dtype
+def _float_target(dtype) -> str | None:
+    """The float dtype name a `decode(dtype=...)` argument asks for (None: each tensor's own);
+    checked whether or not the container has float tensors."""
+    if dtype is None:
+        return None
     name = dtype_name(dtype)
     if name not in FLOAT_DTYPES:
         raise InputError(f"decode(dtype=...) converts float tensors to {', '.join(FLOAT_DTYPES)}, not {name}")
@@ -390,7 +347,8 @@ def _decode_records(records: list[TensorRecord], payload_of: Callable[[TensorRec
                     engine: Engine, progress: Progress | None, max_output_bytes: int | None) -> dict:
     """The tensors of parsed records, as arrays of engine.xp: every coded slice in one engine call,
     then errors raised for the first bad tensor in record order (FormatError naming it)."""
-    targets = {rec.name: _target_dtype(rec, dtype) for rec in records}
+    want = _float_target(dtype)
+    targets = {rec.name: want if want and rec.dtype in FLOAT_DTYPES else rec.dtype for rec in records}
     limit = DEFAULT_MAX_OUTPUT_BYTES if max_output_bytes is None else int(max_output_bytes)
     need = sum(rec.numel * ITEMSIZE[targets[rec.name]] for rec in records)
     if need > limit:
@@ -399,7 +357,11 @@ def _decode_records(records: list[TensorRecord], payload_of: Callable[[TensorRec
     coded = [r for r in records if r.mode != "raw" and r.numel > 0]
     table = SliceTable.from_records(coded, [payload_of(r) for r in coded])
     outputs = [TensorOutput("int32") if r.mode == "int" else TensorOutput(targets[r.name], r.dtype, r.step) for r in coded]
-    arrays, errors = engine.decode(table, outputs, progress)
+    try:
+        arrays, errors = engine.decode(table, outputs, progress)
+    except MemoryError as e:  # the limit passed, the machine has less
+        raise InputError(f"the selected tensors decode to {need / 2**30:.2f} GiB, and this process could not "
+                         "allocate that; decode fewer tensors at a time (names=...)") from e
     index = {r.name: t for t, r in enumerate(coded)}
     result = {}
     for rec in records:
@@ -472,38 +434,14 @@ def decode(data: bytes | bytearray | memoryview, names: Iterable[str] | None = N
         return _decode_records(_select(header, names), payload_of, dtype, engine, progress, max_output_bytes)
 
 
-def _open_container(path):
-    """A .gcb file opened for reading; ModelFileError for a missing path or one that is not a
-    regular file (a FIFO would block the reader, a directory cannot be read)."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as e:
-        raise ModelFileError(f"{os.fspath(path)}: {e.strerror or e}") from e
-    if not stat.S_ISREG(mode):
-        raise ModelFileError(f"{os.fspath(path)}: not a regular file (a directory, device or pipe); a .gcb container is a file")
-    try:
-        return open(path, "rb")
-    except OSError as e:
-        raise ModelFileError(f"{os.fspath(path)}: {e.strerror or e}") from e
-
-
-def _read_header_file(f) -> container.Header:
-    size = os.fstat(f.fileno()).st_size
-    pre = f.read(container.PREAMBLE_SIZE)
-    version, count, table_len, crc = container.read_preamble(pre)
-    if container.PREAMBLE_SIZE + table_len > size:
-        raise FormatError(f"tensor table of {table_len} bytes runs past the end of the file ({size} bytes)")
-    return container.parse(f.read(table_len), count, crc, size, version)
-
-
 def load(path, names: Iterable[str] | None = None, *, dtype=None, threads: int | None = None,
          progress: Progress | None = None, device: str | Engine = "cpu",
          max_output_bytes: int | None = None) -> dict[str, np.ndarray]:
     """Decode tensors from a .gcb file, reading only the header and the selected tensors' bytes.
     `device` and `max_output_bytes` as for `decode`."""
     engine = get_engine(device, "load")
-    with _open_container(path) as f:
-        header = _read_header_file(f)
+    with container.open_file(path) as f:
+        header = container.read_header_file(f)
 
         def payload_of(rec):
             f.seek(header.payload_start + rec.offset)
@@ -514,24 +452,6 @@ def load(path, names: Iterable[str] | None = None, *, dtype=None, threads: int |
 
         with numba_threads(threads):
             return _decode_records(_select(header, names), payload_of, dtype, engine, progress, max_output_bytes)
-
-
-def info(data) -> ContainerInfo:
-    """Describe a container given as bytes or as a path (of which only the header is read)."""
-    if isinstance(data, (str, os.PathLike)):
-        with _open_container(data) as f:
-            header = _read_header_file(f)
-            total = os.fstat(f.fileno()).st_size
-    else:
-        buf = memoryview(data).cast("B")
-        header = container.parse_container(buf)
-        total = len(buf)
-    tensors = [
-        TensorInfo(r.name, r.dtype, r.shape, r.mode, r.step, r.slice_size, r.num_slices, r.num_gt_flags,
-                   r.payload_length, container.record_size(r), r.scan)
-        for r in header.records
-    ]
-    return ContainerInfo(header.version, total, tensors)
 
 
 __all__ = ["CodingSettings", "ContainerInfo", "TensorInfo", "code_levels", "decode", "decode_levels", "encode",

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import stat
 import struct
 import zlib
 
 import numpy as np
 
-from .binarize import used_contexts
 from .dtypes import DTYPES, FLOAT_DTYPES, ITEMSIZE, numpy_dtype
-from .errors import FormatError
+from .errors import FormatError, ModelFileError
+from .layout import num_slices, used_contexts
 from .modes import QUANTIZERS, mode_dq
-from .slices import num_slices
 from .tables import MAX_GT_FLAGS, NUM_PRESETS
 
 MAGIC = b"\x89GCB\r\n\x1a\n"
@@ -313,3 +314,31 @@ def check_int_range(rec: TensorRecord, vmin: int, vmax: int) -> None:
     lo, hi = (0, 1) if rec.dtype == "bool" else (np.iinfo(rec.dtype).min, np.iinfo(rec.dtype).max)
     if vmin < lo or vmax > hi:
         raise FormatError(f"tensor {rec.name!r}: decoded values {vmin}..{vmax} do not fit its dtype {rec.dtype}")
+
+
+# --- files ------------------------------------------------------------------------------------
+
+
+def open_file(path):
+    """A .gcb file opened for reading; ModelFileError for a missing path or one that is not a
+    regular file (a FIFO would block the reader, a directory cannot be read)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise ModelFileError(f"{os.fspath(path)}: {e.strerror or e}") from e
+    if not stat.S_ISREG(mode):
+        raise ModelFileError(f"{os.fspath(path)}: not a regular file (a directory, device or pipe); a .gcb container is a file")
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise ModelFileError(f"{os.fspath(path)}: {e.strerror or e}") from e
+
+
+def read_header_file(f) -> Header:
+    """The header of a container file opened for reading (its preamble and tensor table only)."""
+    size = os.fstat(f.fileno()).st_size
+    pre = f.read(PREAMBLE_SIZE)
+    version, count, table_len, crc = read_preamble(pre)
+    if PREAMBLE_SIZE + table_len > size:
+        raise FormatError(f"tensor table of {table_len} bytes runs past the end of the file ({size} bytes)")
+    return parse(f.read(table_len), count, crc, size, version)

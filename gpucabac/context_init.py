@@ -10,6 +10,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
+from . import threads as _threads  # noqa: F401  (numba's fork-safe layer, before any parallel loop)
 from .binarize import MAX_CONTEXTS, MAX_REGULAR_BINS, binarize_level, dq_coded_level, dq_next_state, used_contexts
 from .modes import dq_states
 from .slices import num_slices

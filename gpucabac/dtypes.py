@@ -1,13 +1,16 @@
 """The tensor dtypes gpucabac codes, defined once: their names, item sizes, which are floats, and
 how a decoded float value is converted to another float dtype (the same rule on every engine).
 
-bfloat16 is NumPy's through ml_dtypes. A name here is the format's name of the dtype; its code in
-a container is its index in DTYPES (docs/format.md §3).
+bfloat16 is NumPy's through ml_dtypes, imported only when a bfloat16 dtype is asked for: its
+extension takes most of `import gpucabac`'s time otherwise (0.4-1.3 s), and an array that has the
+dtype already brought it in. A name here is the format's name of the dtype; its code in a
+container is its index in DTYPES (docs/format.md §3).
 """
 
 from __future__ import annotations
 
-import ml_dtypes
+import functools
+
 import numpy as np
 
 from .errors import InputError
@@ -20,12 +23,24 @@ ITEMSIZE = {
 DTYPES = tuple(ITEMSIZE)
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
-_BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+
+@functools.cache
+def bfloat16() -> np.dtype:
+    """ml_dtypes' bfloat16 as a NumPy dtype."""
+    import ml_dtypes  # noqa: PLC0415  (see the module docstring)
+
+    return np.dtype(ml_dtypes.bfloat16)
 
 
 def _as_dtype(dtype) -> np.dtype:
-    """The dtype of an array, or a dtype given as a NumPy dtype or scalar type."""
-    return dtype.dtype if isinstance(dtype, np.ndarray) else np.dtype(dtype)
+    """The dtype of an array, or a dtype given as a NumPy dtype or scalar type; InputError for
+    anything NumPy does not read as a dtype."""
+    if isinstance(dtype, np.ndarray):
+        return dtype.dtype
+    try:
+        return np.dtype(dtype)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"not a dtype: {dtype!r}") from e
 
 
 def dtype_name(dtype) -> str:
@@ -35,7 +50,7 @@ def dtype_name(dtype) -> str:
         name = dtype
     else:
         dt = _as_dtype(dtype)
-        name = "bfloat16" if dt == _BFLOAT16 else dt.name
+        name = dt.name  # ml_dtypes' bfloat16 is named "bfloat16"
     if name not in ITEMSIZE:
         raise InputError(f"unsupported dtype {name}; supported: {', '.join(DTYPES)}")
     return name
@@ -43,7 +58,7 @@ def dtype_name(dtype) -> str:
 
 def numpy_dtype(name: str) -> np.dtype:
     """The NumPy dtype of a dtype name of the format (bfloat16 from ml_dtypes)."""
-    return _BFLOAT16 if name == "bfloat16" else np.dtype(name)
+    return bfloat16() if name == "bfloat16" else np.dtype(name)
 
 
 def is_float(dtype) -> bool:
@@ -52,7 +67,7 @@ def is_float(dtype) -> bool:
     if isinstance(dtype, str):
         return dtype in FLOAT_DTYPES
     dt = _as_dtype(dtype)
-    return dt == _BFLOAT16 or (dt.kind == "f" and dt.name in FLOAT_DTYPES)
+    return dt.name in FLOAT_DTYPES and (dt.kind == "f" or dt == bfloat16())
 
 
 def cast_float(x: np.ndarray, name: str) -> np.ndarray:
@@ -64,6 +79,6 @@ def cast_float(x: np.ndarray, name: str) -> np.ndarray:
     target = numpy_dtype(name)
     if x.dtype == target:
         return x
-    if target == _BFLOAT16 and x.dtype == np.float64:
+    if name == "bfloat16" and x.dtype == np.float64:
         return x.astype(np.float32).astype(target)
     return x.astype(target)

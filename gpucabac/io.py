@@ -31,26 +31,30 @@ import zipfile
 from collections.abc import Callable, Mapping
 from typing import Any, BinaryIO
 
-import ml_dtypes
 import numpy as np
 
 from . import models
+from .dtypes import DTYPES, bfloat16
 from .errors import GpucabacError, InputError, ModelFileError
 
 __all__ = ["SUPPORTED_DTYPES", "atomic_write_bytes", "read_model", "write_model", "model_format"]
 
 PathLike = str | os.PathLike
 
-#: The tensor dtypes gpucabac reads, codes and writes.
-SUPPORTED_DTYPES: tuple[np.dtype, ...] = tuple(
-    np.dtype(t)
-    for t in (
-        np.float32, np.float16, ml_dtypes.bfloat16, np.float64,
-        np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.bool_,
-    )
-)
-_SUPPORTED_NAMES = ", ".join(d.name for d in SUPPORTED_DTYPES)
-_BF16 = np.dtype(ml_dtypes.bfloat16)
+_SUPPORTED_NAMES = ", ".join(DTYPES)
+
+
+def __getattr__(name: str):
+    # SUPPORTED_DTYPES (the NumPy dtypes gpucabac reads, codes and writes) is built on first use,
+    # since bfloat16 needs ml_dtypes (gpucabac.dtypes says why that loads late).
+    if name == "SUPPORTED_DTYPES":
+        return tuple(bfloat16() if n == "bfloat16" else np.dtype(n) for n in DTYPES)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _supported(dtype: np.dtype) -> bool:
+    """Whether gpucabac reads, codes and writes tensors of this dtype (SUPPORTED_DTYPES)."""
+    return dtype.name in DTYPES and (dtype.kind != "V" or dtype == bfloat16())
 
 _FORMATS = {".safetensors": "safetensors", ".npz": "npz", ".pt": "torch", ".pth": "torch"}
 _ORDER_KEY = "gpucabac.order"
@@ -103,7 +107,7 @@ def read_model(path: PathLike) -> dict[str, np.ndarray]:
         raise ModelFileError(f"{path}: cannot read as {kind}: {_first_line(e)}") from e
     for name, array in tensors.items():
         tensors[name] = array = _native(array)
-        if array.dtype not in SUPPORTED_DTYPES:
+        if not _supported(array.dtype):
             raise ModelFileError(
                 f"{path}: tensor {name!r} has dtype {array.dtype}, which gpucabac does not handle "
                 f"(supported: {_SUPPORTED_NAMES})"
@@ -144,13 +148,15 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
     names = [k for k in header if k != "__metadata__"]
     order = _recorded_order(header.get("__metadata__"), names)
     tensors = {}
-    # framework="np" gives BF16 as ml_dtypes.bfloat16 (ml_dtypes is imported above, which
-    # registers the dtype name the library asks NumPy for).
+    # framework="np" gives BF16 as ml_dtypes.bfloat16 once ml_dtypes is imported (which registers
+    # the dtype name the library asks NumPy for).
+    if any(isinstance(v, dict) and v.get("dtype") == "BF16" for v in header.values()):
+        bfloat16()
     with safe_open(path, framework="np") as f:
         for name in order or names:
             # safe_open returns 0-d tensors with shape (1,) (safetensors 0.8): reshape by the header
             array = f.get_tensor(name).reshape(header[name]["shape"])
-            if header[name].get("dtype") == "BF16" and array.dtype != _BF16:
+            if header[name].get("dtype") == "BF16" and array.dtype != bfloat16():
                 raise ModelFileError(f"{path}: tensor {name!r}: BF16 read back as {array.dtype}")
             tensors[name] = array
     return tensors
@@ -201,7 +207,7 @@ def _read_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
         for name in npz.files:
             array = npz[name]
             if array.dtype.kind == "V" and array.dtype.itemsize == 2 and array.dtype.names is None:
-                array = array.view(_BF16)
+                array = array.view(bfloat16())
             tensors[name] = array
     return tensors
 
@@ -222,7 +228,7 @@ def _torch_dtypes(torch) -> dict:
     names = ["float32", "float16", "float64", "int8", "int16", "int32", "int64", "uint8", "bool",
              "uint16", "uint32", "uint64"]
     table = {getattr(torch, n): np.dtype(n) for n in names if hasattr(torch, n)}
-    table[torch.bfloat16] = _BF16
+    table[torch.bfloat16] = bfloat16()
     return table
 
 
@@ -249,7 +255,7 @@ def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
             )
         t = t.detach().contiguous()
         if t.dtype == torch.bfloat16:
-            tensors[str(name)] = t.view(torch.int16).numpy().view(_BF16)
+            tensors[str(name)] = t.view(torch.int16).numpy().view(bfloat16())
         else:
             tensors[str(name)] = t.numpy()
     if not tensors:
@@ -294,7 +300,7 @@ def _checked_arrays(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             raise InputError(f"tensor {name!r} is a {type(array).__name__}, not a NumPy array")
         # contiguous, native byte order: the safetensors and torch writers copy raw memory
         array = _native(array, order="C")
-        if array.dtype not in SUPPORTED_DTYPES:
+        if not _supported(array.dtype):
             raise InputError(
                 f"tensor {name!r} has dtype {array.dtype} (supported: {_SUPPORTED_NAMES})"
             )
@@ -379,7 +385,7 @@ def _write_torch(f: BinaryIO, arrays: dict[str, np.ndarray]) -> None:
     for name, array in arrays.items():
         if not array.flags.writeable:  # torch.from_numpy warns on read-only arrays
             array = array.copy()
-        if array.dtype == _BF16:
+        if array.dtype.name == "bfloat16":
             state[name] = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
         else:
             state[name] = torch.from_numpy(array)

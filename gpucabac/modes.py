@@ -5,13 +5,15 @@ A quantizer is named by its coding mode: "urq" (uniform reconstruction, rounding
 version 2). Inside the codec a quantizer is its trellis size: 0 for "urq", else 8 … 256 (the
 engines index their tables with it). A scan order says how a tensor's values are laid out in its
 slices: "rows" (row-major) or "columns" (the transpose of the tensor viewed as [shape[0], rest],
-format version 2); "auto" asks the encoder to pick the smaller per tensor.
+format version 2); "auto" asks the encoder to pick the smaller per tensor. A quantizer's step
+size is given directly or by NNC's QP (`step_from_qp`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from .errors import InputError
 from .tables import DQ_STATE_COUNTS
 
 # mode name -> trellis size; "urq" first, then NNC's "dq", then the larger trellises
@@ -46,3 +48,11 @@ def dq_mode(dq) -> str:
     """The mode name of a `dq` argument (dq_states): 'urq' when off."""
     states = dq_states(dq)
     return next(m for m, s in QUANTIZER_STATES.items() if s == states)
+
+
+def step_from_qp(qp: int, qp_density: int = 2) -> float:
+    """NNC's QP -> step size (§3.3): (1 + (qp mod k)/k) * 2^floor(qp/k), k = 2^qp_density."""
+    if not 0 <= qp_density <= 7:
+        raise InputError(f"qp_density must be in 0..7, got {qp_density}")
+    k = 1 << qp_density
+    return float((k + (qp & (k - 1))) * 2.0 ** ((qp >> qp_density) - qp_density))

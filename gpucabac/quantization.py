@@ -11,25 +11,18 @@ same way on every engine.
 
 from __future__ import annotations
 
-import ml_dtypes
 import numba as nb
 import numpy as np
 
+from . import threads as _threads  # noqa: F401  (numba's fork-safe layer, before any parallel loop)
 from .binarize import dq_states
 from .errors import InputError
+from .modes import step_from_qp as step_from_qp  # re-exported: part of the quantizer's surface
 from .tables import DQ_NEXT_ALL, MAX_ABS_LEVEL
 
 _DQ_NEXT = DQ_NEXT_ALL.copy()
 # The trellis keeps a back pointer per weight and state (2 bytes); above this a slice is refused.
 MAX_TRELLIS_BYTES = 4 << 30
-
-
-def step_from_qp(qp: int, qp_density: int = 2) -> float:
-    """NNC's QP -> step size (§3.3): (1 + (qp mod k)/k) * 2^floor(qp/k), k = 2^qp_density."""
-    if not 0 <= qp_density <= 7:
-        raise InputError(f"qp_density must be in 0..7, got {qp_density}")
-    k = 1 << qp_density
-    return float((k + (qp & (k - 1))) * 2.0 ** ((qp >> qp_density) - qp_density))
 
 
 def quantize_levels(x: np.ndarray, step: float, *, dq: bool | int = False, slice_size: int | None = None) -> np.ndarray:
@@ -178,7 +171,12 @@ def fit_dtype_range(levels: np.ndarray, step: float, dtype, *, dq: bool) -> np.n
     dtype = np.dtype(dtype)
     if dtype.itemsize > 4 or levels.size == 0:  # float64 reconstructions cannot overflow
         return levels
-    big = float(ml_dtypes.finfo(dtype).max)
+    if dtype.kind == "f":
+        big = float(np.finfo(dtype).max)
+    else:  # bfloat16: its array brought ml_dtypes in already
+        import ml_dtypes  # noqa: PLC0415
+
+        big = float(ml_dtypes.finfo(dtype).max)
     limit = big / float(np.float32(step))  # in float64: no overflow for tiny steps
     if np.abs(levels).max() < limit - 2:
         return levels

@@ -34,9 +34,10 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from .binarize import GT, SIGN, dq_states, num_contexts, used_contexts
 from .dtypes import is_float
 from .errors import InputError
+from .layout import GT, SIGN, num_contexts, used_contexts
+from .modes import dq_states
 from .tables import BIT_COST, CURVE, MAX_GT_FLAGS, PRESET_STATES, dq_next_table
 
 ONE_BIT = 32768  # BIT_COST units (2^15) per bit

@@ -26,8 +26,7 @@ import numpy as np
 
 from .dtypes import dtype_name, is_float
 from .errors import InputError
-from .modes import QUANTIZER_STATES, QUANTIZERS, SCAN_CHOICES, SCANS, dq_mode
-from .quantization import step_from_qp
+from .modes import QUANTIZER_STATES, QUANTIZERS, SCAN_CHOICES, SCANS, dq_mode, step_from_qp
 from .tables import MAX_ABS_LEVEL, MAX_GT_FLAGS
 
 DEFAULT_QP = -32

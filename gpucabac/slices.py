@@ -11,8 +11,10 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
+from . import threads as _threads  # noqa: F401  (numba's fork-safe layer, before any parallel loop)
 from .binarize import dq_coded_level, dq_next_state
 from .errors import FormatError, InputError
+from .layout import num_slices as num_slices, slice_counts as slice_counts, slice_offsets as slice_offsets
 from .tables import CRC32, MAX_ABS_LEVEL
 
 # Error codes of a slice decoder, one per slice (0: decoded, and ended exactly at its last byte).
@@ -26,24 +28,6 @@ DECODE_ERROR_MESSAGES = {
     DECODE_BAD_LEVEL: "an Exp-Golomb prefix is longer than any valid level",
     DECODE_BAD_END: "the slice does not end with the terminate bin and stop pattern",
 }
-
-
-def slice_offsets(lengths: np.ndarray) -> np.ndarray:
-    """int64 start of every slice when the slices of `lengths` bytes lie back to back."""
-    lengths = np.asarray(lengths, np.int64)
-    out = np.zeros(lengths.size, np.int64)
-    np.cumsum(lengths[:-1], out=out[1:])
-    return out
-
-
-def num_slices(numel: int, slice_size: int) -> int:
-    return -(-int(numel) // int(slice_size))
-
-
-def slice_counts(numel: int, slice_size: int) -> np.ndarray:
-    """int64 number of values in every slice (the last one may be shorter)."""
-    first = np.arange(num_slices(numel, slice_size), dtype=np.int64) * slice_size
-    return np.minimum(slice_size, numel - first)
 
 
 def raise_slice_errors(name: str, errors: np.ndarray) -> None:

@@ -22,11 +22,11 @@ from . import container
 from .dtypes import is_float
 from .errors import InputError
 from .io import atomic_write_bytes
+from .layout import num_slices, used_contexts
 from .metrics import signal_of as signal_of, snr_db as _snr
 from .modes import QUANTIZERS, mode_dq
 from .quantization import dequantize
 from .settings import CodingSettings
-from .slices import num_slices
 
 METHODS = QUANTIZERS  # urq; dq (NNC's 8-state trellis), dq16 .. dq256
 
@@ -110,7 +110,9 @@ def sweep(tensors: Mapping[str, np.ndarray], steps: Sequence[float] | Mapping[st
     Per setting and tensor: estimated bits (the estimator the quantizer optimises), exact bits
     (codec.encode_levels on the chosen levels; payload plus the tensor's header record) when
     `exact`, weighted and plain squared error, MSE and SNR; then the same per model. `progress`
-    is called with the number of weight-settings finished. Steps are in weight units; lam in
+    is called as the work advances, in weight-settings (a tensor's weights at one (step, lam)):
+    once as the quantizer finishes them, and once more as they are coded exactly, so a whole
+    sweep is `sweep_work(...)` of them. Steps are in weight units; lam in
     step² per bit (see gpucabac.rdquant). `steps` is one grid for every tensor, or a mapping that
     gives every swept tensor its own grid (all of one length K, e.g. a rule's step per tensor
     times common factors): rows record their `grid_index`, and a model row is one grid index
@@ -122,7 +124,6 @@ def sweep(tensors: Mapping[str, np.ndarray], steps: Sequence[float] | Mapping[st
     that lam means the same in every tensor) plus tensor weights from `importance_scales` let
     `choose_operating_point(per_tensor=True)` give the important tensors the bits."""
     from .codec import encode_levels  # noqa: PLC0415
-    from .binarize import used_contexts  # noqa: PLC0415
     from .rdquant import rd_quantize_tensors  # noqa: PLC0415
 
     lams = [float(v) for v in lams]
@@ -168,7 +169,7 @@ def sweep(tensors: Mapping[str, np.ndarray], steps: Sequence[float] | Mapping[st
         for k0 in range(0, K, kc):
             chunk = {n: g[k0 : k0 + kc] for n, g in grids.items()}
             results = rd_quantize_tensors(xs, chunk, lams, dq=dq, slice_size=slice_size, num_gt_flags=num_gt_flags,
-                                          importance=imp or None, with_levels=exact)
+                                          importance=imp or None, with_levels=exact, progress=progress)
             for name, x in xs.items():
                 res, S, signal = results[name], min(slice_size, x.size), signals[name]
                 w64 = x.astype(np.float64).reshape(-1) if exact else None
@@ -194,9 +195,9 @@ def sweep(tensors: Mapping[str, np.ndarray], steps: Sequence[float] | Mapping[st
                                    snr_db=_snr(signal, row["sse"]))
                         if exact:
                             row["exact_bpw"] = row["exact_bits"] / n
+                            if progress is not None:
+                                progress(n)
                         by_tensor[name].append(row)
-            if progress is not None:
-                progress(total * len(chunk[names[0]]) * len(lams))
         rows += [r for n in names for r in by_tensor[n]]
     model = aggregate(rows)
     common = all(g == grids[names[0]] for g in grids.values())
@@ -208,6 +209,11 @@ def sweep(tensors: Mapping[str, np.ndarray], steps: Sequence[float] | Mapping[st
                          "bins + the same header record (known without coding); est_payload = the bins alone",
               lam_units="step^2 per bit")
     return SweepResult(st, rows, model)
+
+
+def sweep_work(numel: int, n_steps: int, n_lams: int, n_methods: int, exact: bool = True) -> int:
+    """The progress units of a whole `sweep` over tensors of `numel` swept weights in all."""
+    return int(numel) * n_steps * n_lams * n_methods * (2 if exact else 1)
 
 
 def evaluate_task(result: SweepResult, tensors: Mapping[str, np.ndarray], task: Callable[[dict], float], *,

@@ -6,7 +6,8 @@ layer numba picks first on Linux, kills such a child ("fork() called from a proc
 GNU OpenMP"). So unless the user chose a layer (NUMBA_THREADING_LAYER, or numba.config before
 importing gpucabac), gpucabac asks numba for a fork-safe one when it is imported: TBB where numba
 can load it, else numba's own workqueue. This must happen before the first parallel call of the
-process, which is why gpucabac/__init__.py imports this module first.
+process, which is why every module with a parallel loop (slices, context_init, quantization,
+engines/cpu) imports this one before it defines any; `import gpucabac` alone loads no numba.
 
 The price, measured on MiniLM's 2-D weights (2-core EPYC VM, QP -32, best of 5): workqueue encodes
 about 5-9% slower than GNU OpenMP (1 thread 3.7-4.0 vs 4.0-4.3 M weights/s, 2 threads 6.3-7.3 vs

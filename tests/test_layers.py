@@ -15,14 +15,14 @@ PACKAGE = pathlib.Path(gpucabac.__file__).resolve().parent
 
 # docs/design.md §7, bottom first; a module may import from its layer and the ones above it here
 LAYERS = [
-    {"errors", "tables", "dtypes", "modes"},
-    {"binarize", "slices", "context_init", "threads", "metrics"},
+    {"errors", "tables", "dtypes", "modes", "layout"},
+    {"binarize", "slices", "context_init", "threads", "jit", "metrics"},
     {"quantization", "rdquant"},
     {"settings"},
     {"engines"},
     {"container"},
     {"io", "models", "importance"},
-    {"codec", "sweeps"},
+    {"codec", "sweeps", "summary"},
     {"plotting"},
     {"cli"},
     {"__init__", "__main__"},
@@ -84,9 +84,37 @@ def test_the_engines_do_not_import_each_other():
         assert not any(m and (m == b or m.endswith(f".{b}") or m.endswith(f"engines.{b}")) for m in names), (a, names)
 
 
-def test_the_core_import_is_light():
-    code = ("import sys, gpucabac; heavy = [m for m in ('jax', 'cupy', 'matplotlib', 'torch') if m in sys.modules]; "
-            "print(','.join(heavy))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+HEAVY = ("jax", "cupy", "matplotlib", "torch", "numba", "ml_dtypes")
+
+
+def _heavy_after(code: str) -> list[str]:
+    """The heavy libraries a fresh interpreter has loaded after running `code`."""
+    probe = f"import sys\n{code}\nprint('loaded:' + ','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == ""
+    loaded = r.stdout.rsplit("loaded:", 1)[-1].strip()
+    return loaded.split(",") if loaded else []
+
+
+def test_the_core_import_is_light():
+    """`import gpucabac` loads no heavy library (the public names load on first use)."""
+    assert _heavy_after("import gpucabac") == []
+
+
+def test_info_and_help_start_without_the_coder(tmp_path):
+    """`gpucabac info` and `--help` (of every command) import neither numba nor ml_dtypes: they
+    start in a fraction of a second (issue: well under 0.5 s)."""
+    import numpy as np
+
+    path = tmp_path / "m.gcb"
+    path.write_bytes(gpucabac.encode({"w": np.ones((8, 8), np.float32)}))
+    for args in (["info", str(path)], ["--help"], *([c, "--help"] for c in ("encode", "decode", "info", "demo", "sweep", "plot"))):
+        code = f"from gpucabac.cli import main\ntry:\n    main({args!r})\nexcept SystemExit as e:\n    assert not e.code, e.code"
+        assert _heavy_after(code) == [], args
+
+
+def test_every_public_name_resolves():
+    """The lazily loaded public surface: every name of __all__ is there, and dir() lists it."""
+    for name in gpucabac.__all__:
+        assert getattr(gpucabac, name) is not None, name
+    assert set(gpucabac.__all__) <= set(dir(gpucabac))

@@ -42,5 +42,15 @@ def test_a_layer_the_user_chose_is_kept():
     code = "import numpy as np, numba, gpucabac; gpucabac.decode(gpucabac.encode({'w': np.ones((9, 9), np.float32)})); print(numba.threading_layer())"
     r = _run(code, NUMBA_THREADING_LAYER="workqueue")
     assert r.returncode == 0 and r.stdout.strip() == "workqueue", r.stderr
-    r = _run("import numba; numba.config.THREADING_LAYER = 'workqueue'; import gpucabac; print(numba.config.THREADING_LAYER)")
+    r = _run("import numba, numpy as np; numba.config.THREADING_LAYER = 'workqueue'; import gpucabac; "
+             "gpucabac.encode({'w': np.ones((9, 9), np.float32)}); print(numba.threading_layer())")
     assert r.returncode == 0 and r.stdout.strip() == "workqueue", r.stderr
+
+
+def test_the_fork_safe_layer_comes_with_the_first_coder_module():
+    """`import gpucabac` loads no numba; the first module with a parallel loop sets the layer."""
+    code = ("import sys, gpucabac; print('numba' in sys.modules); import numpy as np; "
+            "gpucabac.quantize({'w': np.ones((9, 9), np.float32)}); import numba; print(numba.config.THREADING_LAYER)")
+    r = _run(code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "forksafe"], r.stdout

@@ -7,6 +7,7 @@ import math
 import os
 import pathlib
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ import numpy as np
 
 from ..engines import DEVICES
 from ..errors import GpucabacError
+from ..jit import watch_compiles
 
 PROGRESS_DELAY_S = 0.5
 
@@ -176,20 +178,31 @@ def quiet() -> bool:
 
 
 class _PlainProgress:
-    """Progress as rate-limited lines, for logs and pipes where a bar cannot redraw itself."""
+    """Progress as rate-limited lines, for logs and pipes where a bar cannot redraw itself. A
+    ticker thread calls `tick` so that a stage without updates (a compilation, a long first
+    chunk) still reports that it is alive."""
 
     def __init__(self, total: int, desc: str):
         self.total, self.desc, self.done = max(int(total), 1), desc, 0
         self.start = self.last = time.monotonic()
         self.printed = False
+        self.lock = threading.Lock()
 
     def update(self, n: int) -> None:
-        self.done += int(n)
+        with self.lock:
+            self.done += int(n)
+            self._maybe_line()
+
+    def tick(self) -> None:
+        with self.lock:
+            self._maybe_line()
+
+    def _maybe_line(self) -> None:
         now = time.monotonic()
         if now - self.start >= PLAIN_FIRST_S and (not self.printed or now - self.last >= PLAIN_EVERY_S):
-            self.line(now)
+            self._line(now)
 
-    def line(self, now: float) -> None:
+    def _line(self, now: float) -> None:
         elapsed = now - self.start
         frac = min(1.0, self.done / self.total)
         eta = f", about {elapsed * (1 - frac) / frac:.0f} s left" if 0 < frac < 1 else ""
@@ -198,20 +211,41 @@ class _PlainProgress:
         self.last, self.printed = now, True
 
     def close(self) -> None:
-        if self.printed:  # the work was long enough to report: say that it ended
-            self.line(time.monotonic())
+        with self.lock:
+            if self.printed:  # the work was long enough to report: say that it ended
+                self._line(time.monotonic())
+
+
+@contextmanager
+def _ticking(fn: Callable[[], None], every_s: float) -> Iterator[None]:
+    """Call `fn` every `every_s` seconds from a daemon thread while the body runs."""
+    stop = threading.Event()
+
+    def run():
+        while not stop.wait(every_s):
+            fn()
+
+    thread = threading.Thread(target=run, name="gpucabac-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 @contextmanager
 def progress_bar(total: int, desc: str) -> Iterator[Callable[[int], None]]:
     """Progress over weights on stderr: a tqdm bar on a terminal (after a short delay), plain
-    rate-limited lines otherwise; nothing with --quiet."""
+    rate-limited lines otherwise; nothing with --quiet. Either keeps reporting (elapsed time) while
+    no update comes."""
     if quiet():
         yield lambda n: None
         return
     if not sys.stderr.isatty():
         plain = _PlainProgress(total, desc)
-        yield plain.update
+        with _ticking(plain.tick, 1.0):
+            yield plain.update
         plain.close()
         return
     from tqdm import tqdm  # noqa: PLC0415
@@ -219,8 +253,69 @@ def progress_bar(total: int, desc: str) -> Iterator[Callable[[int], None]]:
     with tqdm(
         total=total, desc=desc, unit="w", unit_scale=True, leave=False,
         delay=PROGRESS_DELAY_S, dynamic_ncols=True,
-    ) as bar:
+    ) as bar, _ticking(bar.refresh, 1.0):
         yield bar.update
+
+
+def note(text: str) -> None:
+    """`gpucabac: text` on stderr (unless --quiet), above any progress bar on the terminal."""
+    if quiet():
+        return
+    if "tqdm" in sys.modules and sys.stderr.isatty():
+        from tqdm import tqdm  # noqa: PLC0415
+
+        with tqdm.external_write_mode(file=sys.stderr):
+            click.echo(f"gpucabac: {text}", err=True)
+    else:
+        click.echo(f"gpucabac: {text}", err=True)
+
+
+COMPILING_NOTE = ("compiling gpucabac's coder with numba (the first run after an install; about 30 s on 2 cores, "
+                  "cached for later runs, and not counted in the throughput)")
+
+
+_compiling_noted = False
+
+
+def _note_compiling() -> None:
+    global _compiling_noted
+    if not _compiling_noted:  # once per process: encode and its check compile different functions
+        _compiling_noted = True
+        note(COMPILING_NOTE)
+
+
+class Timed:
+    """A timed stage of a command: `progress` to hand to the library; after the stage, `seconds`
+    of work (numba's compilations left out) and `compile_seconds`."""
+
+    progress: Callable[[int], None]
+    seconds: float = 0.0
+    compile_seconds: float = 0.0
+
+    def throughput(self, n_weights: int) -> str:
+        """'2.21 s (10.26 M weights/s)', plus the compile time when there was one."""
+        text = f"{self.seconds:.2f} s ({rate(n_weights, self.seconds):.2f} M weights/s)"
+        return text + (f", plus {self.compile_seconds:.1f} s compiling" if self.compile_seconds else "")
+
+
+@contextmanager
+def noting_compiles() -> Iterator[Any]:
+    """Say so (once per process) when numba starts compiling in the body; yields the CompileWatch."""
+    with watch_compiles(on_first=_note_compiling) as watch:
+        yield watch
+
+
+@contextmanager
+def timed(total: int, desc: str) -> Iterator[Timed]:
+    """A progress bar over `total` weights, timed, with numba's compilations watched: the first
+    one says so (COMPILING_NOTE), and their time is kept out of `seconds`."""
+    stage = Timed()
+    start = time.perf_counter()
+    with noting_compiles() as watch, progress_bar(total, desc) as update:
+        stage.progress = update
+        yield stage
+    stage.compile_seconds = watch.seconds
+    stage.seconds = max(time.perf_counter() - start - watch.seconds, 0.0)
 
 
 def table(headers: list[str], rows: list[list[str]], right: set[int]) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import pathlib
-import time
 
 import click
 import numpy as np
@@ -14,7 +13,7 @@ import gpucabac as api
 from .. import io as gio
 from ..dtypes import FLOAT_DTYPES
 from ..errors import GpucabacError
-from ._common import Failure, check_output, count, device_option, force_option, progress_bar, rate, threads_option, weights
+from ._common import Failure, check_output, count, device_option, force_option, threads_option, timed, weights
 
 
 def _model_output(ctx, param, value):
@@ -52,11 +51,9 @@ def command(input, output, names, dtype, threads, device, force):
     wanted = info.tensors if selected is None else [t for t in info.tensors if t.name in set(selected)]
     total = sum(math.prod(t.shape) for t in wanted)
 
-    start = time.perf_counter()
-    with progress_bar(total, "decode") as progress:
+    with timed(total, "decode") as decoding:  # on the GPU: up to the copy of the error codes, which syncs
         # load reads only the selected tensors' bytes
-        tensors = api.load(input, selected, dtype=dtype, threads=threads, progress=progress, device=device)
-    seconds = time.perf_counter() - start  # on the GPU: up to the copy of the error codes, which syncs
+        tensors = api.load(input, selected, dtype=dtype, threads=threads, progress=decoding.progress, device=device)
     on_gpu = any(not isinstance(t, np.ndarray) for t in tensors.values())
     if on_gpu:
         from ..engines.gpu import to_numpy  # noqa: PLC0415
@@ -66,6 +63,6 @@ def command(input, output, names, dtype, threads, device, force):
     gio.write_model(output, tensors)
     n = weights(tensors)
     click.echo(
-        f"{output}: {count(len(tensors), 'tensor')}, {count(n, 'weight')} decoded in {seconds:.2f} s "
-        f"({rate(n, seconds):.2f} M weights/s) on the {'GPU' if on_gpu else 'CPU'}"
+        f"{output}: {count(len(tensors), 'tensor')}, {count(n, 'weight')} decoded in {decoding.throughput(n)} "
+        f"on the {'GPU' if on_gpu else 'CPU'}"
     )

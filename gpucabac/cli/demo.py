@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 
 import click
@@ -13,7 +12,8 @@ import gpucabac as api
 from .. import io as gio
 from ..errors import GpucabacError
 from ..metrics import bits_per_weight, tensors_snr_db
-from ._common import Failure, count, fmt_snr, progress_bar, rate, raw_bytes, table, threads_option, weights
+from ._common import (Failure, count, fmt_snr, noting_compiles, progress_bar, rate, raw_bytes, table, threads_option,
+                      timed, weights)
 
 
 def demo_settings(default_slice_size: int) -> list[tuple[str, api.CodingSettings]]:
@@ -55,26 +55,29 @@ def command(model, threads):
 
     # Warm-up: compile and load the engine's kernels, so that no timing below includes it.
     warm = {"w": np.linspace(-1, 1, 2 * api.DEFAULT_SLICE_SIZE, dtype=np.float32).reshape(2, -1)}
-    for quantizer in ("urq", "dq"):
-        api.decode(api.encode(warm, api.CodingSettings(quantizer=quantizer), threads=threads), threads=threads)
+    with noting_compiles():
+        for quantizer in ("urq", "dq"):
+            api.decode(api.encode(warm, api.CodingSettings(quantizer=quantizer), threads=threads), threads=threads)
 
     rows, failed = [], []
     for label, settings in demo_settings(api.DEFAULT_SLICE_SIZE):
-        start = time.perf_counter()
-        with progress_bar(n_weights, f"{label}: encode") as progress:
-            data = api.encode(tensors, settings, threads=threads, progress=progress)
-        t_enc = time.perf_counter() - start
-        start = time.perf_counter()
+        with timed(n_weights, f"{label}: encode") as coding:
+            data = api.encode(tensors, settings, threads=threads, progress=coding.progress)
+        t_enc = coding.seconds
         try:
-            with progress_bar(n_weights, f"{label}: decode") as progress:
-                decoded = api.decode(data, threads=threads, progress=progress)
+            with timed(n_weights, f"{label}: decode") as decoding:
+                decoded = api.decode(data, threads=threads, progress=decoding.progress)
         except GpucabacError as e:  # its own stream failing to decode is a failed verification
             failed.append(f"{label} (decode failed: {e})")
             rows.append([label, f"{bits_per_weight(len(data), n_weights):.3f}", f"{raw / max(len(data), 1):.2f}",
                          "-", f"{rate(n_weights, t_enc):.2f}", "-", "no"])
             continue
-        t_dec = time.perf_counter() - start
-        expected = api.quantize(tensors, settings, threads=threads)
+        t_dec = decoding.seconds
+        with progress_bar(len(tensors), f"{label}: verify") as progress:
+            expected = {}
+            for name, x in tensors.items():  # tensor by tensor, so that the check reports progress
+                expected |= api.quantize({name: x}, settings, threads=threads)
+                progress(1)
         bad = mismatches(expected, decoded)
         if bad:
             failed.append(f"{label} ({len(bad)} tensors, first {bad[0]!r})")

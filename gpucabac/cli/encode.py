@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pathlib
-import time
 
 import click
 import numpy as np
@@ -18,7 +17,7 @@ from ..modes import SCAN_CHOICES
 from ..settings import SMALL_STEP_DIVISOR
 from ..tables import MAX_GT_FLAGS
 from ._common import (SliceSize, SmallStep, check_output, count, device_option, explicit, fmt_snr, force_option,
-                      progress_bar, raw_bytes, rate, threads_option, weights)
+                      raw_bytes, threads_option, timed, weights)
 
 
 @click.command(name="encode")
@@ -118,15 +117,14 @@ def command(model, output, qp, step, qp_density, dq, trellis, slice_size, scan, 
     elif importance is not None:
         per_tensor, weighting = importance_settings(read_importance(importance, tensors), settings, weighted=weighted)
 
-    start = time.perf_counter()
-    with progress_bar(n_weights, "encode") as progress:
+    with timed(n_weights, "encode") as coding:
         data = api.encode(tensors, settings, per_tensor=per_tensor, importance=weighting, device=device,
-                          threads=threads, progress=progress)
-    seconds = time.perf_counter() - start
+                          threads=threads, progress=coding.progress)
     gio.atomic_write_bytes(output, data)
 
     # the SNR of what was written: decoding is far cheaper than quantizing again (the RD trellis)
-    expected = api.decode(data, threads=threads)
+    with timed(n_weights, "check (decode)") as check:
+        expected = api.decode(data, threads=threads, progress=check.progress)
     snr = tensors_snr_db(tensors, expected)
     click.echo(
         f"{output}: {count(n_weights, 'weight')} in {count(len(tensors), 'tensor')} "
@@ -134,7 +132,7 @@ def command(model, output, qp, step, qp_density, dq, trellis, slice_size, scan, 
         f"{bits_per_weight(len(data), n_weights):.3f} bits/weight, "
         f"ratio {raw_bytes(tensors) / max(len(data), 1):.2f}x, "
         f"SNR {fmt_snr(snr)} dB, "
-        f"{seconds:.2f} s ({rate(n_weights, seconds):.2f} M weights/s)"
+        f"{coding.throughput(n_weights)}"
     )
     _warn_if_destroyed(tensors, expected, snr)
     if point is not None:

@@ -106,7 +106,9 @@ def command(model, output, csv_path, qp_range, steps, qp_density, lams, methods,
     if importance is not None:
         shapes, scales = sweep_weighting(read_importance(importance, tensors), list(swept))
         weighting = dict(importance=shapes, tensor_weights=scales)
-    total = weights(swept) * len(step_list) * len(lam_list) * len(method_list)
+    from ..sweeps import sweep_work  # noqa: PLC0415  (the sweep's modules load when it runs, not for --help)
+
+    total = sweep_work(weights(swept), len(step_list), len(lam_list), len(method_list), exact)
     start = time.perf_counter()
     with progress_bar(total, "sweep") as progress:
         res = api.sweep(swept, step_list, lam_list, methods=method_list, slice_size=slice_size,

@@ -27,9 +27,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from ..binarize import MAX_CONTEXTS, full_context_init
+from ..layout import MAX_CONTEXTS, full_context_init, slice_counts, slice_offsets
 from ..modes import mode_dq
-from ..slices import slice_counts, slice_offsets
 
 Progress = Callable[[int], None]
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import numba as nb
 import numpy as np
 
+from .. import threads as _threads  # noqa: F401  (numba's fork-safe layer, before any parallel loop)
 from ..binarize import GT, MAX_CONTEXTS, MAX_REGULAR_BINS, SIG, SIGN, binarize_level, dq_coded_level, dq_next_state, dq_reconstruction_index, neighbour_class
 from ..dtypes import cast_float, numpy_dtype
 from ..quantization import dequantize
@@ -398,8 +399,10 @@ class CpuEngine:
         return [encode_job(job, progress) for job in jobs]
 
     def decode(self, table: SliceTable, outputs: Sequence[TensorOutput], progress=None) -> tuple[list, np.ndarray]:
-        """Each tensor's output is allocated once and filled batch by batch of slices (at most
-        DECODE_BATCH levels each), so that memory stays the outputs plus bounded scratch."""
+        """Each tensor's output is allocated once, after its first batch of slices decoded, and
+        filled batch by batch (at most DECODE_BATCH levels each): memory stays the outputs plus
+        bounded scratch, and a stream of garbage fails before it costs its claimed output. After
+        the first tensor that fails, the rest are empty placeholders (the codec raises for it)."""
         errors = np.zeros(table.num_slices, np.int32)
         crcs = slice_crcs(table.payload, table.slice_offset, table.slice_length)
         errors[crcs != table.slice_crc] = DECODE_CRC
@@ -412,7 +415,7 @@ class CpuEngine:
             if (err != DECODE_OK).any():  # the codec raises for this tensor: decode nothing more
                 break
             levels_out = out.dtype == "int32"
-            result = np.empty(n, np.int32 if levels_out else numpy_dtype(out.dtype))
+            result = None
             size = int(table.slice_count[part.start])  # the slice size (or the whole tensor, if shorter)
             per_batch = max(1, DECODE_BATCH // size)
             offsets, lengths = table.slice_offset[part], table.slice_length[part].astype(np.int64)
@@ -420,7 +423,7 @@ class CpuEngine:
             for b0 in range(0, err.size, per_batch):
                 b1 = min(err.size, b0 + per_batch)
                 first, stop = b0 * size, min(n, b1 * size)
-                if levels_out:
+                if levels_out and result is not None:
                     target = result[first:stop]
                 else:
                     if scratch is None or scratch.size < stop - first:
@@ -430,6 +433,10 @@ class CpuEngine:
                                    int(table.tensor_dq[t]), int(table.tensor_gt[t]), init, target, err[b0:b1])
                 if (err[b0:b1] != DECODE_OK).any():
                     break
+                if result is None:
+                    result = np.empty(n, np.int32 if levels_out else numpy_dtype(out.dtype))
+                    if levels_out:
+                        result[first:stop] = target
                 if not levels_out:
                     result[first:stop] = cast_float(dequantize(target, out.step, (stop - first,), numpy_dtype(out.work)), out.dtype)
                 if progress is not None:
@@ -437,7 +444,7 @@ class CpuEngine:
             if (err != DECODE_OK).any():
                 break
             arrays.append(result)
-        arrays += [np.zeros(int(table.tensor_numel[t]), np.int32) for t in range(len(arrays), len(outputs))]
+        arrays += [np.zeros(0, np.int32) for _ in range(len(arrays), len(outputs))]
         return arrays, errors
 
     def upload(self, host: np.ndarray) -> np.ndarray:

@@ -39,10 +39,9 @@ from collections.abc import Sequence
 import ml_dtypes
 import numpy as np
 
-from ..binarize import MAX_CONTEXTS
 from ..errors import GpuUnavailableError
+from ..layout import MAX_CONTEXTS, num_slices
 from ..modes import dq_states
-from ..slices import DECODE_CRC, num_slices
 from ..tables import DQ_STATE_COUNTS, MAX_GT_FLAGS
 from . import kernel_source
 from .base import CodedSlices, EncodeJob, SliceTable, TensorOutput
