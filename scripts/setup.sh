@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up a development environment in .venv: gpucabac (editable) with its test extras and the
-# default model of `gpucabac demo`. Safe to run again: what is there already is kept.
+# Set up a development environment in .venv: gpucabac (editable) with its test and FL extras and
+# the default model of `gpucabac demo`. Safe to run again: what is there already is kept.
 #
 #   scripts/setup.sh            # core + tests + default model
 #   scripts/setup.sh --torch    # also PyTorch 2.13.0 (for .pt/.pth model files)
@@ -34,8 +34,8 @@ pip=("$venv/bin/python" -m pip --quiet --disable-pip-version-check)
 constraints=(-c scripts/constraints.txt)
 
 "${pip[@]}" install "${constraints[@]}" --upgrade pip
-echo "setup.sh: installing gpucabac (editable) with test extras"
-"${pip[@]}" install "${constraints[@]}" -e ".[test]"
+echo "setup.sh: installing gpucabac (editable) with its test and federated-learning extras"
+"${pip[@]}" install "${constraints[@]}" -e ".[test,fl]"
 
 if [[ $want_torch == 1 ]]; then
     # An exact version: a range would let pip pick a newer CUDA build of several GB.

@@ -42,6 +42,7 @@ TIMEOUT_S = 600  # per script; a tiny run takes seconds (about 25 s at most on a
 RESULTS = {
     "bench_cpu.py": ["bench_cpu.json", "bench_cpu.md"],
     "compare_nncodec.py": ["compare_nncodec.json", "compare_nncodec.md"],
+    "fl_sparse_bits.py": ["fl_sparse_bits.json", "fl_sparse_bits.md"],
     "gap_breakdown.py": ["gap_breakdown.json", "gap_breakdown.md"],
     "gpu_carry.py": ["minilm.gcb"],
     "minilm_bound.py": ["minilm_bound.json", "minilm_bound.md"],

@@ -24,6 +24,7 @@ LAYERS = [
     {"io", "models", "importance"},
     {"codec", "sweeps", "summary"},
     {"plotting"},
+    {"fl"},
     {"cli"},
     {"__init__", "__main__"},
 ]
