@@ -288,7 +288,7 @@ def encode(tensors: Mapping[str, np.ndarray], settings: CodingSettings | None = 
                                         coded.slice_lengths, coded.slice_crcs, coded.scan))
             payloads.append(coded.payload)
             offset += coded.payload.size
-    return container.write(records, np.concatenate(payloads) if payloads else b"")
+    return container.write(records, payloads)  # joined once, into the result
 
 
 def _reconstruct(levels: np.ndarray, plan: TensorPlan, shape, scan: str = "rows") -> np.ndarray:
@@ -341,12 +341,29 @@ def _float_target(dtype) -> str | None:
 DEFAULT_MAX_OUTPUT_BYTES = 64 << 30
 # exponent range of the float dtypes: a decoded value is finite in its own dtype and in any as wide
 _RANGE = {"float16": 0, "bfloat16": 1, "float32": 1, "float64": 2}
+# `load` reads and decodes the coded tensors in groups of at most this many payload bytes (a
+# tensor larger than that is a group of its own): the file's bytes are held one group at a time.
+# An engine whose arrays stay on a device decodes a group per launch, so it gets larger groups.
+LOAD_GROUP_BYTES = 32 << 20
+LOAD_GROUP_BYTES_DEVICE = 1 << 30
+# `iter_decode` hands out tensors in groups of at most this many output bytes (or one tensor)
+ITER_GROUP_BYTES = 64 << 20
+# the finiteness check of decoded values looks at this many values at a time (no full-size mask)
+FINITE_CHUNK = 1 << 20
 
 
-def _decode_records(records: list[TensorRecord], payload_of: Callable[[TensorRecord], np.ndarray], dtype,
-                    engine: Engine, progress: Progress | None, max_output_bytes: int | None) -> dict:
-    """The tensors of parsed records, as arrays of engine.xp: every coded slice in one engine call,
-    then errors raised for the first bad tensor in record order (FormatError naming it)."""
+def _all_finite(xp, x) -> bool:
+    """Whether every value of the flat float array x (of `xp`) is finite, checked in chunks of
+    FINITE_CHUNK values so that the check allocates no mask as large as x."""
+    for i in range(0, x.size, FINITE_CHUNK):
+        if not bool(xp.isfinite(x[i : i + FINITE_CHUNK]).all()):
+            return False
+    return True
+
+
+def _targets(records: list[TensorRecord], dtype, max_output_bytes: int | None) -> dict:
+    """name -> the dtype name each record decodes to; InputError (before anything is allocated)
+    when the selection needs more than `max_output_bytes`."""
     want = _float_target(dtype)
     targets = {rec.name: want if want and rec.dtype in FLOAT_DTYPES else rec.dtype for rec in records}
     limit = DEFAULT_MAX_OUTPUT_BYTES if max_output_bytes is None else int(max_output_bytes)
@@ -354,37 +371,131 @@ def _decode_records(records: list[TensorRecord], payload_of: Callable[[TensorRec
     if need > limit:
         raise InputError(f"the selected tensors decode to {need / 2**30:.2f} GiB, more than max_output_bytes "
                          f"({limit / 2**30:.2f} GiB); pass a larger max_output_bytes if that is intended")
-    coded = [r for r in records if r.mode != "raw" and r.numel > 0]
-    table = SliceTable.from_records(coded, [payload_of(r) for r in coded])
-    outputs = [TensorOutput("int32") if r.mode == "int" else TensorOutput(targets[r.name], r.dtype, r.step) for r in coded]
-    try:
-        arrays, errors = engine.decode(table, outputs, progress)
-    except MemoryError as e:  # the limit passed, the machine has less
-        raise InputError(f"the selected tensors decode to {need / 2**30:.2f} GiB, and this process could not "
-                         "allocate that; decode fewer tensors at a time (names=...)") from e
-    index = {r.name: t for t, r in enumerate(coded)}
-    result = {}
+    return targets
+
+
+def _is_coded(rec: TensorRecord) -> bool:
+    return rec.mode != "raw" and rec.numel > 0
+
+
+def _groups(records: list[TensorRecord], targets: Mapping, payload_budget: int | None,
+            output_budget: int | None) -> Iterable[list[TensorRecord]]:
+    """Consecutive runs of records, in record order, each within both budgets (the coded payload
+    bytes it reads, the output bytes it decodes to) or a single record; None: no bound."""
+    group, pay, out = [], 0, 0
     for rec in records:
-        target = targets[rec.name]
-        if rec.mode == "raw":
-            x = engine.upload(cast_float(raw_values(rec, np.ascontiguousarray(payload_of(rec), np.uint8)), target))
-        elif rec.numel == 0:
-            x = engine.upload(np.zeros(0, numpy_dtype(target)))
-        else:
-            t = index[rec.name]
-            raise_slice_errors(rec.name, errors[table.slices_of(t)])
-            x = arrays[t]
-            if rec.mode == "int":
-                check_int_range(rec, int(x.min()), int(x.max()))
-                x = x.astype(numpy_dtype(rec.dtype), copy=False)
-            elif _RANGE[targets[rec.name]] >= _RANGE[rec.dtype] and not bool(engine.xp.isfinite(x).all()):
-                # the writer keeps every level x step finite in the tensor's dtype (fit_dtype_range)
-                raise FormatError(f"tensor {rec.name!r}: decoded values overflow {rec.dtype} (level x step is not "
-                                  "finite): the levels or the step are corrupt")
-        result[rec.name] = container.unscan(x.reshape(-1), rec.shape, rec.scan, engine.xp)
-        if progress is not None and (rec.mode == "raw" or rec.numel == 0):
-            progress(rec.numel)
-    return result
+        p = rec.payload_length if _is_coded(rec) else 0
+        o = rec.numel * ITEMSIZE[targets[rec.name]]
+        if group and ((payload_budget is not None and pay + p > payload_budget)
+                      or (output_budget is not None and out + o > output_budget)):
+            yield group
+            group, pay, out = [], 0, 0
+        group.append(rec)
+        pay += p
+        out += o
+    if group:
+        yield group
+
+
+class _BufferPayloads:
+    """The payloads of a container held in memory: slice tables over a zero-copy view of its
+    payload area (a device engine gets a compact copy when the selected tensors are a sparse
+    part of the area, so that it does not upload the rest)."""
+
+    def __init__(self, buf: memoryview, header: container.Header, engine: Engine):
+        self.area = (np.frombuffer(buf, np.uint8, count=header.payload_size, offset=header.payload_start)
+                     if header.payload_size else np.zeros(0, np.uint8))
+        self.engine = engine
+
+    def table(self, coded: list[TensorRecord]) -> SliceTable:
+        lo = min(r.offset for r in coded)
+        hi = max(r.offset + r.payload_length for r in coded)
+        need = sum(r.payload_length for r in coded)
+        if self.engine.xp is not np and hi - lo > 2 * need:
+            return SliceTable.from_records(coded, [self.raw(r) for r in coded])
+        return SliceTable.over_payload(coded, self.area[lo:hi], [r.offset - lo for r in coded])
+
+    def raw(self, rec: TensorRecord) -> np.ndarray:
+        return self.area[rec.offset : rec.offset + rec.payload_length]
+
+
+class _FilePayloads:
+    """The payloads of a container file, read when a group of tensors is decoded: each group's
+    coded payloads into one buffer (readinto, no intermediate bytes), raw ones per tensor."""
+
+    def __init__(self, f, header: container.Header):
+        self.f, self.header = f, header
+
+    def _read_into(self, rec: TensorRecord, out: np.ndarray) -> None:
+        self.f.seek(self.header.payload_start + rec.offset)
+        view = memoryview(out)
+        done = 0
+        while done < out.size:
+            n = self.f.readinto(view[done:])
+            if not n:
+                raise FormatError(f"tensor {rec.name!r}: file truncated inside its payload")
+            done += n
+
+    def table(self, coded: list[TensorRecord]) -> SliceTable:
+        buf = np.empty(sum(r.payload_length for r in coded), np.uint8)
+        starts, pos = [], 0
+        for rec in coded:
+            self._read_into(rec, buf[pos : pos + rec.payload_length])
+            starts.append(pos)
+            pos += rec.payload_length
+        return SliceTable.over_payload(coded, buf, starts)
+
+    def raw(self, rec: TensorRecord) -> np.ndarray:
+        out = np.empty(rec.payload_length, np.uint8)
+        self._read_into(rec, out)
+        return out
+
+
+def _decode_records(records: list[TensorRecord], payloads, targets: Mapping, engine: Engine,
+                    progress: Progress | None, groups: Iterable[list[TensorRecord]], threads: int | None = None):
+    """(name, array of engine.xp) for every record, in record order, decoding one group of
+    records at a time (`groups`: consecutive runs of `records`): the group's coded slices in one
+    engine call, then errors raised for its first bad tensor in record order (FormatError naming
+    it), so the first bad tensor of the selection raises. `payloads` gives the slice table of a
+    group's coded records and the bytes of a raw one (_BufferPayloads, _FilePayloads)."""
+    need = sum(rec.numel * ITEMSIZE[targets[rec.name]] for rec in records)
+    for group in groups:
+        coded = [r for r in group if _is_coded(r)]
+        arrays, errors, index = [], None, {}  # the last group's arrays are the caller's alone now
+        if coded:
+            table = payloads.table(coded)
+            outputs = [TensorOutput("int32") if r.mode == "int" else TensorOutput(targets[r.name], r.dtype, r.step)
+                       for r in coded]
+            try:
+                with numba_threads(threads):
+                    arrays, errors = engine.decode(table, outputs, progress)
+            except MemoryError as e:  # the limit passed, the machine has less
+                raise InputError(f"the selected tensors decode to {need / 2**30:.2f} GiB, and this process could not "
+                                 "allocate that; decode fewer tensors at a time (names=...)") from e
+            index = {r.name: t for t, r in enumerate(coded)}
+            slices_of = [table.slices_of(t) for t in range(len(coded))]
+            table = None  # the group's payload bytes go before the next group's are read
+        for rec in group:
+            target = targets[rec.name]
+            if rec.mode == "raw":
+                x = engine.upload(cast_float(raw_values(rec, np.ascontiguousarray(payloads.raw(rec), np.uint8)), target))
+            elif rec.numel == 0:
+                x = engine.upload(np.zeros(0, numpy_dtype(target)))
+            else:
+                t = index[rec.name]
+                raise_slice_errors(rec.name, errors[slices_of[t]])
+                x = arrays[t]
+                if rec.mode == "int":
+                    check_int_range(rec, int(x.min()), int(x.max()))
+                    x = x.astype(numpy_dtype(rec.dtype), copy=False)
+                elif _RANGE[target] >= _RANGE[rec.dtype] and not _all_finite(engine.xp, x):
+                    # the writer keeps every level x step finite in the tensor's dtype (fit_dtype_range)
+                    raise FormatError(f"tensor {rec.name!r}: decoded values overflow {rec.dtype} (level x step is not "
+                                      "finite): the levels or the step are corrupt")
+            x = container.unscan(x.reshape(-1), rec.shape, rec.scan, engine.xp)
+            if progress is not None and (rec.mode == "raw" or rec.numel == 0):
+                progress(rec.numel)
+            yield rec.name, x
 
 
 def decode_levels(rec: TensorRecord, payload: np.ndarray, device: str | Engine = "cpu") -> np.ndarray:
@@ -416,43 +527,60 @@ def decode(data: bytes | bytearray | memoryview, names: Iterable[str] | None = N
     `dtype` for floating-point tensors). `names` selects tensors; only their slices are read.
 
     Memory: each output is allocated once and filled slice batch by slice batch (a column-scanned
-    tensor is transposed at the end, one more copy of it). A container whose selected tensors
-    need more than `max_output_bytes` (default 64 GiB) is refused before anything is allocated.
+    tensor is transposed at the end, one more copy of it); the slices are read from `data` in
+    place, not copied. A container whose selected tensors need more than `max_output_bytes`
+    (default 64 GiB) is refused before anything is allocated.
 
     `device="gpu"` decodes all selected slices in one CUDA launch and returns CuPy arrays that
     stay on the device (hand them to PyTorch or JAX with DLPack: `torch.from_dlpack(a)`);
     "auto" takes the GPU when CuPy sees one (logged on the "gpucabac" logger). Same values either way."""
+    return dict(_iter_decode(data, names, dtype, threads, progress, device, max_output_bytes, None))
+
+
+def iter_decode(data: bytes | bytearray | memoryview, names: Iterable[str] | None = None, *, dtype=None,
+                threads: int | None = None, progress: Progress | None = None, device: str | Engine = "cpu",
+                max_output_bytes: int | None = None, group_bytes: int | None = None):
+    """`decode`, tensor by tensor: an iterator of (name, array) in container order (or the order
+    of `names`), the same arrays and the same errors as `decode`. The tensors are decoded in
+    groups of at most `group_bytes` output bytes (default ITER_GROUP_BYTES, 64 MiB) or of one
+    tensor, so that a caller who drops each tensor when done with it holds one group at a time
+    (`gpucabac encode` checks what it wrote so). The container is parsed, `threads` checked and
+    `max_output_bytes` applied when this is called, before the first tensor."""
+    return _iter_decode(data, names, dtype, threads, progress, device, max_output_bytes,
+                        ITER_GROUP_BYTES if group_bytes is None else int(group_bytes))
+
+
+def _iter_decode(data, names, dtype, threads, progress, device, max_output_bytes, group_bytes: int | None):
+    """decode / iter_decode: the checks now, then an iterator over groups of at most
+    `group_bytes` output bytes (None: one group, one engine call)."""
     buf = memoryview(data).cast("B")
     header = container.parse_container(buf)
     engine = get_engine(device, "decode")
-
-    def payload_of(rec):
-        start = header.payload_start + rec.offset
-        return np.frombuffer(buf[start : start + rec.payload_length], np.uint8)
-
-    with numba_threads(threads):
-        return _decode_records(_select(header, names), payload_of, dtype, engine, progress, max_output_bytes)
+    with numba_threads(threads):  # checks `threads` now, not at the first tensor
+        pass
+    records = _select(header, names)
+    targets = _targets(records, dtype, max_output_bytes)
+    groups = _groups(records, targets, None, group_bytes)
+    return _decode_records(records, _BufferPayloads(buf, header, engine), targets, engine, progress, groups, threads)
 
 
 def load(path, names: Iterable[str] | None = None, *, dtype=None, threads: int | None = None,
          progress: Progress | None = None, device: str | Engine = "cpu",
          max_output_bytes: int | None = None) -> dict[str, np.ndarray]:
     """Decode tensors from a .gcb file, reading only the header and the selected tensors' bytes.
-    `device` and `max_output_bytes` as for `decode`."""
+    `device` and `max_output_bytes` as for `decode`. The payloads are read and decoded in groups
+    of tensors of at most LOAD_GROUP_BYTES (32 MiB; LOAD_GROUP_BYTES_DEVICE on a GPU), so
+    memory stays the outputs plus one group's bytes."""
     engine = get_engine(device, "load")
     with container.open_file(path) as f:
         header = container.read_header_file(f)
-
-        def payload_of(rec):
-            f.seek(header.payload_start + rec.offset)
-            raw = f.read(rec.payload_length)
-            if len(raw) != rec.payload_length:
-                raise FormatError(f"tensor {rec.name!r}: file truncated inside its payload")
-            return np.frombuffer(raw, np.uint8)
-
         with numba_threads(threads):
-            return _decode_records(_select(header, names), payload_of, dtype, engine, progress, max_output_bytes)
+            records = _select(header, names)
+            targets = _targets(records, dtype, max_output_bytes)
+            budget = LOAD_GROUP_BYTES if engine.xp is np else LOAD_GROUP_BYTES_DEVICE
+            groups = _groups(records, targets, budget, None)
+            return dict(_decode_records(records, _FilePayloads(f, header), targets, engine, progress, groups))
 
 
 __all__ = ["CodingSettings", "ContainerInfo", "TensorInfo", "code_levels", "decode", "decode_levels", "encode",
-           "encode_levels", "info", "load", "quantize"]
+           "encode_levels", "info", "iter_decode", "load", "quantize"]

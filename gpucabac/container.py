@@ -124,11 +124,22 @@ def record_size(rec: TensorRecord) -> int:
     return len(_record_bytes(rec))
 
 
-def write(records: list[TensorRecord], payload: bytes | np.ndarray) -> bytes:
+def write(records: list[TensorRecord], payload) -> bytes:
+    """The container of `records` and their payload area: one bytes-like object, or a list (or
+    tuple) of them, the records' payloads back to back, which are joined once into the result
+    without an intermediate copy."""
     table = b"".join(_record_bytes(r) for r in records)
     version = format_version(records)
     pre = PREAMBLE.pack(MAGIC, version, 0, len(records), len(table), zlib.crc32(table), 0)
-    return b"".join([pre, table, bytes(payload)])
+    parts = list(payload) if isinstance(payload, (list, tuple)) else [payload]
+    return b"".join([pre, table, *(_as_bytes(p) for p in parts)])
+
+
+def _as_bytes(part):
+    """A payload part as a bytes-like object of its bytes (an array by its memory, not a copy)."""
+    if isinstance(part, np.ndarray):
+        return np.ascontiguousarray(part).reshape(-1).view(np.uint8)
+    return part
 
 
 # --- reader ---------------------------------------------------------------------------------------

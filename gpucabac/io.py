@@ -6,11 +6,14 @@ arrays in every format. Every file is written atomically (:func:`atomic_write_by
 ``os.replace``, so a failed or interrupted write leaves neither a partial output nor a temporary file.
 
 Format notes
-- safetensors: read with the ``safetensors`` library, in the order of its header (for files the
-  library writes, the order of the data). The library writes tensors sorted by alignment and name,
-  so :func:`write_model` records the caller's order in the header's ``__metadata__`` under
-  ``gpucabac.order`` (a JSON list) beside ``"format": "pt"`` (which transformers asks for), and
-  :func:`read_model` restores it when it names exactly the file's tensors.
+- safetensors: read and written here, streamed, without the library's whole-file buffers: the
+  header is parsed and checked as the library checks it, and each tensor's bytes are read into
+  (or written from) its own array, so a model is in memory once. Tensors are read in the order
+  of the header (for files the library writes, the order of the data). The library writes
+  tensors sorted by dtype and name, and so does :func:`write_model` (its files are the
+  library's, byte for byte), which records the caller's order in the header's ``__metadata__``
+  under ``gpucabac.order`` (a JSON list) beside ``"format": "pt"`` (which transformers asks
+  for); :func:`read_model` restores it when it names exactly the file's tensors.
 - npz: NumPy writes an ``ml_dtypes.bfloat16`` array as a 2-byte void (``'<V2'``) since the dtype is
   not NumPy's own; bfloat16 is the only 2-byte type written so, and :func:`read_model` reads any
   2-byte void array back as bfloat16. Members are uncompressed, in the dict's order.
@@ -23,10 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import pathlib
 import secrets
 import struct
+import sys
 import zipfile
 from collections.abc import Callable, Mapping
 from typing import Any, BinaryIO
@@ -141,29 +146,89 @@ def _resolve_model_path(path: PathLike) -> pathlib.Path:
         raise ModelFileError(f"{text}: no such file, nor a usable packaged model: {e}") from e
 
 
-def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
+# safetensors dtype codes of the dtypes gpucabac handles; a tensor's bytes are little-endian
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I8": "int8",
+              "I16": "int16", "I32": "int32", "I64": "int64", "U8": "uint8", "BOOL": "bool", "U16": "uint16",
+              "U32": "uint32", "U64": "uint64"}
+_ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
+# The order the safetensors library writes tensors in: by dtype, in descending order of its Dtype
+# enum (this list ascending), then by name; write_model follows it, so that its files are the
+# library's byte for byte.
+_ST_ORDER = ("BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64")
+_MAX_DIM = (1 << 63) - 1
 
-    header = _safetensors_header(path)
+
+def _le(dtype: np.dtype) -> np.dtype:
+    """The little-endian variant of a dtype (itself on a little-endian machine)."""
+    return dtype if sys.byteorder == "little" or dtype.itemsize == 1 else dtype.newbyteorder("<")
+
+
+def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file, read straight into its own array (np.empty, readinto):
+    no memory map and no second copy. The header is checked as the library checks it: known
+    dtypes and shapes, and data_offsets that tile the data area exactly, each the size of its
+    tensor; a ModelFileError names the tensor otherwise."""
+    header, data_start = _safetensors_header(path, with_data_start=True)
     names = [k for k in header if k != "__metadata__"]
     order = _recorded_order(header.get("__metadata__"), names)
+    data_size = path.stat().st_size - data_start
+    entries = {name: _safetensors_entry(path, name, header[name]) for name in names}
+    pos = 0
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if begin != pos:
+            raise ModelFileError(f"{path}: tensor {name!r}: data_offsets start at {begin}, expected {pos} "
+                                 "(tensors must tile the data area without gaps or overlaps)")
+        pos = end
+    if pos != data_size:
+        raise ModelFileError(f"{path}: the tensors use {pos} bytes of data, the file holds {data_size} "
+                             "(truncated, or trailing bytes)")
     tensors = {}
-    # framework="np" gives BF16 as ml_dtypes.bfloat16 once ml_dtypes is imported (which registers
-    # the dtype name the library asks NumPy for).
-    if any(isinstance(v, dict) and v.get("dtype") == "BF16" for v in header.values()):
-        bfloat16()
-    with safe_open(path, framework="np") as f:
+    with open(path, "rb") as f:
         for name in order or names:
-            # safe_open returns 0-d tensors with shape (1,) (safetensors 0.8): reshape by the header
-            array = f.get_tensor(name).reshape(header[name]["shape"])
-            if header[name].get("dtype") == "BF16" and array.dtype != bfloat16():
-                raise ModelFileError(f"{path}: tensor {name!r}: BF16 read back as {array.dtype}")
+            dtype, shape, begin, end = entries[name]
+            try:
+                array = np.empty(shape, _le(dtype))
+            except (ValueError, MemoryError) as e:
+                raise ModelFileError(f"{path}: tensor {name!r}: cannot allocate shape {list(shape)}: {e}") from e
+            if end > begin:
+                f.seek(data_start + begin)
+                view = memoryview(array.reshape(-1).view(np.uint8))
+                done = 0
+                while done < end - begin:
+                    n = f.readinto(view[done:])
+                    if not n:
+                        raise ModelFileError(f"{path}: tensor {name!r}: file truncated inside its data")
+                    done += n
             tensors[name] = array
     return tensors
 
 
-def _safetensors_header(path: pathlib.Path) -> dict[str, Any]:
-    """The JSON header in file order (safe_open's keys() are sorted instead)."""
+def _safetensors_entry(path: pathlib.Path, name: str, entry: Any) -> tuple[np.dtype, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one tensor of a safetensors header, validated."""
+    if not isinstance(entry, dict):
+        raise ModelFileError(f"{path}: tensor {name!r}: header entry is not a JSON object")
+    code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(code, str):
+        raise ModelFileError(f"{path}: tensor {name!r}: header entry has no dtype")
+    if code not in _ST_DTYPES:
+        raise ModelFileError(f"{path}: tensor {name!r} has dtype {code}, which gpucabac does not handle "
+                             f"(supported: {_SUPPORTED_NAMES})")
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d <= _MAX_DIM for d in shape):
+        raise ModelFileError(f"{path}: tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int and o >= 0 for o in offsets)
+            or offsets[1] < offsets[0]):
+        raise ModelFileError(f"{path}: tensor {name!r}: data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end")
+    dtype = bfloat16() if code == "BF16" else np.dtype(_ST_DTYPES[code])
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes != offsets[1] - offsets[0]:
+        raise ModelFileError(f"{path}: tensor {name!r}: data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes, "
+                             f"shape {shape} of {code} needs {nbytes}")
+    return dtype, tuple(shape), offsets[0], offsets[1]
+
+
+def _safetensors_header(path: pathlib.Path, *, with_data_start: bool = False):
+    """The JSON header in file order (safe_open's keys() are sorted instead); with
+    `with_data_start`, (header, the file offset of the data area)."""
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) != 8:
@@ -178,7 +243,7 @@ def _safetensors_header(path: pathlib.Path) -> dict[str, Any]:
         raise ModelFileError(f"{path}: not a safetensors file: header is not JSON ({e})") from e
     if not isinstance(header, dict):
         raise ModelFileError(f"{path}: not a safetensors file: header is not a JSON object")
-    return header
+    return (header, 8 + size) if with_data_start else header
 
 
 def _recorded_order(metadata: Any, names: list[str]) -> list[str] | None:
@@ -363,11 +428,42 @@ def _fsync_directory(directory: pathlib.Path) -> None:
         os.close(fd)
 
 
-def _write_safetensors(f: BinaryIO, arrays: dict[str, np.ndarray]) -> None:
-    from safetensors.numpy import save
+def _safetensors_layout(arrays: dict[str, np.ndarray]) -> tuple[bytes, list[str]]:
+    """(the 8-byte header size and the JSON header, padded with spaces to a multiple of 8 bytes;
+    the tensor names in the order of their data), as safetensors.numpy.save lays out a file:
+    tensors by dtype (_ST_ORDER, descending) then name, the header compact JSON with
+    __metadata__ first. The metadata records the caller's order (the module docstring)."""
+    rank = {code: i for i, code in enumerate(_ST_ORDER)}
+    codes = {name: _ST_CODES[a.dtype.name] for name, a in arrays.items()}
+    order = sorted(arrays, key=lambda n: (-rank[codes[n]], n))
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", _ORDER_KEY: json.dumps(list(arrays))}}
+    pos = 0
+    for name in order:
+        a = arrays[name]
+        header[name] = {"dtype": codes[name], "shape": [int(d) for d in a.shape], "data_offsets": [pos, pos + a.nbytes]}
+        pos += a.nbytes
+    text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, order
 
-    metadata = {"format": "pt", _ORDER_KEY: json.dumps(list(arrays))}
-    f.write(save(arrays, metadata=metadata))
+
+def _tensor_bytes(array: np.ndarray) -> memoryview:
+    """A C-contiguous tensor's bytes as safetensors stores them (little-endian), without a copy on
+    a little-endian machine."""
+    array = array.astype(_le(array.dtype), copy=False)
+    return memoryview(array.reshape(-1).view(np.uint8))
+
+
+def _write_safetensors(f: BinaryIO, arrays: dict[str, np.ndarray]) -> None:
+    """Stream a safetensors file: the header, then each tensor's bytes from its own memory (the
+    library's save() builds the whole file in memory first). The bytes are what
+    safetensors.numpy.save writes for the same tensors and metadata (whose own order of the two
+    metadata keys varies from run to run)."""
+    head, order = _safetensors_layout(arrays)
+    f.write(head)
+    for name in order:
+        if arrays[name].nbytes:
+            f.write(_tensor_bytes(arrays[name]))
 
 
 def _write_npz(f: BinaryIO, arrays: dict[str, np.ndarray]) -> None:

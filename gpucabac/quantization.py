@@ -16,6 +16,7 @@ import numpy as np
 
 from . import threads as _threads  # noqa: F401  (numba's fork-safe layer, before any parallel loop)
 from .binarize import dq_states
+from .dtypes import cast_float, dtype_name
 from .errors import InputError
 from .modes import step_from_qp as step_from_qp  # re-exported: part of the quantizer's surface
 from .tables import DQ_NEXT_ALL, MAX_ABS_LEVEL
@@ -92,12 +93,42 @@ def _quantize(w, scale, dq, slice_size, levels):
     return status.max() if nslices else 0
 
 
+def _work_dtype(dtype) -> np.dtype:
+    """The precision a tensor of `dtype` is reconstructed in: float64 for float64, else float32."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
 def dequantize(levels: np.ndarray, step: float, shape, dtype) -> np.ndarray:
     """r * step in float32 (float64 for float64 tensors), rounded to `dtype`, shaped."""
-    work = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    work = _work_dtype(dtype)
     with np.errstate(over="ignore"):  # only corrupt levels overflow; the decoder checks for them
-        out = levels.astype(work) * work(np.float32(step))
-        return out.astype(dtype).reshape(shape)
+        out = levels.astype(work) * work.type(np.float32(step))
+        return out.astype(dtype, copy=False).reshape(shape)
+
+
+def dequantize_into(levels: np.ndarray, step: float, dtype, out: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
+    """Write cast_float(dequantize(levels, step, levels.shape, dtype), out's dtype) into `out`
+    (flat, as long as `levels`), bit for bit the same values, without temporaries of the size of
+    `levels`: when `out` is of the tensor's dtype `dtype` and that is the reconstruction's own
+    precision (float32, float64), the product goes straight into `out`; otherwise it is made in
+    `scratch` (an array of the work precision at least as long, allocated when not given) and
+    rounded from there. Returns the scratch array to pass to the next call (`scratch` itself, or
+    the one allocated)."""
+    dtype = np.dtype(dtype)
+    work = _work_dtype(dtype)
+    s = work.type(np.float32(step))
+    if out.dtype == dtype == work:
+        with np.errstate(over="ignore"):  # as in dequantize
+            np.multiply(levels, s, out=out, dtype=work)
+        return scratch
+    if scratch is None or scratch.dtype != work or scratch.size < levels.size:
+        scratch = np.empty(levels.size, work)
+    tmp = scratch[: levels.size]
+    with np.errstate(over="ignore"):
+        np.multiply(levels, s, out=tmp, dtype=work)
+        rec = tmp.astype(dtype, copy=False)
+    out[...] = cast_float(rec, dtype_name(out.dtype))
+    return scratch
 
 
 # --- dependent quantization (§3.5) -----------------------------------------------------------
@@ -178,7 +209,8 @@ def fit_dtype_range(levels: np.ndarray, step: float, dtype, *, dq: bool) -> np.n
 
         big = float(ml_dtypes.finfo(dtype).max)
     limit = big / float(np.float32(step))  # in float64: no overflow for tiny steps
-    if np.abs(levels).max() < limit - 2:
+    # the largest |level| without np.abs's int32 copy of the levels (|int32 min| fits in Python's int)
+    if max(int(levels.max()), -int(levels.min())) < limit - 2:
         return levels
     levels = levels.copy()
     delta = 4 if dq else 1

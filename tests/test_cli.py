@@ -657,3 +657,85 @@ def test_timed_leaves_numba_compilations_out_and_says_so_once(monkeypatch):
     assert result.stderr.count("compiling gpucabac's coder with numba") == 1
     assert "plus" in stage.throughput(10) and "compiling" in stage.throughput(10)
     assert "compiling" not in again.throughput(10)
+
+
+# --- encode's check, tensor by tensor --------------------------------------------------------------
+
+
+def _reference_snr(original: dict, decoded: dict) -> float:
+    """Σw² / Σ(w−ŵ)² over the float tensors, each summed whole in float64 (the formula the CLI
+    printed before it compared tensor by tensor)."""
+    from gpucabac.dtypes import is_float
+
+    signal = noise = 0.0
+    for name, w in original.items():
+        if is_float(w):
+            w64 = np.asarray(w, np.float64).ravel()
+            e = w64 - np.asarray(decoded[name], np.float64).ravel()
+            signal, noise = signal + float(w64 @ w64), noise + float(e @ e)
+    return 10 * math.log10(signal / noise)
+
+
+def test_encode_checks_what_it_wrote_tensor_by_tensor(tmp_path, model_file, monkeypatch):
+    """The check decodes the container one group of tensors at a time (never the whole model
+    at once beside the original), and prints the SNR the whole-tensor formula gives."""
+    from gpucabac import codec
+    from gpucabac.cli import _common
+    from gpucabac.cli._common import fmt_snr
+
+    monkeypatch.setattr(gpucabac, "decode", lambda *a, **k: pytest.fail("the check decoded the whole model at once"))
+    monkeypatch.setattr(codec, "ITER_GROUP_BYTES", 1)  # one tensor per group
+    held, real = [], codec.iter_decode
+
+    def watched(*args, **kwargs):
+        for name, x in real(*args, **kwargs):
+            held.append(name)
+            yield name, x
+
+    monkeypatch.setattr(codec, "iter_decode", watched)
+    monkeypatch.setattr(_common, "PLAIN_FIRST_S", 0.0)
+    monkeypatch.setattr(_common, "PLAIN_EVERY_S", 0.0)
+    out = tmp_path / "m.gcb"
+    for options in ([], ["--dq", "--qp", "-38", "--scan", "auto"]):
+        held.clear()
+        result = run("encode", model_file, "-o", out, "-f", *options)
+        assert result.exit_code == 0, result.output
+        tensors = gio.read_model(model_file)
+        assert held == list(tensors)
+        decoded = dict(real(out.read_bytes(), group_bytes=None))
+        assert f"SNR {fmt_snr(_reference_snr(tensors, decoded))} dB" in result.stdout
+        lines = [line for line in result.stderr.splitlines() if line.startswith("gpucabac: check (decode): ")]
+        assert lines and lines[-1].startswith("gpucabac: check (decode): 100% (")
+
+
+def test_encode_at_a_sweep_point_reports_the_swept_tensors_snr(tmp_path, swept):
+    from gpucabac.cli._common import fmt_snr
+
+    d, tensors, _ = swept
+    out = tmp_path / "m.gcb"
+    result = run("encode", d / "tiny.safetensors", "-o", out, "--sweep", d / "s.json", "--importance",
+                 d / "imp.safetensors", "--target-bpw", "4")
+    assert result.exit_code == 0, result.output
+    point, _ = gpucabac.point_from_sweep(d / "s.json", tensors, importance_file=d / "imp.safetensors", target_bpw=4.0)
+    decoded = gpucabac.decode(out.read_bytes())
+    line = next(x for x in result.stdout.splitlines() if x.startswith("swept tensors: "))
+    want = _reference_snr({n: tensors[n] for n in tensors if n in point.steps}, decoded)
+    assert f"SNR {fmt_snr(want)} dB (predicted" in line
+
+
+def test_snr_in_chunks_is_the_whole_tensor_figure(monkeypatch):
+    from gpucabac import metrics
+
+    rng = np.random.default_rng(3)
+    w = {"a": (rng.standard_normal((300, 70)) * 0.05).astype(np.float32), "b": (rng.standard_normal(999) * 0.1).astype(BF16),
+         "c": rng.standard_normal(()), "i": np.arange(5)}
+    r = {k: (v + rng.standard_normal(np.shape(v)) * 1e-3).astype(v.dtype) for k, v in w.items()}
+    want = _reference_snr(w, r)
+    for chunk in (1, 7, 1000, 1 << 20):
+        monkeypatch.setattr(metrics, "SNR_CHUNK", chunk)
+        assert tensors_snr_db(w, r) == pytest.approx(want, rel=1e-12)
+        total = metrics.SnrSum()
+        for k in w:
+            total.add(w[k], r[k])
+        assert total.snr_db() == pytest.approx(want, rel=1e-12)
+    assert math.isnan(metrics.SnrSum().snr_db())

@@ -689,3 +689,18 @@ def test_the_levels_per_byte_bound_admits_the_sparsest_valid_streams(dq):
         meta = gpucabac.info(data).tensors[0]
         assert meta.numel / meta.coded_bytes < 0.85 * container.MAX_LEVELS_PER_BYTE
         assert np.array_equal(gpucabac.decode(data)["z"], zeros["z"])
+
+
+def test_write_joins_a_list_of_payloads_once(sample):
+    """container.write takes the records' payloads as one buffer or as a list of them (what
+    encode passes, joined once into the result): the same bytes either way."""
+    header = container.parse_container(sample)
+    area = np.frombuffer(sample, np.uint8)[header.payload_start :]
+    pieces = [area[r.offset : r.offset + r.payload_length] for r in header.records]
+    assert container.write(header.records, pieces) == sample
+    assert container.write(header.records, tuple(pieces)) == sample
+    assert container.write(header.records, [bytes(p) for p in pieces]) == sample
+    assert container.write(header.records, [memoryview(bytes(p)) for p in pieces]) == sample
+    assert container.write(header.records, area) == sample
+    assert container.write(header.records, area.tobytes()) == sample
+    assert container.write([], []) == container.write([], b"")

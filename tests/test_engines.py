@@ -258,3 +258,48 @@ def test_float64_to_bfloat16_rule_on_every_engine(engine):
     data = gpucabac.encode({"w": levels.astype(np.float64) * step}, step=step, slice_size=None)
     got = host(engine, gpucabac.decode(data, dtype="bfloat16", device=engine))["w"]
     assert got.astype(np.float64)[0, :3].tolist() == [1.0, -1.0, 1.0]
+
+
+# --- the slice table over one buffer ---------------------------------------------------------------
+
+def test_table_over_a_shared_buffer(engine):
+    """SliceTable.over_payload: the records' slices where they lie in one read-only buffer, with
+    gaps, out of order and not all of it covered, decode as the copied table does."""
+    rng = np.random.default_rng(31)
+    tensors = {"a": (rng.standard_normal((20, 30)) * 0.05).astype(np.float32),
+               "b": (rng.standard_normal(500) * 0.05).astype(np.float16),
+               "c": (rng.standard_normal((9, 70)) * 0.05).astype(BF16)}
+    data = gpucabac.encode(tensors, gpucabac.CodingSettings(qp=-34, quantizer="dq", slice_size=64))
+    header = container.parse_container(data)
+    recs = header.records
+    area = np.frombuffer(data, np.uint8)[header.payload_start :]
+    pieces = [area[r.offset : r.offset + r.payload_length] for r in recs]
+    outputs = [TensorOutput(r.dtype, r.dtype, r.step) for r in recs]
+    want, want_err = get_engine("cpu").decode(SliceTable.from_records(recs, pieces), outputs)
+    # the payloads in reverse order, 5 bytes of garbage before, between and after them
+    order = [2, 0, 1]
+    buf, starts, pos = [], [0, 0, 0], 0
+    for t in order:
+        buf.append(rng.integers(0, 256, 5, dtype=np.uint8))
+        pos += 5
+        starts[t] = pos
+        buf.append(pieces[t])
+        pos += pieces[t].size
+    buf.append(rng.integers(0, 256, 5, dtype=np.uint8))
+    payload = np.concatenate(buf)
+    payload.flags.writeable = False
+    table = SliceTable.over_payload(recs, payload, starts)
+    assert table.payload is payload or np.shares_memory(table.payload, payload)
+    for tab in (table, SliceTable.over_payload(recs, area, [r.offset for r in recs])):
+        arrays, errors = engine.decode(tab, outputs)
+        assert not errors.any() and np.array_equal(errors, want_err)
+        for a, w, r in zip(arrays, want, recs):
+            same(engine.to_host(a), w, r.name)
+    # a writable buffer is handed to the engines read-only; records must lie inside it
+    writable = payload.copy()
+    assert not SliceTable.over_payload(recs, writable, starts).payload.flags.writeable
+    assert writable.flags.writeable
+    with pytest.raises(ValueError, match="outside the buffer"):
+        SliceTable.over_payload(recs, payload[:-10], [s + 10 for s in starts])
+    with pytest.raises(ValueError, match="flat, contiguous uint8"):
+        SliceTable.over_payload(recs, payload.view(np.int8), starts)

@@ -41,6 +41,7 @@ TIMEOUT_S = 600  # per script; a tiny run takes seconds (about 25 s at most on a
 # script -> the result files its --tiny run writes into --out
 RESULTS = {
     "bench_cpu.py": ["bench_cpu.json", "bench_cpu.md"],
+    "bench_memory.py": ["bench_memory.json", "bench_memory.md"],
     "compare_nncodec.py": ["compare_nncodec.json", "compare_nncodec.md"],
     "fl_sparse_bits.py": ["fl_sparse_bits.json", "fl_sparse_bits.md"],
     "gap_breakdown.py": ["gap_breakdown.json", "gap_breakdown.md"],

@@ -383,15 +383,21 @@ def test_fsync_failure_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_interrupt_during_write_leaves_nothing(tmp_path, monkeypatch):
-    import safetensors.numpy
+    # the safetensors writer streams the header, then each tensor's bytes: interrupt it midway,
+    # after the header and the first tensor went out
+    written = []
+    tensor_bytes = gio._tensor_bytes
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+    def interrupted(array):
+        if written:
+            raise KeyboardInterrupt
+        written.append(array)
+        return tensor_bytes(array)
 
-    monkeypatch.setattr(safetensors.numpy, "save", interrupted)
+    monkeypatch.setattr(gio, "_tensor_bytes", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        gio.write_model(tmp_path / "m.safetensors", {"x": np.zeros(4, np.float32)})
-    assert os.listdir(tmp_path) == []
+        gio.write_model(tmp_path / "m.safetensors", {"x": np.zeros(4, np.float32), "y": np.ones(4, np.float32)})
+    assert written and os.listdir(tmp_path) == []
 
 
 def test_failing_replace_leaves_the_old_file(tmp_path, monkeypatch):
@@ -437,3 +443,171 @@ def test_names_a_format_cannot_store_are_refused(tmp_path, ext, names, match):
 def test_a_name_too_long_for_the_file_system_is_a_model_file_error(tmp_path):
     with pytest.raises(ModelFileError):
         gio.read_model(tmp_path / ("n" * 300 + ".safetensors"))
+
+
+# --- the streamed safetensors writer and the readinto reader ----------------------------------
+
+
+def _library_bytes(arrays: dict, metadata: dict) -> bytes:
+    """safetensors.numpy.save's file for these tensors, with the two metadata entries in the
+    order write_model writes them: the library keeps its metadata in a hash map, so their order
+    in its header varies from one call to the next (everything else is fixed)."""
+    from safetensors.numpy import save
+
+    data = save(arrays, metadata=metadata)
+    (n,) = struct.unpack("<Q", data[:8])
+    meta = json.loads(data[8 : 8 + n])["__metadata__"]
+    theirs = json.dumps(meta, ensure_ascii=False, separators=(",", ":")).encode()
+    ours = json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode()
+    if theirs not in data[8 : 8 + n]:  # the other order of the two entries
+        theirs = json.dumps(dict(reversed(list(meta.items()))), ensure_ascii=False, separators=(",", ":")).encode()
+    assert theirs in data[8 : 8 + n] and len(theirs) == len(ours)
+    return data.replace(theirs, ours, 1)
+
+
+def _tricky_model() -> dict:
+    tensors = _model()
+    tensors["name with \"quotes\", \\ back\\slash, /slash, tab\t, nl\n, \x01\x1f\x7f, é ü 漢 \u2028 😀"] = np.arange(3, dtype=np.float32)
+    tensors["scalar.bf16"] = np.array(-0.75, BF16)
+    tensors["empty.bool"] = np.zeros((2, 0, 3), np.bool_)
+    tensors["b.same.dtype"] = np.ones(2, np.float32)  # ties broken by name within a dtype
+    return tensors
+
+
+def test_safetensors_written_here_are_the_librarys_bytes(tmp_path):
+    """write_model streams what safetensors.numpy.save would build in memory: the same header
+    (dtype/name order, data_offsets, compact JSON, space padding to 8) and data, byte for byte."""
+    tensors = _tricky_model()
+    path = tmp_path / "m.safetensors"
+    gio.write_model(path, tensors)
+    metadata = {"format": "pt", "gpucabac.order": json.dumps(list(tensors))}
+    assert path.read_bytes() == _library_bytes(tensors, metadata)
+    (n,) = struct.unpack("<Q", path.read_bytes()[:8])
+    assert n % 8 == 0
+    # an empty model, and a single 0-d tensor
+    for t in ({}, {"s": np.array(3, np.int64)}):
+        gio.write_model(path, t)
+        assert path.read_bytes() == _library_bytes(t, {"format": "pt", "gpucabac.order": json.dumps(list(t))})
+
+
+def test_safetensors_written_here_read_back_by_the_library(tmp_path):
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    tensors = _tricky_model()
+    path = tmp_path / "m.safetensors"
+    gio.write_model(path, tensors)
+    plain = {k: v for k, v in tensors.items() if v.dtype != BF16}
+    loaded = load_file(path)  # the library's numpy loader, without bfloat16 (it cannot make them itself)
+    for name, want in plain.items():
+        got = loaded[name]
+        assert got.dtype == want.dtype and got.size == want.size, name
+        assert got.tobytes() == want.tobytes(), name
+    with safe_open(path, framework="np") as f:  # bfloat16 too, with ml_dtypes loaded
+        assert sorted(f.keys()) == sorted(tensors)
+        for name, want in tensors.items():
+            got = f.get_tensor(name)
+            assert got.dtype == want.dtype and got.size == want.size, name
+            assert got.tobytes() == want.tobytes(), name
+    _assert_same(gio.read_model(path), tensors)
+
+
+def _raw_safetensors(path, header: dict, data: bytes) -> None:
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+@pytest.mark.parametrize("entries, data_size, match", [
+    ({"a": ("F32", [2], [0, 8]), "b": ("F32", [2], [8, 20])}, 20, r"tensor 'b': data_offsets \[8, 20\] hold 12 bytes"),
+    ({"a": ("F32", [2], [0, 8]), "b": ("F32", [2], [4, 12])}, 12, r"tensor 'b': data_offsets start at 4, expected 8"),
+    ({"a": ("F32", [2], [0, 8]), "b": ("F32", [2], [12, 20])}, 20, r"tensor 'b': data_offsets start at 12, expected 8"),
+    ({"a": ("F32", [2], [0, 8]), "b": ("F32", [2], [8, 16])}, 12, r"the tensors use 16 bytes of data, the file holds 12"),
+    ({"a": ("F32", [2], [0, 8])}, 12, r"the tensors use 8 bytes of data, the file holds 12"),
+    ({"a": ("F32", [2], [8, 0])}, 8, r"tensor 'a': data_offsets \[8, 0\]"),
+    ({"a": ("F32", [2], [-8, 0])}, 8, r"tensor 'a': data_offsets"),
+    ({"a": ("F32", [2], [0])}, 8, r"tensor 'a': data_offsets"),
+    ({"a": ("F32", [2], [0, 8.0])}, 8, r"tensor 'a': data_offsets"),
+    ({"a": ("F32", [-2], [0, 8])}, 8, r"tensor 'a': shape \[-2\]"),
+    ({"a": ("F32", "2", [0, 8])}, 8, r"tensor 'a': shape"),
+    ({"a": ("F32", [2, True], [0, 8])}, 8, r"tensor 'a': shape"),
+    ({"a": ("C64", [1], [0, 8])}, 8, r"tensor 'a' has dtype C64, which gpucabac does not handle"),
+    ({"a": ("F8_E4M3", [8], [0, 8])}, 8, r"tensor 'a' has dtype F8_E4M3"),
+    ({"a": (None, [2], [0, 8])}, 8, r"tensor 'a': header entry has no dtype"),
+    ({"a": ("BF16", [3], [0, 8])}, 8, r"tensor 'a': data_offsets \[0, 8\] hold 8 bytes, shape \[3\] of BF16 needs 6"),
+])
+def test_safetensors_with_bad_offsets_shapes_or_dtypes(tmp_path, entries, data_size, match):
+    header = {"__metadata__": {"format": "pt"}}
+    header |= {name: {"dtype": d, "shape": s, "data_offsets": o} for name, (d, s, o) in entries.items()}
+    path = tmp_path / "bad.safetensors"
+    _raw_safetensors(path, header, bytes(data_size))
+    with pytest.raises(ModelFileError, match=r"bad\.safetensors: " + match):
+        gio.read_model(path)
+
+
+def test_safetensors_header_entries_must_be_objects(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    _raw_safetensors(path, {"a": [1, 2]}, b"")
+    with pytest.raises(ModelFileError, match="tensor 'a': header entry is not a JSON object"):
+        gio.read_model(path)
+
+
+def test_safetensors_offsets_in_any_order_and_empty_tensors(tmp_path):
+    """The header need not list tensors in the order of their data; empty tensors take no bytes
+    (several at one offset); each tensor reads its own bytes."""
+    a, b = np.arange(3, dtype="<f4"), np.arange(2, dtype="<i2")
+    header = {"b": {"dtype": "I16", "shape": [2], "data_offsets": [12, 16]},
+              "e1": {"dtype": "F32", "shape": [0, 2], "data_offsets": [12, 12]},
+              "a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]},
+              "e0": {"dtype": "BF16", "shape": [0], "data_offsets": [0, 0]},
+              "s": {"dtype": "U8", "shape": [], "data_offsets": [16, 17]}}
+    path = tmp_path / "o.safetensors"
+    _raw_safetensors(path, header, a.tobytes() + b.tobytes() + b"\x07")
+    got = gio.read_model(path)
+    assert list(got) == ["b", "e1", "a", "e0", "s"]
+    assert got["a"].tolist() == [0, 1, 2] and got["b"].tolist() == [0, 1] and got["s"].shape == () and got["s"] == 7
+    assert got["e1"].shape == (0, 2) and got["e0"].dtype == BF16 and got["e0"].shape == (0,)
+
+
+def test_safetensors_reader_reads_each_tensor_once_into_its_array(tmp_path, monkeypatch):
+    """No memory map, no bytes objects of the data: every tensor's bytes go by readinto straight
+    into the array read_model returns."""
+    import builtins
+
+    tensors = {"w": np.arange(50_000, dtype=np.float32).reshape(100, 500), "b": np.arange(7, dtype=np.int64)}
+    path = tmp_path / "m.safetensors"
+    gio.write_model(path, tensors)
+    reads, real_open = [], builtins.open
+
+    class Recording:
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def read(self, n=-1):
+            data = self.f.read(n)
+            reads.append(("read", len(data)))
+            return data
+
+        def readinto(self, b):
+            n = self.f.readinto(b)
+            reads.append(("readinto", n))
+            return n
+
+    def recording_open(file, mode="r", *a, **kw):
+        f = real_open(file, mode, *a, **kw)
+        return Recording(f) if str(file) == str(path) else f
+
+    monkeypatch.setattr(builtins, "open", recording_open)
+    got = gio.read_model(path)
+    monkeypatch.undo()
+    _assert_same(got, tensors)
+    assert sum(n for kind, n in reads if kind == "readinto") == sum(t.nbytes for t in tensors.values())
+    assert all(n <= 1024 for kind, n in reads if kind == "read")  # the header size and the header only

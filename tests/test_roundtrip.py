@@ -479,3 +479,272 @@ def test_decode_in_slice_batches_gives_the_whole_tensor(monkeypatch):
         got, want = gpucabac.decode(data), gpucabac.quantize(t, qp=-34, dq=True, slice_size=size)
         for k in t:
             assert_same(got[k], want[k])
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: dequantization into the output, the chunked finiteness check, load in groups of
+# tensors, iter_decode tensor by tensor, slices read in place
+
+
+def _old_dequantize_then_cast(levels, step, dtype, out_dtype):
+    """The reconstruction rule as the CPU engine applied it before dequantize_into: r * step in
+    float32 (float64 for float64), rounded to the tensor's dtype, then dtypes.cast_float."""
+    from gpucabac.dtypes import cast_float, dtype_name
+
+    work = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    with np.errstate(over="ignore"):
+        x = (levels.astype(work) * work(np.float32(step))).astype(dtype)
+        return cast_float(x, dtype_name(out_dtype))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("out_dtype", FLOATS)
+def test_dequantize_into_is_the_reconstruction_rule_bit_for_bit(dtype, out_dtype):
+    from gpucabac.quantization import dequantize, dequantize_into
+
+    rng = np.random.default_rng(7)
+    levels = rng.integers(-(2**31) + 1, 2**31 - 1, 5000).astype(np.int32)
+    levels[:12] = [0, 1, -1, 2**24 + 1, -(2**24 + 3), 2**29 + 2**21 + 1, 2**29 + 2**21 + 3, 7, -7, 65504, 255, -256]
+    levels[100:2000] = rng.integers(-300, 300, 1900)
+    for step in (2.0**-29, 0.0039, 1 / 3, 1e-30, 3.3e7, 1.7e38):
+        want = _old_dequantize_then_cast(levels, step, dtype, out_dtype)
+        out = np.empty(levels.size, out_dtype)
+        with np.errstate(over="ignore"):
+            scratch = dequantize_into(levels, step, dtype, out)
+            assert out.tobytes() == want.tobytes(), (dtype, out_dtype, step)
+            # with the scratch it handed back, in pieces, as the engine's batches do
+            out2 = np.empty(levels.size, out_dtype)
+            for a in range(0, levels.size, 1234):
+                scratch = dequantize_into(levels[a : a + 1234], step, dtype, out2[a : a + 1234], scratch)
+            assert out2.tobytes() == want.tobytes(), (dtype, out_dtype, step)
+        assert (scratch is None) == (np.dtype(out_dtype) == dtype and dtype in (np.float32, np.float64))
+    # dequantize itself: the same values, and no copy when the product already has the dtype
+    y = dequantize(levels, 0.5, (50, 100), np.float32)
+    assert y.shape == (50, 100) and y.base is not None and y.dtype == np.float32
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+def test_decode_dtype_is_cast_float_of_the_quantized_tensor(dtype):
+    from gpucabac.dtypes import cast_float
+
+    rng = np.random.default_rng(4)
+    t = {f"w.{d.name}": (rng.standard_normal((33, 70)) * 0.05).astype(d) for d in FLOATS}
+    t["big"] = (rng.standard_normal((40, 40)) * 3e3).astype(np.float32)  # large, within float16
+    for scan in ("rows", "columns"):
+        settings = gpucabac.CodingSettings(qp=-30, slice_size=256, scan=scan)
+        want = gpucabac.quantize(t, settings)
+        got = gpucabac.decode(gpucabac.encode(t, settings), dtype=dtype)
+        for name in t:
+            assert_same(got[name], cast_float(want[name], dtype), f"{name} {scan}")
+
+
+def test_fit_dtype_range_without_abs_copy_keeps_its_levels():
+    from gpucabac.quantization import fit_dtype_range
+
+    for dtype, step in ((np.float16, 1.0), (np.float16, 0.5), (np.float32, 2.0**100), (BF16, 2.0**120)):
+        big = float(ml_dtypes.finfo(dtype).max) if dtype == BF16 else float(np.finfo(dtype).max)
+        top = int(big / float(np.float32(step)))
+        for edge in (top + 1, -(top + 1), top - 3, -(top - 3)):
+            levels = np.array([0, 5, -5, edge, 1], np.int32)
+            got = fit_dtype_range(levels, step, dtype, dq=False)
+            with np.errstate(over="ignore"):
+                rec = (got.astype(np.float32) * np.float32(step)).astype(dtype)
+            assert np.isfinite(rec.astype(np.float32)).all(), (dtype, step, edge)
+            assert np.array_equal(got[:3], levels[:3]) and abs(int(got[3])) <= abs(edge)
+    levels = np.array([-(2**31) + 1, 2**31 - 1], np.int32)  # |min| and max of the range: no overflow
+    assert fit_dtype_range(levels, 1.0, np.float32, dq=False) is levels
+
+
+def test_the_finiteness_check_works_in_chunks(monkeypatch):
+    """A value that overflows in the last chunk of the check is found; no mask of the tensor's size."""
+    import dataclasses
+
+    from gpucabac import container
+
+    monkeypatch.setattr(codec, "FINITE_CHUNK", 7)
+    for xp_check in (codec._all_finite,):
+        x = np.ones(50, np.float32)
+        assert xp_check(np, x)
+        for i in (0, 6, 7, 48, 49):
+            y = x.copy()
+            y[i] = np.inf if i % 2 else np.nan
+            assert not xp_check(np, y), i
+    w = np.full((5, 10), 0.01, np.float32)
+    w[-1, -1] = 1.0  # level 100 at step 0.01: the only one that overflows at the step set below
+    data = gpucabac.encode({"w": w}, step=0.01, slice_size=8)
+    header = container.parse_container(data)
+    recs = [dataclasses.replace(header.records[0], step=float(np.float32(1e37)))]
+    bad = container.write(recs, np.frombuffer(data, np.uint8)[header.payload_start :])
+    with pytest.raises(gpucabac.FormatError, match="'w': decoded values overflow float32"):
+        gpucabac.decode(bad)
+
+
+def _memory_model(seed=0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"a": (rng.standard_normal((30, 40)) * 0.05).astype(np.float32),
+            "ints": rng.integers(-9, 9, 333).astype(np.int16),
+            "huge": np.array([2**40, -5, 7], np.int64),  # raw
+            "empty": np.zeros((0, 4), np.float32),
+            "cols": (rng.standard_normal((17, 23)) * 0.05).astype(BF16),
+            "b": (rng.standard_normal(300) * 0.01).astype(np.float16),
+            "c": (rng.standard_normal((64, 64)) * 0.05).astype(np.float64)}
+
+
+def _corrupt(data: bytes, names) -> bytes:
+    from gpucabac import container
+
+    header = container.parse_container(data)
+    bad = bytearray(data)
+    for r in header.records:
+        if r.name in names:
+            bad[header.payload_start + r.offset + r.payload_length // 2] ^= 0x5A
+    return bytes(bad)
+
+
+@pytest.mark.parametrize("budget", [1, 100, 3000, 1 << 30])
+def test_load_in_groups_of_tensors_gives_decode(tmp_path, monkeypatch, budget):
+    monkeypatch.setattr(codec, "LOAD_GROUP_BYTES", budget)
+    t = _memory_model()
+    data = gpucabac.encode(t, qp=-32, slice_size=64, scan="auto")
+    path = tmp_path / "m.gcb"
+    path.write_bytes(data)
+    want = gpucabac.decode(data)
+    seen = []
+    got = gpucabac.load(path, progress=seen.append)
+    assert list(got) == list(want)
+    for name in want:
+        assert_same(got[name], want[name], name)
+    assert sum(seen) == sum(x.size for x in t.values())
+    for names in (["c", "a"], ["huge", "b"], ["empty"]):
+        got = gpucabac.load(path, names)
+        assert list(got) == names
+        for name in names:
+            assert_same(got[name], want[name], name)
+
+
+@pytest.mark.parametrize("budget", [1, 2000, 1 << 30])
+def test_load_in_groups_raises_for_the_first_bad_tensor_in_record_order(tmp_path, monkeypatch, budget):
+    monkeypatch.setattr(codec, "LOAD_GROUP_BYTES", budget)
+    data = gpucabac.encode(_memory_model(), qp=-32, slice_size=64)
+    path = tmp_path / "m.gcb"
+    for bad, first in ((["b", "c"], "b"), (["huge", "c"], "huge"), (["c", "a"], "a"), (["cols"], "cols")):
+        path.write_bytes(_corrupt(data, bad))
+        with pytest.raises(gpucabac.FormatError, match=f"tensor '{first}'"):
+            gpucabac.load(path)
+        with pytest.raises(gpucabac.FormatError, match=f"tensor '{first}'"):
+            gpucabac.decode(path.read_bytes())
+        with pytest.raises(gpucabac.FormatError, match=f"tensor '{first}'"):
+            dict(codec.iter_decode(path.read_bytes(), group_bytes=budget))
+
+
+def test_load_reads_each_group_into_one_buffer(tmp_path, monkeypatch):
+    """load builds each group's slice table over one buffer that readinto filled: no bytes
+    objects of coded payloads, and at most LOAD_GROUP_BYTES of payload (or one tensor) per table."""
+    from gpucabac.engines import SliceTable
+
+    monkeypatch.setattr(codec, "LOAD_GROUP_BYTES", 1500)
+    t = _memory_model()
+    data = gpucabac.encode(t, qp=-32, slice_size=64)
+    path = tmp_path / "m.gcb"
+    path.write_bytes(data)
+    tables = []
+    real = SliceTable.over_payload.__func__
+
+    def spy(cls, records, payload, starts):
+        tables.append((list(records), payload))
+        return real(cls, records, payload, starts)
+
+    monkeypatch.setattr(SliceTable, "over_payload", classmethod(spy))
+    got = gpucabac.load(path)
+    assert tables and len(tables) > 1
+    for records, payload in tables:
+        assert payload.size == sum(r.payload_length for r in records)
+        assert payload.size <= 1500 or len(records) == 1
+    assert [r.name for records, _ in tables for r in records] == [n for n in t if n not in ("huge", "empty")]
+    want = gpucabac.decode(data)
+    for name in t:
+        assert_same(got[name], want[name], name)
+
+
+def test_decode_reads_the_slices_in_place():
+    """decode's slice table is a read-only view of the caller's bytes, not a copy."""
+    from gpucabac.engines import get_engine
+
+    cpu = get_engine("cpu")
+    tables = []
+
+    class Spy:
+        name, xp = "spy", np
+
+        def describe(self):
+            return "the CPU engine, watched"
+
+        def encode(self, jobs, progress=None):
+            return cpu.encode(jobs, progress)
+
+        def decode(self, table, outputs, progress=None):
+            tables.append(table)
+            return cpu.decode(table, outputs, progress)
+
+        def upload(self, host):
+            return host
+
+        def to_host(self, a):
+            return a
+
+    t = _memory_model()
+    data = gpucabac.encode(t, qp=-32, slice_size=64)
+    for buf in (data, bytearray(data), memoryview(data)):
+        tables.clear()
+        got = gpucabac.decode(buf, device=Spy())
+        (table,) = tables
+        assert np.shares_memory(table.payload, np.frombuffer(buf, np.uint8))
+        assert not table.payload.flags.writeable
+        for name, x in gpucabac.decode(data).items():
+            assert_same(got[name], x, name)
+
+
+def test_iter_decode_gives_decode_tensor_by_tensor(monkeypatch):
+    t = _memory_model()
+    data = gpucabac.encode(t, qp=-32, slice_size=64, scan="auto")
+    want = gpucabac.decode(data)
+    for group in (1, 5000, None):
+        seen = []
+        items = list(codec.iter_decode(data, group_bytes=group, progress=seen.append))
+        assert [k for k, _ in items] == list(want)
+        for name, x in items:
+            assert_same(x, want[name], name)
+        assert sum(seen) == sum(x.size for x in t.values())
+    for group in (1, None):  # a name given twice, as decode takes it
+        assert list(codec.iter_decode(data, ["b", "b"], group_bytes=group))[1][0] == "b"
+        assert_same(gpucabac.decode(data, ["b", "b"])["b"], want["b"])
+    items = list(codec.iter_decode(data, ["c", "ints"], dtype="float16"))
+    assert [k for k, _ in items] == ["c", "ints"]
+    assert_same(items[0][1], gpucabac.decode(data, ["c"], dtype="float16")["c"])
+    # lazy: the tensors before a corrupt one come out, then it raises
+    it = codec.iter_decode(_corrupt(data, ["b"]), group_bytes=1)
+    names = []
+    with pytest.raises(gpucabac.FormatError, match="tensor 'b'"):
+        for name, _ in it:
+            names.append(name)
+    assert names == ["a", "ints", "huge", "empty", "cols"]
+    # the checks come when it is called, not at the first tensor
+    with pytest.raises(gpucabac.TensorNotFoundError):
+        codec.iter_decode(data, ["nope"])
+    with pytest.raises(InputError, match="max_output_bytes"):
+        codec.iter_decode(data, max_output_bytes=10)
+    with pytest.raises(InputError, match="threads"):
+        codec.iter_decode(data, threads=0)
+    # groups of at most group_bytes of output (or one tensor)
+    from gpucabac.engines import SliceTable
+
+    sizes = []
+    real = SliceTable.over_payload.__func__
+
+    def spy(cls, records, payload, starts):
+        sizes.append(sum(r.numel for r in records))
+        return real(cls, records, payload, starts)
+
+    monkeypatch.setattr(SliceTable, "over_payload", classmethod(spy))
+    list(codec.iter_decode(data, group_bytes=6000))
+    assert len(sizes) > 1 and max(sizes) <= 64 * 64  # "c", the largest tensor, alone

@@ -12,7 +12,7 @@ import gpucabac as api  # the public surface (tests patch it); the package never
 from .. import io as gio
 from ..dtypes import is_float
 from ..importance import importance_settings, read_importance
-from ..metrics import bits_per_weight, tensors_snr_db
+from ..metrics import SnrSum, bits_per_weight
 from ..modes import SCAN_CHOICES
 from ..settings import SMALL_STEP_DIVISOR
 from ..tables import MAX_GT_FLAGS
@@ -122,10 +122,27 @@ def command(model, output, qp, step, qp_density, dq, trellis, slice_size, scan, 
                           threads=threads, progress=coding.progress)
     gio.atomic_write_bytes(output, data)
 
-    # the SNR of what was written: decoding is far cheaper than quantizing again (the RD trellis)
+    # the SNR of what was written: decoding is far cheaper than quantizing again (the RD trellis);
+    # tensor by tensor, compared as each comes, so that no second model is ever held
+    swept = None
+    if point is not None:
+        coded = {t.name: 8 * (t.coded_bytes + t.header_bytes) for t in api.info(data).tensors if t.name in point.steps}
+        swept = SnrSum()
+    total = SnrSum()
+    all_zero, any_weight = True, False  # of the non-empty float tensors: decoded all zero; any weight non-zero
     with timed(n_weights, "check (decode)") as check:
-        expected = api.decode(data, threads=threads, progress=check.progress)
-    snr = tensors_snr_db(tensors, expected)
+        from ..codec import iter_decode  # noqa: PLC0415  (loads the coder: not for --help)
+
+        for name, decoded in iter_decode(data, threads=threads, progress=check.progress):
+            original = tensors[name]
+            total.add(original, decoded)
+            if swept is not None and name in coded:
+                swept.add(original, decoded)
+            if is_float(original) and np.size(original):
+                all_zero = all_zero and not np.any(decoded)
+                any_weight = any_weight or bool(np.any(original))
+            del decoded
+    snr = total.snr_db()
     click.echo(
         f"{output}: {count(n_weights, 'weight')} in {count(len(tensors), 'tensor')} "
         f"-> {len(data):,} bytes, "
@@ -134,25 +151,21 @@ def command(model, output, qp, step, qp_density, dq, trellis, slice_size, scan, 
         f"SNR {fmt_snr(snr)} dB, "
         f"{coding.throughput(n_weights)}"
     )
-    _warn_if_destroyed(tensors, expected, snr)
+    _warn_if_destroyed(all_zero and any_weight, snr)
     if point is not None:
-        coded = {t.name: 8 * (t.coded_bytes + t.header_bytes) for t in api.info(data).tensors if t.name in point.steps}
-        swept_snr = tensors_snr_db({n: tensors[n] for n in coded}, {n: expected[n] for n in coded})
         click.echo(f"swept tensors: {sum(coded.values()) / point.numel:.3f} bits/weight, "
-                   f"SNR {fmt_snr(swept_snr)} dB (predicted {point.bpw:.3f}, {fmt_snr(point.snr_db)} dB)")
+                   f"SNR {fmt_snr(swept.snr_db())} dB (predicted {point.bpw:.3f}, {fmt_snr(point.snr_db)} dB)")
 
 
 # Below this SNR a coded model keeps almost nothing of its weights.
 DESTROYED_SNR_DB = 1.0
 
 
-def _warn_if_destroyed(tensors, decoded, snr: float) -> None:
-    """A loud warning when the settings wiped the weights out (all float weights coded as zero,
-    or an SNR near 0 dB): the command did what it was told, but hardly anyone means that."""
-    floats = [n for n, x in tensors.items() if is_float(x) and np.size(x)]
-    if not floats:
-        return
-    if all(not np.any(np.asarray(decoded[n])) for n in floats) and any(np.any(np.asarray(tensors[n])) for n in floats):
+def _warn_if_destroyed(zeroed: bool, snr: float) -> None:
+    """A loud warning when the settings wiped the weights out (`zeroed`: every float weight coded
+    as zero, though some were not; or an SNR near 0 dB): the command did what it was told, but
+    hardly anyone means that. No float weights (SNR nan): no warning."""
+    if zeroed:
         click.echo("gpucabac: warning: every float weight was coded as zero: the step is far too large for this "
                    "model; use a smaller --step or a lower --qp", err=True)
     elif snr < DESTROYED_SNR_DB:

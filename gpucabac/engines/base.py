@@ -9,7 +9,10 @@ gpucabac.context_init). The contract is drawn at the GPU's granularity:
   context initialisation) and returns every slice's bytes, length and CRC-32. The levels are
   valid (slices.check_levels ran on them).
 * `decode(table, outputs)` decodes one slice table that spans many tensors (`SliceTable`) in one
-  call: the GPU in one launch, the CPU tensor by tensor. Each tensor's values are written as
+  call: the GPU in one launch, the CPU tensor by tensor. The table's `payload` is one flat uint8
+  array in which every slice lies at its `slice_offset`; the slices need not be back to back nor
+  cover all of it (the codec passes a zero-copy, read-only view of a container's payload area:
+  `SliceTable.over_payload`). An engine only reads it. Each tensor's values are written as
   its `TensorOutput` asks: the int32 levels themselves, or dequantized into a float dtype
   (fused dequantization: level × step in the tensor's precision, then `dtypes.cast_float`).
   Every slice's CRC-32 is checked before it is decoded; per slice an error code of
@@ -71,6 +74,8 @@ class TensorOutput:
 class SliceTable:
     """The slices of several tensors as one flat table (host arrays), as both decoders read it.
 
+    `payload` is one flat uint8 array (possibly a read-only view of the caller's bytes) holding
+    every slice, at its `slice_offset`; bytes of it that no slice covers are never read.
     Slice arrays: `slice_offset` into `payload`, `slice_length`, `slice_crc`, `slice_tensor` (its
     tensor's index), `slice_first` and `slice_count` (the values it holds, within its tensor).
     Tensor arrays: `tensor_dq`, `tensor_gt`, `tensor_numel`, `tensor_first_slice` (T + 1 entries:
@@ -104,23 +109,45 @@ class SliceTable:
     @classmethod
     def from_records(cls, records: Sequence, payloads: Sequence[np.ndarray]) -> SliceTable:
         """The table of coded container records (container.TensorRecord, mode not 'raw', at least
-        one value each) and their payload bytes, already validated by the container reader."""
+        one value each) and their payload bytes, one array per record, already validated by the
+        container reader. The payloads are copied into one array; `over_payload` makes the table
+        without a copy when they already lie in one buffer."""
+        pieces = [np.ascontiguousarray(data, dtype=np.uint8).reshape(-1) for data in payloads]
+        starts = np.zeros(len(pieces), np.int64)
+        if pieces:
+            starts[1:] = np.cumsum([p.size for p in pieces[:-1]], dtype=np.int64)
+        payload = np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)
+        return cls.over_payload(records, payload, starts)
+
+    @classmethod
+    def over_payload(cls, records: Sequence, payload: np.ndarray, starts: Sequence[int]) -> SliceTable:
+        """The table of coded container records (as for `from_records`) whose payload bytes lie in
+        `payload` (flat uint8, used as given: a view of a container's bytes costs no copy), record
+        t's at payload[starts[t] : starts[t] + payload_length]; with a container's payload area as
+        `payload`, `starts` are the records' offsets. Each record's bytes must lie inside it."""
+        payload = np.asarray(payload)
+        if payload.dtype != np.uint8 or payload.ndim != 1 or not payload.flags.c_contiguous:
+            raise ValueError("SliceTable payload: a flat, contiguous uint8 array")
+        if payload.flags.writeable:  # engines only read it; one read-only type for numba, too
+            payload = payload.view()
+            payload.flags.writeable = False
         n = len(records)
-        pieces, offs, tens, firsts, counts = [], [], [], [], []
+        if len(starts) != n:
+            raise ValueError(f"SliceTable: {n} records but {len(starts)} payload starts")
+        offs, tens, firsts, counts = [], [], [], []
         dq = np.zeros(n, np.int32)
         gt = np.zeros(n, np.int32)
         numel = np.zeros(n, np.int64)
         first_slice = np.zeros(n + 1, np.int64)
         init = np.zeros((n, MAX_CONTEXTS), np.uint8)
-        base = 0
-        for t, (rec, data) in enumerate(zip(records, payloads)):
-            data = np.ascontiguousarray(data, dtype=np.uint8)
-            pieces.append(data)
-            offs.append(base + slice_offsets(rec.slice_lengths))
+        for t, (rec, start) in enumerate(zip(records, starts)):
+            start = int(start)
+            if start < 0 or start + rec.payload_length > payload.size:
+                raise ValueError(f"SliceTable: the payload of record {t} ({rec.name!r}) lies outside the buffer")
+            offs.append(start + slice_offsets(rec.slice_lengths))
             tens.append(np.full(rec.num_slices, t, np.int32))
             firsts.append(np.arange(rec.num_slices, dtype=np.int64) * rec.slice_size)
             counts.append(slice_counts(rec.numel, rec.slice_size))
-            base += data.size
             dq[t] = mode_dq(rec.mode)
             gt[t] = rec.num_gt_flags
             numel[t] = rec.numel
@@ -131,7 +158,7 @@ class SliceTable:
             return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
 
         return cls(
-            payload=cat(pieces, np.uint8), slice_offset=cat(offs, np.int64),
+            payload=payload, slice_offset=cat(offs, np.int64),
             slice_length=cat([r.slice_lengths for r in records], np.uint32),
             slice_crc=cat([r.slice_crcs for r in records], np.uint32), slice_tensor=cat(tens, np.int32),
             slice_first=cat(firsts, np.int64), slice_count=cat(counts, np.int64),

@@ -16,8 +16,8 @@ import numpy as np
 
 from .. import threads as _threads  # noqa: F401  (numba's fork-safe layer, before any parallel loop)
 from ..binarize import GT, MAX_CONTEXTS, MAX_REGULAR_BINS, SIG, SIGN, binarize_level, dq_coded_level, dq_next_state, dq_reconstruction_index, neighbour_class
-from ..dtypes import cast_float, numpy_dtype
-from ..quantization import dequantize
+from ..dtypes import numpy_dtype
+from ..quantization import dequantize_into
 from ..slices import DECODE_BAD_END, DECODE_BAD_LEVEL, DECODE_CRC, DECODE_OK, DECODE_OVERRUN, slice_bounds, slice_crcs, slice_offsets
 from ..tables import CURVE, EG_PREFIX_BINS, MAX_ABS_LEVEL, PRESET_STATES, RENORM, RLPS
 from .base import CodedSlices, EncodeJob, SliceTable, TensorOutput
@@ -400,14 +400,15 @@ class CpuEngine:
 
     def decode(self, table: SliceTable, outputs: Sequence[TensorOutput], progress=None) -> tuple[list, np.ndarray]:
         """Each tensor's output is allocated once, after its first batch of slices decoded, and
-        filled batch by batch (at most DECODE_BATCH levels each): memory stays the outputs plus
-        bounded scratch, and a stream of garbage fails before it costs its claimed output. After
+        filled batch by batch (at most DECODE_BATCH levels each; the values dequantized into it
+        by quantization.dequantize_into, without temporaries of its size): memory stays the
+        outputs plus bounded scratch, and a stream of garbage fails before it costs its claimed output. After
         the first tensor that fails, the rest are empty placeholders (the codec raises for it)."""
         errors = np.zeros(table.num_slices, np.int32)
         crcs = slice_crcs(table.payload, table.slice_offset, table.slice_length)
         errors[crcs != table.slice_crc] = DECODE_CRC
         arrays = []
-        scratch = None
+        scratch = work_scratch = None
         for t, out in enumerate(outputs):
             part = table.slices_of(t)
             err = errors[part]
@@ -437,8 +438,9 @@ class CpuEngine:
                     result = np.empty(n, np.int32 if levels_out else numpy_dtype(out.dtype))
                     if levels_out:
                         result[first:stop] = target
-                if not levels_out:
-                    result[first:stop] = cast_float(dequantize(target, out.step, (stop - first,), numpy_dtype(out.work)), out.dtype)
+                if not levels_out:  # fused dequantization, straight into the output where it can
+                    work_scratch = dequantize_into(target, out.step, numpy_dtype(out.work), result[first:stop],
+                                                   work_scratch)
                 if progress is not None:
                     progress(stop - first)
             if (err != DECODE_OK).any():
