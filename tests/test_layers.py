@@ -85,7 +85,7 @@ def test_the_engines_do_not_import_each_other():
         assert not any(m and (m == b or m.endswith(f".{b}") or m.endswith(f"engines.{b}")) for m in names), (a, names)
 
 
-HEAVY = ("jax", "cupy", "matplotlib", "torch", "numba", "ml_dtypes")
+HEAVY = ("jax", "cupy", "matplotlib", "torch", "numba", "ml_dtypes", "flwr", "ray", "flax")
 
 
 def _heavy_after(code: str) -> list[str]:
@@ -109,7 +109,8 @@ def test_info_and_help_start_without_the_coder(tmp_path):
 
     path = tmp_path / "m.gcb"
     path.write_bytes(gpucabac.encode({"w": np.ones((8, 8), np.float32)}))
-    for args in (["info", str(path)], ["--help"], *([c, "--help"] for c in ("encode", "decode", "info", "demo", "sweep", "plot"))):
+    commands = ("encode", "decode", "info", "demo", "sweep", "plot", "fl", "fl simulate", "fl deploy")
+    for args in (["info", str(path)], ["--help"], *([*c.split(), "--help"] for c in commands)):
         code = f"from gpucabac.cli import main\ntry:\n    main({args!r})\nexcept SystemExit as e:\n    assert not e.code, e.code"
         assert _heavy_after(code) == [], args
 

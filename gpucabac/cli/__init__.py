@@ -1,4 +1,4 @@
-"""The `gpucabac` command (also `python -m gpucabac`): encode, decode, info, demo, sweep, plot.
+"""The `gpucabac` command (also `python -m gpucabac`): encode, decode, info, demo, sweep, plot, fl.
 
 One module per command: it parses, calls one library function and prints. Every problem with
 the user's files or settings (a GpucabacError or OSError) ends the command with
@@ -29,9 +29,9 @@ def main(quiet: bool) -> None:
     """Slice-parallel DeepCABAC coding of neural-network weights (.gcb files)."""
 
 
-from . import decode, demo, encode, info, plot, sweep  # noqa: E402  (each adds its command to main)
+from . import decode, demo, encode, fl, info, plot, sweep  # noqa: E402  (each adds its command to main)
 
-for _module in (encode, decode, info, demo, sweep, plot):
+for _module in (encode, decode, info, demo, sweep, plot, fl):
     main.add_command(_module.command)
 
 __all__ = ["main"]

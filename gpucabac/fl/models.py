@@ -48,6 +48,7 @@ import math
 import zlib
 from typing import Any
 
+from . import xla_threads as _xla_threads  # noqa: F401, I001  (before JAX starts; see that module)
 import jax
 import jax.numpy as jnp
 import numpy as np

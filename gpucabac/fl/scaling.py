@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Mapping
 
+from . import xla_threads as _xla_threads  # noqa: F401, I001  (before JAX starts; see that module)
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -31,6 +31,7 @@ import functools
 import math
 from dataclasses import dataclass
 
+from . import xla_threads as _xla_threads  # noqa: F401, I001  (before JAX starts; see that module)
 import jax
 import jax.numpy as jnp
 import numpy as np
