@@ -739,3 +739,21 @@ def test_snr_in_chunks_is_the_whole_tensor_figure(monkeypatch):
             total.add(w[k], r[k])
         assert total.snr_db() == pytest.approx(want, rel=1e-12)
     assert math.isnan(metrics.SnrSum().snr_db())
+
+
+def test_every_option_of_every_command_has_help():
+    import click
+
+    from gpucabac.cli import main
+
+    def walk(cmd, path):
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                yield from walk(sub, [*path, name])
+        else:
+            yield path, cmd
+
+    missing = [f"{' '.join(path)} {opt.opts[0]}" for path, cmd in walk(main, ["gpucabac"])
+               for opt in cmd.params if isinstance(opt, click.Option) and not opt.hidden and not opt.help]
+    assert not missing, missing
+    assert all(cmd.help for _, cmd in walk(main, ["gpucabac"]))

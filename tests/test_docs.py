@@ -35,16 +35,19 @@ def test_readme_command_lines_use_real_options():
     from gpucabac import cli
 
     text = (ROOT / "README.md").read_text()
-    lines = [ln for block in re.findall(r"```sh\n(.*?)```", text, flags=re.S) for ln in block.splitlines()]
+    blocks = [re.sub(r"\\\n\s*", " ", b) for b in re.findall(r"```sh\n(.*?)```", text, flags=re.S)]  # join continued lines
+    lines = [ln for block in blocks for ln in block.splitlines()]
     checked = 0
     for line in lines:
         words = line.split("#")[0].split()
         if words[:1] != ["gpucabac"] or len(words) < 2:
             continue
-        command = cli.main.commands.get(words[1])
+        command, rest = cli.main.commands.get(words[1]), words[2:]
         assert command is not None, f"README: no command {words[1]!r} in: {line}"
+        while getattr(command, "commands", None) and rest and rest[0] in command.commands:  # a group's subcommand
+            command, rest = command.commands[rest[0]], rest[1:]
         options = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
-        for w in words[2:]:
+        for w in rest:
             if w.startswith("--"):
                 assert w.split("=")[0] in options, f"README: gpucabac {words[1]} has no option {w} (in: {line})"
         checked += 1

@@ -208,3 +208,51 @@ def test_a_real_deployment_reaches_the_simulation_model(tmp_path, monkeypatch):
     for pid in pids:  # every process the deployment started has exited
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+@needs_data
+def test_batchnorm_statistics_stay_on_the_client_and_persist():
+    """ResNet's running means and variances never travel: uploads and downloads carry
+    parameters only, and each client keeps its own statistics in its state across rounds."""
+    config = TINY.replace(model="resnet", num_rounds=2)
+    init, server, states, rounds = _run_protocol(config)
+    from gpucabac.fl.task import ClientTask
+
+    stats = ClientTask(config, 0).model
+    from gpucabac.fl.models import get_batch_stats
+
+    stat_names = set(get_batch_stats(stats))
+    assert stat_names and not stat_names & set(init)
+    base = protocol.with_unit_scales(init, protocol.scale_names_of(init))
+    for uploads in rounds[:1]:
+        for data, _ in uploads:
+            assert not stat_names & set(read_update(data, base).names)
+    for state in states:
+        assert set(state.local) == stat_names
+        restored = protocol.ClientState.from_arrays(state.to_arrays())
+        assert all(np.array_equal(restored.local[k], state.local[k]) for k in stat_names)
+    assert not np.array_equal(states[0].local[sorted(stat_names)[0]], states[1].local[sorted(stat_names)[0]])
+
+
+@needs_data
+def test_partial_participation_sends_the_downloads_a_client_missed():
+    from gpucabac.fl.flower import CodedFedAvg
+
+    config = TINY.replace(num_clients=3, fraction_train=0.3, num_rounds=3)
+    strategy = CodedFedAvg(config, echo=None)
+    chosen = [strategy.chosen(r) for r in (1, 2, 3)]
+    assert all(len(c) == 1 for c in chosen) and chosen == [strategy.chosen(r) for r in (1, 2, 3)]  # seeded
+    from gpucabac.fl.task import ClientTask, initial_params
+
+    init = initial_params(config)
+    server = protocol.ServerState(dict(init))
+    states = {p: protocol.ClientState(dict(init)) for p in range(3)}
+    for rnd, (pid,) in enumerate(chosen, start=1):
+        task = ClientTask(config, pid)
+        missed = server.downloads_since(states[pid].version)
+        assert len(missed) == server.version - states[pid].version and len(missed) >= (rnd > 1)
+        res = protocol.client_round(states[pid], missed, config, task.train_fn(rnd), task.scale_fn(rnd),
+                                    seed=task.seed(rnd))
+        assert states[pid].version == server.version  # up to date before it trained
+        protocol.aggregate(server, [(res.upload, task.num_examples)], config)
+    assert all(np.array_equal(protocol.replay(init, server.downloads)[k], server.model[k]) for k in init)
