@@ -14,6 +14,7 @@ from flax import nnx  # noqa: E402
 from gpucabac.errors import InputError  # noqa: E402
 from gpucabac.fl import models as M  # noqa: E402
 from gpucabac.fl import train as T  # noqa: E402
+from fl_images import learnable_images  # noqa: E402
 
 # (name, size): parameter elements (nnx.Param), as the module docstring states
 PARAM_COUNTS = {
@@ -26,15 +27,7 @@ PARAM_COUNTS = {
 }
 
 
-def _data(n=64, seed=0):
-    """Learnable images: noise plus a bright 6x6 patch whose place is the label."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 10, n).astype(np.uint8)
-    x = 0.3 * rng.random((n, 28, 28, 1), dtype=np.float32)
-    for i, c in enumerate(y):
-        r, q = divmod(int(c), 5)
-        x[i, 4 + 12 * r : 10 + 12 * r, 1 + 5 * q : 7 + 5 * q] += 0.7
-    return x, y
+_data = learnable_images
 
 
 @pytest.mark.parametrize("name, size", sorted(PARAM_COUNTS))

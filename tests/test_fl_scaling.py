@@ -17,6 +17,7 @@ from gpucabac.errors import InputError  # noqa: E402
 from gpucabac.fl import models as M  # noqa: E402
 from gpucabac.fl import scaling as S  # noqa: E402
 from gpucabac.fl import train as T  # noqa: E402
+from fl_images import learnable_images  # noqa: E402
 
 
 class ConvDense(nnx.Module):
@@ -130,12 +131,7 @@ def test_scale_names_cover_every_conv_and_dense_kernel(name):
 def _client(name="vgg", n=128, seed=0):
     """A base, a dense local update on learnable data, its top-2 % sparsification, the model
     (shared by the tests, which check that they leave it as it is)."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 10, n).astype(np.uint8)
-    x = 0.3 * rng.random((n, 28, 28, 1), dtype=np.float32)
-    for i, c in enumerate(y):
-        r, q = divmod(int(c), 5)
-        x[i, 4 + 12 * r : 10 + 12 * r, 1 + 5 * q : 7 + 5 * q] += 0.7
+    x, y = learnable_images(n, seed)
     model = M.build_model(name, seed=0, size="tiny")
     base = M.get_params(model)
     T.local_train(model, x, y, epochs=3, batch_size=32, lr=1e-2, seed=1)

@@ -121,7 +121,18 @@ class BasicBlock(nnx.Module):
         return nnx.relu(y + shortcut)
 
 
-class ResNet(nnx.Module):
+class _StemBlocksHead(nnx.Module):
+    """The forward pass ResNet and MobileNet share: stem conv + BN + ReLU, the blocks, global
+    average pooling, the dense head (attributes stem, stem_bn, blocks, fc)."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nnx.relu(self.stem_bn(self.stem(x)))
+        for block in self.blocks:
+            x = block(x)
+        return self.fc(x.mean(axis=(1, 2)))
+
+
+class ResNet(_StemBlocksHead):
     """ResNet-style for 28x28: a 3x3 stem conv + BN + ReLU, stages of basic blocks (the first block
     of every stage after the first has stride 2), global average pooling, a dense classifier."""
 
@@ -137,12 +148,6 @@ class ResNet(nnx.Module):
                 c_in = width
         self.blocks = nnx.List(blocks)
         self.fc = nnx.Linear(c_in, NUM_CLASSES, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = nnx.relu(self.stem_bn(self.stem(x)))
-        for block in self.blocks:
-            x = block(x)
-        return self.fc(x.mean(axis=(1, 2)))
 
 
 class SeparableBlock(nnx.Module):
@@ -162,7 +167,7 @@ class SeparableBlock(nnx.Module):
         return nnx.relu(self.pw_bn(self.pw(x)))
 
 
-class MobileNet(nnx.Module):
+class MobileNet(_StemBlocksHead):
     """MobileNet-style, kept small (depthwise convolutions are slow in XLA on the CPU): a stride-2
     3x3 stem conv + BN + ReLU (28 -> 14), depthwise-separable blocks, global average pooling, a
     dense classifier."""
@@ -177,12 +182,6 @@ class MobileNet(nnx.Module):
             c_in = c_out
         self.blocks = nnx.List(layers)
         self.fc = nnx.Linear(c_in, NUM_CLASSES, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = nnx.relu(self.stem_bn(self.stem(x)))
-        for block in self.blocks:
-            x = block(x)
-        return self.fc(x.mean(axis=(1, 2)))
 
 
 _CONFIGS: dict[str, dict[str, tuple[type[nnx.Module], dict[str, Any]]]] = {
