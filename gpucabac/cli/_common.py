@@ -270,8 +270,8 @@ def note(text: str) -> None:
         click.echo(f"gpucabac: {text}", err=True)
 
 
-COMPILING_NOTE = ("compiling gpucabac's coder with numba (the first run after an install; about 30 s on 2 cores, "
-                  "cached for later runs, and not counted in the throughput)")
+COMPILING_NOTE = ("compiling gpucabac's coder with numba (the first run after an install; cached for later runs, "
+                  "and not counted in the throughput)")
 
 
 _compiling_noted = False
