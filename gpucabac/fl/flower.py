@@ -18,6 +18,7 @@ Flower's own record sizes (`count_bytes`) are reported beside them.
 
 from __future__ import annotations
 
+import io
 import json
 import pathlib
 import time
@@ -241,8 +242,6 @@ class CodedFedAvg(FedAvg):
         self.start(grid, initial_arrays=_arrays(self.initial), num_rounds=self.fl.num_rounds,
                    evaluate_fn=self.evaluate_global, timeout=self.wait_s)
         if self.record_dir is not None:
-            import io  # noqa: PLC0415
-
             buf = io.BytesIO()
             np.savez(buf, **self.server.model)
             atomic_write_bytes(self.record_dir / "final.npz", buf.getvalue())

@@ -27,7 +27,7 @@ from ..settings import CodingSettings
 from .config import FLConfig
 from .feedback import ErrorFeedback
 from .sparsify import sparsify
-from .update import add_delta, apply_update, encode_deltas, read_update
+from .update import apply_update, encode_deltas, read_update
 
 Params = dict[str, np.ndarray]
 # (base params, the client's local-only variables such as BatchNorm statistics) -> (the params
@@ -237,5 +237,5 @@ def replay(initial: Params, downloads: Sequence[bytes]) -> Params:
     return model
 
 
-__all__ = ["ClientRound", "ClientState", "ServerState", "add_delta", "aggregate", "client_round",
+__all__ = ["ClientRound", "ClientState", "ServerState", "aggregate", "client_round",
            "coding_settings", "replay", "with_unit_scales"]

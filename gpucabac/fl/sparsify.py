@@ -128,21 +128,25 @@ def _fraction(value, field: str) -> float:
     return v
 
 
-def _density(density, sparsity) -> float:
-    """The kept fraction from exactly one of density / sparsity (density = 1 − sparsity)."""
+def _one_of(density, sparsity) -> tuple[float | None, float | None]:
+    """(density, sparsity), exactly one of them given and checked (density = 1 − sparsity)."""
     if (density is None) == (sparsity is None):
         raise InputError("give exactly one of density (the kept fraction) or sparsity (the zeroed fraction)")
     if density is not None:
-        return _fraction(density, "density")
-    return 1.0 - _fraction(sparsity, "sparsity")
+        return _fraction(density, "density"), None
+    return None, _fraction(sparsity, "sparsity")
+
+
+def _density(density, sparsity) -> float:
+    """The kept fraction, as given or from the sparsity."""
+    d, s = _one_of(density, sparsity)
+    return 1.0 - s if d is None else d
 
 
 def _target_sparsity(density, sparsity) -> float:
-    if (density is None) == (sparsity is None):
-        raise InputError("give exactly one of density (the kept fraction) or sparsity (the zeroed fraction)")
-    if sparsity is not None:
-        return _fraction(sparsity, "sparsity")
-    return 1.0 - _fraction(density, "density")
+    """The zeroed fraction, as given or from the density."""
+    d, s = _one_of(density, sparsity)
+    return 1.0 - d if s is None else s
 
 
 def keep_count(density: float, n: int) -> int:

@@ -9,6 +9,7 @@ import functools
 
 import numpy as np
 
+from ..errors import InputError
 from .config import FLConfig
 from .data import STATS, load_dataset, normalize, partition
 from .models import build_model, get_batch_stats, get_params, set_batch_stats, set_params
@@ -34,8 +35,6 @@ def client_data(config: FLConfig, partition_id: int) -> tuple[np.ndarray, np.nda
     x_train, y_train, _, _ = _dataset(config.dataset)
     parts = partition(y_train, config.num_clients, alpha=config.alpha, seed=config.seed)
     if not 0 <= partition_id < len(parts):
-        from ..errors import InputError  # noqa: PLC0415
-
         raise InputError(f"partition id {partition_id} is outside 0..{len(parts) - 1}")
     idx = parts[partition_id]
     if config.samples_per_client is not None:
