@@ -16,7 +16,9 @@ sparsity and quantized by rounding at a few QPs, this measures per setting:
              values), each over the concatenation of all tensors (one stream, no per-tensor
              framing: generous to the anchors)
 
-at slice sizes 8192 (the default) and one slice per tensor (slice_size=None). k counts the
+at slice sizes 8192 (the default) and one slice per tensor (slice_size=None), with the zeros
+coded as sig flags (zeros="flags", format versions 1-2) and as gpucabac codes them by default
+(zeros="auto": zero runs, format version 3, for tensors at least 75% zero). k counts the
 non-zero LEVELS (a kept delta below half a step quantizes to zero), read from the levels the
 codec codes and checked against the decoded container.
 
@@ -34,8 +36,9 @@ Updates (only kernels, ndim ≥ 2: biases are not sparsified and would be a dens
                the way a real model's do, which i.i.d. deltas cannot show.
 
 Also measured: the real coder's cost of one zero level at the estimator's most skewed state
-(an all-zero tensor of 2^20 levels in one slice, bits per level): below that no run of zeros
-is coded, whatever its probability — at 99.9% sparsity it alone is ~9.5 bits per non-zero.
+(an all-zero tensor of 2^20 levels in one slice, sig flags, bits per level): below that no run
+of zeros is coded with flags, whatever its probability — at 99.9% sparsity it alone is ~9.5 bits
+per non-zero, which is why zero runs exist.
 
     python experiments/fl_sparse_bits.py [--tiny] [--out DIR]
 
@@ -63,6 +66,7 @@ from gpucabac.quantization import dequantize, quantize_levels, step_from_qp
 SPARSITIES = (0.9, 0.99, 0.999)
 QPS = (-38, -32, -26)
 SLICE_SIZES = (gpucabac.DEFAULT_SLICE_SIZE, None)
+ZEROS = ("flags", "auto")  # sig flags (versions 1-2) and the default, which picks zero runs for sparse tensors
 ZSTD_LEVEL = 19
 LZMA_PRESET = 9
 SCALE = 0.05  # update σ relative to the He scale √(2/fan_in) (cnn-*), or the relative perturbation (minilm)
@@ -154,14 +158,15 @@ def anchors(levels: np.ndarray) -> dict[str, int]:
 def zero_floor_bits(n: int = 1 << 20) -> float:
     """The real coder's bits per zero level once the sig context has saturated: an all-zero tensor
     in one slice (its first zeros, before saturation, cost a little more)."""
-    data = gpucabac.encode({"z": np.zeros((n,), np.float32)}, qp=-32, slice_size=None, small_step=0.01)
+    data = gpucabac.encode({"z": np.zeros((n,), np.float32)}, qp=-32, slice_size=None, small_step=0.01, zeros="flags")
     return 8 * gpucabac.info(data).tensors[0].coded_bytes / n
 
 
 # --- one setting --------------------------------------------------------------------------------
 
 def measure(update: dict[str, np.ndarray], qp: int) -> tuple[dict, list[dict]]:
-    """The levels' statistics, the bound and the anchors at `qp`, then one row per slice size."""
+    """The levels' statistics, the bound and the anchors at `qp`, then one row per slice size
+    and coding of zeros."""
     step = step_from_qp(qp)
     levels = {n: quantize_levels(x, step) for n, x in update.items()}
     pos_bits = val_bits = 0.0
@@ -177,9 +182,9 @@ def measure(update: dict[str, np.ndarray], qp: int) -> tuple[dict, list[dict]]:
                 bound_bits=pos_bits + val_bits, max_abs_level=int(np.abs(flat).max()) if flat.size else 0,
                 anchors_bytes=anchors(flat))
     rows = []
-    for S in SLICE_SIZES:
+    for S, zeros in ((S, z) for S in SLICE_SIZES for z in ZEROS):
         t = time.perf_counter()
-        data = gpucabac.encode(update, qp=qp, slice_size=S)
+        data = gpucabac.encode(update, qp=qp, slice_size=S, zeros=zeros)
         seconds = time.perf_counter() - t
         meta = gpucabac.info(data)
         out = gpucabac.decode(data)
@@ -188,7 +193,8 @@ def measure(update: dict[str, np.ndarray], qp: int) -> tuple[dict, list[dict]]:
             if not np.array_equal(out[name], want):
                 raise AssertionError(f"{name}: decoded values differ from the counted levels at qp {qp}, slice {S}")
         payload = sum(t.coded_bytes for t in meta.tensors)
-        rows.append(dict(slice_size="whole" if S is None else S, container_bytes=len(data), payload_bytes=payload,
+        rows.append(dict(slice_size="whole" if S is None else S, zeros=zeros, container_bytes=len(data), payload_bytes=payload,
+                         runs_tensors=sum(t.zeros == "runs" for t in meta.tensors),
                          slices=sum(t.num_slices for t in meta.tensors), encode_seconds=seconds))
     return base, rows
 
@@ -219,7 +225,7 @@ def run_source(label: str, update: dict[str, np.ndarray], qps) -> list[dict]:
                 r["anchors_bits_per_nz"] = {k: per_nz(8 * v, nz) for k, v in base["anchors_bytes"].items()
                                             if isinstance(v, int)}
                 results.append(r)
-                print(f"{label} s={s} qp={qp} S={r['slice_size']}: nz={nz} payload {r['bits_per_nz_payload']:.2f} "
+                print(f"{label} s={s} qp={qp} S={r['slice_size']} zeros={r['zeros']}: nz={nz} payload {r['bits_per_nz_payload']:.2f} "
                       f"container {r['bits_per_nz_container']:.2f} bound {r['bound_bits_per_nz']:.2f} b/nz, "
                       f"gap {r['gap_payload_pct']:+.1f}% / {r['gap_container_pct']:+.1f}%", flush=True)
     return results
@@ -237,42 +243,49 @@ def markdown(info, settings, results, floor) -> str:
     md += ("Per tensor top-k to the sparsity, rounding at the QP. **bits/nz** are bits per non-zero level; the "
            "**bound** is log2 C(n, k) for the positions plus the zeroth-order entropy of the non-zero levels, "
            "summed over tensors; **gap** = coded / bound − 1 for the payload (the arithmetic-coded slices) and the "
-           "whole container (header and slice table, 8 bytes per slice, included).\n\n")
+           "whole container (header and slice table, 8 bytes per slice, included). **zeros**: `flags` codes a sig "
+           "bin per level (format versions 1-2); `auto`, gpucabac's default, codes a tensor with zero runs (format "
+           "version 3) when at least 75% of its levels are zero and runs come out smaller.\n\n")
     md += "## Summary: the gap to the bound, lowest … highest over sources and QPs\n\n"
     rows = []
     for sp in SPARSITIES:
-        row = [f"{100 * sp:g}%"]
-        for key in ("gap_payload_pct", "gap_container_pct"):
-            for S in ("whole", gpucabac.DEFAULT_SLICE_SIZE):
-                g = [r[key] for r in results if r["sparsity"] == sp and r["slice_size"] == S and r[key] is not None]
-                row.append(f"{min(g):+.1f}% … {max(g):+.1f}%" if g else "-")
-        rows.append(row)
-    md += md_table(["sparsity", "payload, whole", f"payload, slice {gpucabac.DEFAULT_SLICE_SIZE}", "container, whole",
+        for zeros in ZEROS:
+            row = [f"{100 * sp:g}%", zeros]
+            for key in ("gap_payload_pct", "gap_container_pct"):
+                for S in ("whole", gpucabac.DEFAULT_SLICE_SIZE):
+                    g = [r[key] for r in results if r["sparsity"] == sp and r["slice_size"] == S and r["zeros"] == zeros
+                         and r[key] is not None]
+                    row.append(f"{min(g):+.1f}% … {max(g):+.1f}%" if g else "-")
+            rows.append(row)
+    md += md_table(["sparsity", "zeros", "payload, whole", f"payload, slice {gpucabac.DEFAULT_SLICE_SIZE}", "container, whole",
                     f"container, slice {gpucabac.DEFAULT_SLICE_SIZE}"], rows) + "\n\n"
     for src in settings["sources"]:
         md += f"## {src}\n\n"
         rows = []
         for r in (r for r in results if r["source"] == src):
-            rows.append([f"{100 * r['sparsity']:g}%", r["qp"], r["slice_size"], r["nonzero_levels"],
+            rows.append([f"{100 * r['sparsity']:g}%", r["qp"], r["slice_size"], r["zeros"], r["nonzero_levels"],
                          f"{100 * r['nonzero_levels'] / r['n']:.3f}%", r["container_bytes"],
                          _f(r["bits_per_nz_payload"]), _f(r["bits_per_nz_container"]),
                          f"{_f(r['bound_bits_per_nz'])} ({_f(r['bound_positions_bits_per_nz'])} + "
                          f"{_f(r['bound_values_bits_per_nz'])})",
                          _f(r["gap_payload_pct"], "{:+.1f}%"), _f(r["gap_container_pct"], "{:+.1f}%")])
-        md += md_table(["sparsity", "QP", "slice", "nz levels", "nz/n", "container bytes", "payload b/nz",
+        md += md_table(["sparsity", "QP", "slice", "zeros", "nz levels", "nz/n", "container bytes", "payload b/nz",
                         "container b/nz", "bound b/nz (positions + values)", "gap payload", "gap container"], rows)
         md += "\n\nAnchors on the same levels (bits per non-zero; one stream over all tensors):\n\n"
         rows = []
-        for r in (r for r in results if r["source"] == src and r["slice_size"] == "whole"):
+        for r in (r for r in results if r["source"] == src and r["slice_size"] == "whole" and r["zeros"] == "auto"):
             a = r["anchors_bits_per_nz"]
             ours = r["bits_per_nz_container"]
-            rows.append([f"{100 * r['sparsity']:g}%", r["qp"], _f(ours), _f(a["zstd_dense"]),
+            flags = next(f["bits_per_nz_container"] for f in results if f["source"] == src and f["slice_size"] == "whole"
+                         and f["zeros"] == "flags" and f["sparsity"] == r["sparsity"] and f["qp"] == r["qp"])
+            rows.append([f"{100 * r['sparsity']:g}%", r["qp"], _f(flags), _f(ours), _f(a["zstd_dense"]),
                          _f(a["lzma_dense"]), _f(a["zstd_csr"]), _f(a["lzma_csr"]),
                          _f(min(a.values()) / ours if ours else None, "{:.2f}x")])
-        md += md_table(["sparsity", "QP", "gpucabac (whole, container)", f"zstd-{ZSTD_LEVEL} dense", f"lzma-{LZMA_PRESET} dense",
-                        f"zstd-{ZSTD_LEVEL} CSR", f"lzma-{LZMA_PRESET} CSR", "best anchor / gpucabac container"], rows)
+        md += md_table(["sparsity", "QP", "gpucabac flags (whole, container)", "gpucabac auto (whole, container)",
+                        f"zstd-{ZSTD_LEVEL} dense", f"lzma-{LZMA_PRESET} dense",
+                        f"zstd-{ZSTD_LEVEL} CSR", f"lzma-{LZMA_PRESET} CSR", "best anchor / gpucabac auto"], rows)
         md += "\n\n"
-    md += (f"The coder's cost of a zero level at its most skewed estimator state: {floor:.4f} bits (an all-zero tensor "
+    md += (f"With sig flags, the coder's cost of a zero level at its most skewed estimator state: {floor:.4f} bits (an all-zero tensor "
            f"of 2^20 levels in one slice). At a non-zero fraction p the zeros alone cost about {floor:.4f}·(1−p)/p "
            f"bits per non-zero: {floor * 9:.2f} at 90%, {floor * 99:.2f} at 99%, {floor * 999:.2f} at 99.9% sparsity, "
            f"where the positions' entropy is about {math.log2(math.e / 0.1):.1f}, {math.log2(math.e / 0.01):.1f} and "

@@ -3,6 +3,9 @@
 A level q (under dependent quantization the coded level k, §3.5) becomes:
   sig, sign (both context coded), up to N greater-than flags, then an order-0 Exp-Golomb remainder
   of |q| - (N+1) with context-coded prefix bins and bypass suffix bins.
+With zero runs (docs/format.md §4.2) the sig bins go: a run of r zeros becomes an order-0
+Exp-Golomb code of r (context-coded prefix, bypass suffix), and a non-zero level the bins above
+after its sig bin.
 
 The context layout (which context index each bin uses) is gpucabac/layout.py's.
 
@@ -18,6 +21,7 @@ import numba as nb
 
 # the context layout, re-exported for the engines and the tests
 from .layout import GT as GT, MAX_CONTEXTS as MAX_CONTEXTS, MAX_REGULAR_BINS as MAX_REGULAR_BINS, SIG as SIG, SIGN as SIGN
+from .layout import RUN as RUN, RUN_CONTEXTS as RUN_CONTEXTS, RUN_PREFIX_BINS as RUN_PREFIX_BINS
 from .layout import full_context_init as full_context_init, num_contexts as num_contexts, used_contexts as used_contexts
 from .modes import dq_states as dq_states  # re-exported: the engines' `dq` argument
 from .tables import DQ_NEXT_ALL, MAX_ABS_LEVEL
@@ -97,3 +101,63 @@ def binarize_level(q, prev, dq_state, num_gt_flags, ctx_out, bin_out):
     bin_out[n] = 0
     n += 1
     return n, rem - base, m
+
+
+@nb.njit(inline="always", cache=True)
+def run_context(j: int) -> int:
+    """Context of prefix bin j of a zero run: the first 23 bins their own, the rare rest one shared."""
+    return RUN + (j if j < RUN_CONTEXTS - 1 else RUN_CONTEXTS - 1)
+
+
+@nb.njit(inline="always", cache=True)
+def binarize_run(r, ctx_out, bin_out):
+    """Regular bins of a run of r >= 0 zeros (order-0 Exp-Golomb: m ones then a zero) into
+    ctx_out/bin_out; returns (number of regular bins, bypass suffix value, number of suffix bins)."""
+    n = 0
+    base = 0
+    m = 0
+    while r >= base + (1 << m):
+        ctx_out[n] = run_context(m)
+        bin_out[n] = 1
+        n += 1
+        base += 1 << m
+        m += 1
+    ctx_out[n] = run_context(m)
+    bin_out[n] = 0
+    n += 1
+    return n, r - base, m
+
+
+@nb.njit(inline="always", cache=True)
+def coded_symbol(levels, i, end, dq, state, runs, run):
+    """What the coder writes at position i of a slice that ends at `end` (docs/format.md §4.2), the
+    walk every coder and rate model takes, from i = start to i = end inclusive: one step past the
+    last level is where a slice ending in zeros codes its final run. Returns (q, code_run,
+    code_level): the coded level (0 past the end), whether the run of `run` zeros before it is
+    coded, and whether q itself is."""
+    last = i == end
+    q = 0
+    if not last:
+        q = levels[i]
+        if dq:
+            q = dq_coded_level(q, state)
+    code_run = runs and (q != 0 or (last and run > 0))
+    code_level = not last and not (runs and q == 0)
+    return q, code_run, code_level
+
+
+@nb.njit(inline="always", cache=True)
+def symbol_bins(part, code_run, code_level, run, q, prev, state, num_gt_flags, runs, ctx_out, bin_out):
+    """The bins of one part of a coded position, in the coder's order: part 0 the run of zeros
+    before it, part 1 the level (under runs without its sig bin, which the run already says).
+    Returns (first regular bin, number of regular bins, bypass suffix value, number of suffix
+    bins); no bins where coded_symbol says the part is not coded."""
+    if part == 0:
+        if not code_run:
+            return 0, 0, 0, 0
+        nreg, suffix, nsuffix = binarize_run(run, ctx_out, bin_out)
+        return 0, nreg, suffix, nsuffix
+    if not code_level:
+        return 0, 0, 0, 0
+    nreg, suffix, nsuffix = binarize_level(q, prev, state, num_gt_flags, ctx_out, bin_out)
+    return (1 if runs else 0), nreg, suffix, nsuffix

@@ -43,7 +43,7 @@ Progress = Callable[[int], None]
 
 # --- settings in -------------------------------------------------------------------------------
 
-_KEYWORDS = ("step", "qp", "qp_density", "dq", "slice_size", "num_gt_flags", "small_step", "lam", "scan",
+_KEYWORDS = ("step", "qp", "qp_density", "dq", "slice_size", "num_gt_flags", "small_step", "lam", "scan", "zeros",
              "tensor_steps")
 
 
@@ -191,20 +191,23 @@ class _Coded(NamedTuple):
     slice_crcs: np.ndarray | None
     scan: str
     levels: np.ndarray | None  # None for raw tensors
+    runs: bool = False  # zeros coded as runs (format version 3)
 
 
 def code_levels(levels: np.ndarray, slice_size: int, dq: int, num_gt_flags: int, engine: Engine,
-                ctx_init: np.ndarray | None = None, progress: Progress | None = None):
-    """(ctx_init, payload, slice lengths, slice CRCs) of one tensor's int32 levels on `engine`:
-    the levels are checked, the context initialisation chosen (unless given), then coded."""
+                ctx_init: np.ndarray | None = None, progress: Progress | None = None, runs: bool = False):
+    """(ctx_init, payload, slice lengths, slice CRCs) of one tensor's int32 levels on `engine`,
+    its zeros coded as runs or not: the levels are checked, the context initialisation chosen
+    (unless given), then coded."""
     levels = np.ascontiguousarray(levels, dtype=np.int32).reshape(-1)
     if levels.size == 0:
         empty = np.zeros(0, np.uint32)
-        return np.zeros(len(used_contexts(num_gt_flags, dq)), np.uint8), np.zeros(0, np.uint8), empty, empty
-    bound = check_levels(levels, slice_size, dq, num_gt_flags)
+        return np.zeros(len(used_contexts(num_gt_flags, dq, runs)), np.uint8), np.zeros(0, np.uint8), empty, empty
+    bound = check_levels(levels, slice_size, dq, num_gt_flags, runs)
     if ctx_init is None:
-        ctx_init = choose_context_init(levels, slice_size, dq, num_gt_flags)
-    job = EncodeJob(levels, slice_size, dq, num_gt_flags, full_context_init(ctx_init, num_gt_flags, dq), bound)
+        ctx_init = choose_context_init(levels, slice_size, dq, num_gt_flags, runs=runs)
+    job = EncodeJob(levels, slice_size, dq, num_gt_flags, full_context_init(ctx_init, num_gt_flags, dq, runs), bound,
+                    bool(runs))
     coded = engine.encode([job], progress)[0]
     return ctx_init, coded.payload, coded.lengths, coded.crcs
 
@@ -242,11 +245,15 @@ def _code_tensors(job: _Job, engine: Engine, progress: Progress | None, *, need_
                 if not need_bytes and len(plan.scans) == 1:
                     candidates.append(_Coded(None, None, None, None, order, levels))
                     continue
-                quiet = key in rd or not single
-                parts = code_levels(levels, plan.slice_size, mode_dq(plan.mode), plan.num_gt_flags, engine,
-                                    progress=None if quiet else progress)
-                candidates.append(_Coded(*parts, order, levels))
-            # the smaller payload; of equal ones the first, rows
+                codings = plan.zero_codings(levels)
+                quiet = key in rd or not single or len(codings) > 1
+                for runs in codings:
+                    parts = code_levels(levels, plan.slice_size, mode_dq(plan.mode), plan.num_gt_flags, engine,
+                                        progress=None if quiet else progress, runs=runs)
+                    candidates.append(_Coded(*parts, order, levels, runs))
+                if len(codings) > 1 and single and key not in rd and progress is not None:
+                    progress(x.size)  # once for the tensor, however many codings were tried
+            # the smaller payload; of equal ones the first (rows, flags)
             coded = min(candidates, key=lambda c: 0 if c.payload is None else c.payload.size)
         if progress is not None and (plan.mode == "raw" or not single):
             progress(x.size)
@@ -285,7 +292,7 @@ def encode(tensors: Mapping[str, np.ndarray], settings: CodingSettings | None = 
         for name, x, plan, coded in _code_tensors(job, engine, progress, need_bytes=True):
             records.append(TensorRecord(name, plan.dtype, tuple(int(d) for d in x.shape), plan.mode, plan.step,
                                         plan.num_gt_flags, plan.slice_size, coded.ctx_init, offset,
-                                        coded.slice_lengths, coded.slice_crcs, coded.scan))
+                                        coded.slice_lengths, coded.slice_crcs, coded.scan, coded.runs))
             payloads.append(coded.payload)
             offset += coded.payload.size
     return container.write(records, payloads)  # joined once, into the result
@@ -311,16 +318,17 @@ def quantize(tensors: Mapping[str, np.ndarray], settings: CodingSettings | None 
 
 
 def encode_levels(levels: np.ndarray, slice_size: int, dq: bool | int, num_gt_flags: int,
-                  ctx_init: np.ndarray | None = None, progress: Progress | None = None, device: str | Engine = "cpu"):
-    """Code int32 levels in slices (`dq`: a bool, or the trellis size 8..256) as `encode` codes a
-    tensor's levels. Returns (ctx_init, payload, slice lengths); InputError for a level that
-    cannot be coded."""
+                  ctx_init: np.ndarray | None = None, progress: Progress | None = None, device: str | Engine = "cpu",
+                  runs: bool = False):
+    """Code int32 levels in slices (`dq`: a bool, or the trellis size 8..256; `runs`: zeros as
+    runs) as `encode` codes a tensor's levels. Returns (ctx_init, payload, slice lengths);
+    InputError for a level that cannot be coded."""
     try:
         dq = dq_states(dq)
     except ValueError as e:
         raise InputError(str(e)) from None
     ctx_init, payload, lengths, _ = code_levels(levels, int(slice_size), dq, int(num_gt_flags),
-                                                get_engine(device, "encode_levels"), ctx_init, progress)
+                                                get_engine(device, "encode_levels"), ctx_init, progress, bool(runs))
     return ctx_init, payload, lengths
 
 

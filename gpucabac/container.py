@@ -22,7 +22,7 @@ from .modes import QUANTIZERS, mode_dq
 from .tables import MAX_GT_FLAGS, NUM_PRESETS
 
 MAGIC = b"\x89GCB\r\n\x1a\n"
-VERSION = 2  # the newest this gpucabac writes and reads; a file without version-2 modes is written as 1
+VERSION = 3  # the newest this gpucabac writes and reads; a file is written as the oldest version its records need
 PREAMBLE = struct.Struct("<8sHHIQII")  # magic, version, flags, tensor count, table length, table crc, reserved
 PREAMBLE_SIZE = PREAMBLE.size  # 32
 
@@ -31,10 +31,14 @@ PREAMBLE_SIZE = PREAMBLE.size  # 32
 MODES = ("urq", "dq", "int", "raw", *QUANTIZERS[2:])
 V1_MODES = 4
 COLUMN_SCAN_BIT = 0x80  # of the mode byte
+ZERO_RUNS_BIT = 0x40  # of the mode byte, version 3
 
 
 def format_version(records) -> int:
-    """The container version a file with these tensor records is written as (docs/format.md)."""
+    """The container version a file with these tensor records is written as (docs/format.md):
+    3 with zero runs, 2 with a larger trellis or a column scan, else 1."""
+    if any(r.runs for r in records):
+        return 3
     return 2 if any(MODES.index(r.mode) >= V1_MODES or r.scan != "rows" for r in records) else 1
 
 
@@ -83,6 +87,7 @@ class TensorRecord:
     slice_lengths: np.ndarray  # uint32
     slice_crcs: np.ndarray  # uint32
     scan: str = "rows"  # or "columns" (format version 2): the order the slices hold the values in
+    runs: bool = False  # zeros coded as runs instead of one sig bin each (format version 3)
 
     @property
     def numel(self) -> int:
@@ -103,7 +108,8 @@ def _record_bytes(rec: TensorRecord) -> bytes:
     name = rec.name.encode("utf-8")
     parts = [
         struct.pack("<H", len(name)), name,
-        struct.pack("<BBBB", DTYPES.index(rec.dtype), MODES.index(rec.mode) | (COLUMN_SCAN_BIT if rec.scan == "columns" else 0),
+        struct.pack("<BBBB", DTYPES.index(rec.dtype),
+                    MODES.index(rec.mode) | (COLUMN_SCAN_BIT if rec.scan == "columns" else 0) | (ZERO_RUNS_BIT if rec.runs else 0),
                     len(rec.shape), rec.num_gt_flags),
         struct.pack(f"<{len(rec.shape)}Q", *rec.shape),
         struct.pack("<fII", rec.step, rec.slice_size, rec.num_slices),
@@ -217,7 +223,8 @@ def parse(table: bytes | memoryview, count: int, table_crc: int, file_size: int,
         if dcode >= len(DTYPES):
             raise FormatError(f"tensor {name!r}: unknown dtype code {dcode}")
         scan = "columns" if version >= 2 and mcode & COLUMN_SCAN_BIT else "rows"
-        mcode &= 0x7F if version >= 2 else 0xFF
+        runs = bool(version >= 3 and mcode & ZERO_RUNS_BIT)
+        mcode &= 0x3F if version >= 3 else (0x7F if version >= 2 else 0xFF)
         if mcode >= (V1_MODES if version == 1 else len(MODES)):
             raise FormatError(f"tensor {name!r}: unknown coding mode {mcode} (format version {version})")
         dtype, mode = DTYPES[dcode], MODES[mcode]
@@ -225,6 +232,8 @@ def parse(table: bytes | memoryview, count: int, table_crc: int, file_size: int,
             raise FormatError(f"tensor {name!r}: {ndim} dimensions, at most {MAX_NDIM} allowed")
         if scan == "columns" and not can_scan_columns(mode, dtype, ndim):
             raise FormatError(f"tensor {name!r}: a column scan needs a coded float tensor of two or more dimensions")
+        if runs and mode == "raw":
+            raise FormatError(f"tensor {name!r}: zero runs need a coded tensor, not a raw one")
         shape = f.unpack(f"{ndim}Q", f"shape of {name!r}")
         numel = 1
         for d in shape:
@@ -260,7 +269,7 @@ def parse(table: bytes | memoryview, count: int, table_crc: int, file_size: int,
             if nctx % 2 and init[nctx]:
                 raise FormatError(f"tensor {name!r}: the padding nibble after its {nctx} context initialisations is not zero")
             init = init[:nctx]
-            want_ctx = len(used_contexts(ngt, mode_dq(mode)))
+            want_ctx = len(used_contexts(ngt, mode_dq(mode), runs))
             if nctx != want_ctx:
                 raise FormatError(f"tensor {name!r}: {nctx} context initialisations, its mode and {ngt} flags use {want_ctx}")
             if init.size and init.max() >= NUM_PRESETS:
@@ -283,17 +292,22 @@ def parse(table: bytes | memoryview, count: int, table_crc: int, file_size: int,
             if lengths.min() < MIN_SLICE_BYTES:
                 s = int(np.argmin(lengths))
                 raise FormatError(f"tensor {name!r}: slice {s} has {int(lengths[s])} bytes, a coded slice has at least {MIN_SLICE_BYTES}")
+            # a run of zeros costs O(log r) bits: such slices hold any number of levels per byte
             over = counts > MAX_LEVELS_PER_BYTE * lengths.astype(np.int64)
-            if over.any():
+            if not runs and over.any():
                 s = int(np.argmax(over))
                 raise FormatError(f"tensor {name!r}: slice {s} claims {int(counts[s])} levels in {int(lengths[s])} bytes, more than any valid stream holds")
         expected_offset = offset + length
         records.append(TensorRecord(name, dtype, tuple(int(d) for d in shape), mode, float(step), ngt,
-                                    int(slice_size), init, int(offset), lengths, crcs, scan))
+                                    int(slice_size), init, int(offset), lengths, crcs, scan, runs))
     if f.pos != len(table):
         raise FormatError(f"tensor table has {len(table) - f.pos} unused bytes after the last tensor")
     if expected_offset != payload_size:
         raise FormatError(f"payload area is {payload_size} bytes but the tensors use {expected_offset}: the file is truncated or has trailing data")
+    # a writer writes the oldest version its records need (the preamble has no checksum of its own)
+    if version != format_version(records):
+        raise FormatError(f"the preamble says format version {version}, its tensors are version {format_version(records)}: "
+                          "the preamble is corrupt")
     return Header(version, records, payload_start, payload_size)
 
 

@@ -11,7 +11,7 @@ import numba as nb
 import numpy as np
 
 from . import threads as _threads  # noqa: F401  (numba's fork-safe layer, before any parallel loop)
-from .binarize import MAX_CONTEXTS, MAX_REGULAR_BINS, binarize_level, dq_coded_level, dq_next_state, used_contexts
+from .binarize import MAX_CONTEXTS, MAX_REGULAR_BINS, coded_symbol, dq_next_state, symbol_bins, used_contexts
 from .modes import dq_states
 from .slices import num_slices
 from .tables import BIT_COST, CURVE, NUM_PRESETS, PRESET_STATES, PRESETS
@@ -46,7 +46,7 @@ def _cost_and_update(ps0, ps1, i, b, sh0, sh1):
 
 
 @nb.njit(cache=True)
-def _preset_costs_slice(levels, start, end, dq, num_gt_flags, cost, group_cost):
+def _preset_costs_slice(levels, start, end, dq, num_gt_flags, cost, group_cost, runs):
     """Adds to cost[c*NUM_PRESETS + p] (and, past the transient, to group_cost[c*_NUM_GROUPS + g])
     the estimated bits (2^15 units) of the slice's bins at context c starting from preset p."""
     ps0 = np.empty(MAX_CONTEXTS * NUM_PRESETS, np.int32)
@@ -64,25 +64,32 @@ def _preset_costs_slice(levels, start, end, dq, num_gt_flags, cost, group_cost):
     bins = np.empty(MAX_REGULAR_BINS, np.int32)
     prev = 0
     state = 0
-    for i in range(start, end):
-        q = levels[i]
-        if dq:
-            q = dq_coded_level(q, state)
-        nreg, _, _ = binarize_level(q, prev, state, num_gt_flags, ctx, bins)
-        for j in range(nreg):
-            c = ctx[j]
-            b = bins[j]
-            k = c * NUM_PRESETS
-            if seen[c] < _TRANSIENT_BINS:
-                seen[c] += 1
-                for p in range(NUM_PRESETS):
-                    cost[k + p] += _cost_and_update(ps0, ps1, k + p, b, psh0[p], psh1[p])
-            else:
-                for g in range(_NUM_GROUPS):
-                    p = _GROUP_LEADERS[g]
-                    group_cost[c * _NUM_GROUPS + g] += _cost_and_update(ps0, ps1, k + p, b, psh0[p], psh1[p])
+    run = 0
+    # the bins in the coder's order (engines/cpu.py encode_slice)
+    for i in range(start, end + 1):
+        q, code_run, code_level = coded_symbol(levels, i, end, dq, state, runs, run)
+        if i == end and not code_run:
+            break
+        if runs and q == 0 and i < end:
+            run += 1
+        for part in range(2 if code_run or code_level else 0):  # a zero inside a run has no bins
+            first, nreg, _, _ = symbol_bins(part, code_run, code_level, run, q, prev, state, num_gt_flags, runs, ctx, bins)
+            for j in range(first, nreg):
+                c = ctx[j]
+                b = bins[j]
+                k = c * NUM_PRESETS
+                if seen[c] < _TRANSIENT_BINS:
+                    seen[c] += 1
+                    for p in range(NUM_PRESETS):
+                        cost[k + p] += _cost_and_update(ps0, ps1, k + p, b, psh0[p], psh1[p])
+                else:
+                    for g in range(_NUM_GROUPS):
+                        p = _GROUP_LEADERS[g]
+                        group_cost[c * _NUM_GROUPS + g] += _cost_and_update(ps0, ps1, k + p, b, psh0[p], psh1[p])
+        if code_run:
+            run = 0
         prev = q
-        if dq:
+        if dq and i < end:
             state = dq_next_state(dq, state, q)
 
 
@@ -92,7 +99,7 @@ CTX_INIT_SAMPLE = 1 << 18
 
 
 @nb.njit(parallel=True, cache=True)
-def preset_costs(levels, slice_size, dq, num_gt_flags, ngroups, every):
+def preset_costs(levels, slice_size, dq, num_gt_flags, ngroups, every, runs=False):
     """cost[c, p] summed over every `every`-th slice, in `ngroups` parallel groups of slices."""
     n = levels.shape[0]
     nslices = (n + slice_size - 1) // slice_size
@@ -102,7 +109,7 @@ def preset_costs(levels, slice_size, dq, num_gt_flags, ngroups, every):
         for s in range(g * every, nslices, ngroups * every):
             start = s * slice_size
             end = min(n, start + slice_size)
-            _preset_costs_slice(levels, start, end, dq, num_gt_flags, partial[g], partial_group[g])
+            _preset_costs_slice(levels, start, end, dq, num_gt_flags, partial[g], partial_group[g], runs)
     cost = partial.sum(axis=0).reshape((MAX_CONTEXTS, NUM_PRESETS))
     group = partial_group.sum(axis=0).reshape((MAX_CONTEXTS, _NUM_GROUPS))
     for p in range(NUM_PRESETS):
@@ -111,7 +118,7 @@ def preset_costs(levels, slice_size, dq, num_gt_flags, ngroups, every):
 
 
 def choose_context_init(levels: np.ndarray, slice_size: int, dq: bool | int, num_gt_flags: int,
-                        sample: int | None = CTX_INIT_SAMPLE) -> np.ndarray:
+                        sample: int | None = CTX_INIT_SAMPLE, runs: bool = False) -> np.ndarray:
     """Per used context, the preset (tables.PRESETS) with the least estimated cost (docs/engine.md §2.8 bit
     costs) summed over the tensor's slices: all of them (sample None), or evenly spaced slices
     holding about `sample` levels. Contexts restart at every slice, so a spread of slices
@@ -122,6 +129,6 @@ def choose_context_init(levels: np.ndarray, slice_size: int, dq: bool | int, num
     nslices = num_slices(levels.size, slice_size)
     every = 1 if sample is None else max(1, (nslices * slice_size) // max(sample, slice_size))
     ngroups = max(1, min(4 * nb.get_num_threads(), -(-nslices // every)))
-    cost = preset_costs(levels, slice_size, dq, num_gt_flags, ngroups, every)
-    used = used_contexts(num_gt_flags, dq)
+    cost = preset_costs(levels, slice_size, dq, num_gt_flags, ngroups, every, bool(runs))
+    used = used_contexts(num_gt_flags, dq, runs)
     return np.argmin(cost[used], axis=1).astype(np.uint8)

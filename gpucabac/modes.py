@@ -5,7 +5,8 @@ A quantizer is named by its coding mode: "urq" (uniform reconstruction, rounding
 version 2). Inside the codec a quantizer is its trellis size: 0 for "urq", else 8 … 256 (the
 engines index their tables with it). A scan order says how a tensor's values are laid out in its
 slices: "rows" (row-major) or "columns" (the transpose of the tensor viewed as [shape[0], rest],
-format version 2); "auto" asks the encoder to pick the smaller per tensor. A quantizer's step
+format version 2); "auto" asks the encoder to pick the smaller per tensor. Zeros are coded as
+flags or as runs (ZERO_CODINGS). A quantizer's step
 size is given directly or by NNC's QP (`step_from_qp`).
 """
 
@@ -23,6 +24,12 @@ DQ_MODES = {m: s for m, s in QUANTIZER_STATES.items() if s}
 
 SCANS = ("rows", "columns")  # the orders a container records (docs/format.md §3)
 SCAN_CHOICES = (*SCANS, "auto")  # what an encoder may be asked for
+
+# How zeros are coded: a sig bin per level ("flags"), or runs of zeros before the non-zero levels
+# ("runs", format version 3); "auto" codes a tensor both ways when most of its levels are zero
+# and keeps the smaller.
+ZERO_CODINGS = ("flags", "runs")
+ZERO_CHOICES = (*ZERO_CODINGS, "auto")
 
 
 def dq_states(dq) -> int:

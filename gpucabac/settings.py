@@ -26,7 +26,7 @@ import numpy as np
 
 from .dtypes import dtype_name, is_float
 from .errors import InputError
-from .modes import QUANTIZER_STATES, QUANTIZERS, SCAN_CHOICES, SCANS, dq_mode, step_from_qp
+from .modes import QUANTIZER_STATES, QUANTIZERS, SCAN_CHOICES, SCANS, ZERO_CHOICES, dq_mode, step_from_qp
 from .tables import MAX_ABS_LEVEL, MAX_GT_FLAGS
 
 DEFAULT_QP = -32
@@ -36,6 +36,9 @@ DEFAULT_GT_FLAGS = 11  # NNCodec 2 codes N = 11 greater-than flags
 # they are a tiny share of the weights and sensitive, so fine steps cost little.
 SMALL_STEP_DIVISOR = 16
 MAX_SLICE_SIZE = 0xFFFFFFFF  # a 32-bit field of the format
+# zeros="auto" tries zero runs on a tensor when at least this share of its levels is zero: below
+# it the sig flags win (experiments/results/fl_sparse_bits.md), and trying costs a second coding.
+RUNS_MIN_ZERO_SHARE = 0.75
 
 
 def _positive_float32(value, what: str) -> float:
@@ -58,6 +61,9 @@ class CodingSettings:
     lam: the rate-distortion weight, in step² per bit (0: the plain quantizer, byte for byte);
         applies to tensors of two or more dimensions.
     scan: "rows", "columns" or "auto" (each eligible tensor both ways, the smaller kept).
+    zeros: how zero levels are coded: "flags" (a sig bin each, format versions 1-2), "runs" (the
+        length of each run of zeros, format version 3: far cheaper for sparse tensors) or "auto"
+        (both ways when at least 75% of a tensor's levels are zero, the smaller kept).
     slice_size: values per independently coded slice; None for one slice per tensor.
     num_gt_flags: greater-than flags before the Exp-Golomb remainder, 0..20.
     small_step: the step of tensors of at most one dimension: a number, "lossless", or None for
@@ -71,6 +77,7 @@ class CodingSettings:
     quantizer: str = "urq"
     lam: float = 0.0
     scan: str = "rows"
+    zeros: str = "auto"
     slice_size: int | None = DEFAULT_SLICE_SIZE
     num_gt_flags: int = DEFAULT_GT_FLAGS
     small_step: float | str | None = None
@@ -101,6 +108,8 @@ class CodingSettings:
         put("lam", lam)
         if self.scan not in SCAN_CHOICES:
             raise InputError(f"scan must be one of {', '.join(SCAN_CHOICES)}, got {self.scan!r}")
+        if self.zeros not in ZERO_CHOICES:
+            raise InputError(f"zeros must be one of {', '.join(ZERO_CHOICES)}, got {self.zeros!r}")
         if self.slice_size is not None:
             if isinstance(self.slice_size, bool) or not isinstance(self.slice_size, (int, np.integer)) \
                     or not 1 <= self.slice_size <= MAX_SLICE_SIZE:
@@ -144,21 +153,22 @@ class CodingSettings:
         return cls(**d)
 
     @classmethod
-    def from_keywords(cls, *, step=None, qp=None, qp_density=2, dq=False, lam=0.0, scan="rows",
+    def from_keywords(cls, *, step=None, qp=None, qp_density=2, dq=False, lam=0.0, scan="rows", zeros="auto",
                       slice_size=DEFAULT_SLICE_SIZE, num_gt_flags=DEFAULT_GT_FLAGS, small_step=None) -> CodingSettings:
         """The settings of the keyword spelling of encode() (`dq`: a bool or a trellis size)."""
         try:
             quantizer = dq_mode(dq)
         except ValueError as e:
             raise InputError(str(e)) from None
-        return cls(step=step, qp=qp, qp_density=qp_density, quantizer=quantizer, lam=lam, scan=scan,
+        return cls(step=step, qp=qp, qp_density=qp_density, quantizer=quantizer, lam=lam, scan=scan, zeros=zeros,
                    slice_size=slice_size, num_gt_flags=num_gt_flags, small_step=small_step)
 
 
 @dataclasses.dataclass(frozen=True)
 class TensorPlan:
     """How one tensor is coded, from its settings: mode ('urq', 'dq'…, 'int' or 'raw'), step,
-    slice size, dtype name, RD weight, flags and the scan orders to try."""
+    slice size, dtype name, RD weight, flags, the scan orders to try and how zeros are coded
+    (`zeros`: "flags", "runs" or "auto")."""
 
     mode: str
     step: float
@@ -167,6 +177,16 @@ class TensorPlan:
     lam: float = 0.0
     num_gt_flags: int = 0
     scans: tuple[str, ...] = ("rows",)
+    zeros: str = "flags"
+
+    def zero_codings(self, levels: np.ndarray) -> tuple[bool, ...]:
+        """The codings of zeros to try on these levels, as `runs` flags: under "auto" runs as
+        well when at least RUNS_MIN_ZERO_SHARE of them are zero."""
+        if self.zeros != "auto":
+            return (self.zeros == "runs",)
+        if levels.size and levels.size - np.count_nonzero(levels) >= RUNS_MIN_ZERO_SHARE * levels.size:
+            return (False, True)
+        return (False,)
 
 
 def plan_tensor(x: np.ndarray, settings: CodingSettings, *, explicit: bool = False) -> TensorPlan:
@@ -182,7 +202,7 @@ def plan_tensor(x: np.ndarray, settings: CodingSettings, *, explicit: bool = Fal
         wide = x.astype(np.int64) if dtype != "uint64" else x
         if n and (wide.max() > MAX_ABS_LEVEL or wide.min() < -MAX_ABS_LEVEL):
             return TensorPlan("raw", 0.0, 0, dtype)
-        return TensorPlan("int", 1.0, size, dtype, num_gt_flags=settings.num_gt_flags)
+        return TensorPlan("int", 1.0, size, dtype, num_gt_flags=settings.num_gt_flags, zeros=settings.zeros)
     step, lam, scans = settings.step, settings.lam, ("rows",)
     if x.ndim >= 2:
         scans = SCANS if settings.scan == "auto" else (settings.scan,)
@@ -191,4 +211,4 @@ def plan_tensor(x: np.ndarray, settings: CodingSettings, *, explicit: bool = Fal
             return TensorPlan("raw", 0.0, 0, dtype)
         step = settings.small_step if settings.small_step is not None else settings.step / SMALL_STEP_DIVISOR
         lam = 0.0
-    return TensorPlan(settings.quantizer, float(np.float32(step)), size, dtype, lam, settings.num_gt_flags, scans)
+    return TensorPlan(settings.quantizer, float(np.float32(step)), size, dtype, lam, settings.num_gt_flags, scans, settings.zeros)

@@ -23,7 +23,9 @@ DECODE_OVERRUN = 1  # the arithmetic decoder needed bytes past the slice's end
 DECODE_BAD_LEVEL = 2  # an Exp-Golomb prefix longer than any valid level allows
 DECODE_BAD_END = 3  # missing terminate bin or stop pattern, or unused bytes at the end
 DECODE_CRC = 4  # the slice's bytes do not match its CRC-32 (it was not decoded)
+DECODE_BAD_RUN = 5  # a zero run longer than what is left of the slice
 DECODE_ERROR_MESSAGES = {
+    DECODE_BAD_RUN: "a run of zeros passes the slice's end",
     DECODE_OVERRUN: "the arithmetic decoder ran past the slice's end",
     DECODE_BAD_LEVEL: "an Exp-Golomb prefix is longer than any valid level",
     DECODE_BAD_END: "the slice does not end with the terminate bin and stop pattern",
@@ -65,10 +67,22 @@ def _level_bound_bits(q, num_gt_flags):
     return 7 * (2 + num_gt_flags + m + 1) + m
 
 
+@nb.njit(inline="always", cache=True)
+def _run_bound_bits(r):
+    """Upper bound on the coded bits of a run of r zeros: m + 1 regular prefix bins, m bypass bins."""
+    m = 0
+    base = 0
+    while r >= base + (1 << m):
+        base += 1 << m
+        m += 1
+    return 7 * (m + 1) + m
+
+
 @nb.njit(parallel=True, cache=True)
-def slice_bounds(levels, slice_size, dq, num_gt_flags):
+def slice_bounds(levels, slice_size, dq, num_gt_flags, runs=False):
     """Per slice: an upper bound on its coded bytes, and the index of the first invalid level
-    (|level| too large, or under DQ not on the current state's quantizer), or -1."""
+    (|level| too large, or under DQ not on the current state's quantizer), or -1. With `runs`
+    the zeros cost their runs' bits and a non-zero level none for its (absent) sig bin."""
     n = levels.shape[0]
     nslices = (n + slice_size - 1) // slice_size
     bound = np.empty(nslices, np.int64)
@@ -78,6 +92,7 @@ def slice_bounds(levels, slice_size, dq, num_gt_flags):
         end = min(n, start + slice_size)
         bits = 0
         state = 0
+        run = 0
         for i in range(start, end):
             q = levels[i]
             if dq:
@@ -85,9 +100,17 @@ def slice_bounds(levels, slice_size, dq, num_gt_flags):
             if q > MAX_ABS_LEVEL or q < -MAX_ABS_LEVEL:
                 bad[s] = i
                 break
-            bits += _level_bound_bits(q, num_gt_flags)
+            if not runs:
+                bits += _level_bound_bits(q, num_gt_flags)
+            elif q == 0:
+                run += 1
+            else:
+                bits += _run_bound_bits(run) + _level_bound_bits(q, num_gt_flags) - 7
+                run = 0
             if dq:
                 state = dq_next_state(dq, state, q)
+        if run:
+            bits += _run_bound_bits(run)
         # terminate (7 bits), flush and stop bit: at most 5 more bytes with pending 0xFF runs
         bound[s] = (bits + 7) // 8 + 8
     return bound, bad
@@ -100,10 +123,10 @@ def bad_level_error(levels: np.ndarray, i: int, dq: int) -> InputError:
     return InputError(f"level {q} at position {i} {what}")
 
 
-def check_levels(levels: np.ndarray, slice_size: int, dq: int, num_gt_flags: int) -> np.ndarray:
-    """The byte bound of every slice of int32 `levels`; InputError naming the first level that
-    cannot be coded."""
-    bound, bad = slice_bounds(levels, slice_size, dq, num_gt_flags)
+def check_levels(levels: np.ndarray, slice_size: int, dq: int, num_gt_flags: int, runs: bool = False) -> np.ndarray:
+    """The byte bound of every slice of int32 `levels` (coded with zero runs or not); InputError
+    naming the first level that cannot be coded."""
+    bound, bad = slice_bounds(levels, slice_size, dq, num_gt_flags, bool(runs))
     if (bad >= 0).any():
         raise bad_level_error(levels, int(bad[bad >= 0][0]), dq)
     return bound

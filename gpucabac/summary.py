@@ -26,6 +26,7 @@ class TensorInfo:
     coded_bytes: int  # payload bytes of all its slices
     header_bytes: int  # bytes of its record in the tensor table
     scan: str = "rows"  # or "columns": the order its slices hold the values in
+    zeros: str = "flags"  # or "runs": how its zero levels are coded (format version 3)
 
     @property
     def numel(self) -> int:
@@ -65,7 +66,8 @@ def info(data) -> ContainerInfo:
         total = len(buf)
     tensors = [
         TensorInfo(r.name, r.dtype, r.shape, r.mode, r.step, r.slice_size, r.num_slices, r.num_gt_flags,
-                   r.payload_length, container.record_size(r), r.scan)
+                   r.payload_length, container.record_size(r), r.scan,
+                   "runs" if r.runs else "flags")
         for r in header.records
     ]
     return ContainerInfo(header.version, total, tensors)

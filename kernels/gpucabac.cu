@@ -67,22 +67,22 @@ extern "C" __global__ void gc_decode_kernel(
 
 // Per slice of one tensor: the bound on its coded bytes, and its first invalid level or -1.
 extern "C" __global__ void gc_bound_kernel(
-    const int* levels, long long n, long long slice_size, long long num_slices, int dq, int num_gt_flags,
+    const int* levels, long long n, long long slice_size, long long num_slices, int dq, int num_gt_flags, int runs,
     long long* bound, long long* bad) {
     __shared__ GcSharedTables shared;
     GcTables t = gc_load_tables(shared);
     for (long long s = gc_thread_index(); s < num_slices; s += gc_thread_count())
-        gc_bound_job(s, levels, n, slice_size, dq, num_gt_flags, t, bound, bad);
+        gc_bound_job(s, levels, n, slice_size, dq, num_gt_flags, runs, t, bound, bad);
 }
 
 // Encode every slice of one tensor into scratch[scratch_offset[s] : + bound[s]].
 extern "C" __global__ void gc_encode_kernel(
-    const int* levels, long long n, long long slice_size, long long num_slices, int dq, int num_gt_flags,
+    const int* levels, long long n, long long slice_size, long long num_slices, int dq, int num_gt_flags, int runs,
     const unsigned char* init, unsigned char* scratch, const long long* scratch_offset, const long long* bound,
     long long* lengths) {
     __shared__ GcSharedTables shared;
     GcTables t = gc_load_tables(shared);
-    GcEncodeTable e = {levels, n, slice_size, dq, num_gt_flags, init, scratch, scratch_offset, bound, lengths};
+    GcEncodeTable e = {levels, n, slice_size, dq, num_gt_flags, runs, init, scratch, scratch_offset, bound, lengths};
     GcCtxArray ctx = gc_thread_contexts();
     for (long long s = gc_thread_index(); s < num_slices; s += gc_thread_count()) gc_encode_job(s, e, ctx, t);
 }

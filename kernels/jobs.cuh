@@ -21,7 +21,7 @@ struct GcDecodeTable {
     const int* slice_tensor;         // [num_slices] tensor index t
     const long long* slice_first;    // [num_slices] index of its first value in the tensor
     const long long* slice_count;    // [num_slices] number of values
-    const int* tensor_params;        // [4 t + k] k = 0: dq, 1: num_gt_flags, 2: work dtype, 3: out dtype
+    const int* tensor_params;        // [GC_TENSOR_PARAMS t + k] k = 0: dq, 1: num_gt_flags, 2: work dtype, 3: out dtype, 4: runs
     const float* tensor_step;        // [t] float32 step
     const unsigned long long* tensor_out;  // [t] address of the output array
     const unsigned char* tensor_init;  // [GC_MAX_CONTEXTS t + c] preset index of context c
@@ -47,14 +47,14 @@ GC_HD void gc_decode_job(long long s, const GcDecodeTable& d, GcCtxArray ctx, co
         return;
     }
     int tn = d.slice_tensor[s];
-    const int* prm = d.tensor_params + 4 * tn;
+    const int* prm = d.tensor_params + GC_TENSOR_PARAMS * tn;
     GcStoreSink sink;
     sink.out = (void*)d.tensor_out[tn];
     sink.first = d.slice_first[s];
     sink.step = d.tensor_step[tn];
     sink.work = prm[2];
     sink.out_code = prm[3];
-    d.errors[s] = gc_decode_slice(data, len, d.slice_count[s], prm[0], prm[1],
+    d.errors[s] = gc_decode_slice(data, len, d.slice_count[s], prm[0], prm[1], prm[4],
                                   d.tensor_init + (long long)GC_MAX_CONTEXTS * tn, ctx, t, sink);
 }
 
@@ -67,6 +67,7 @@ struct GcEncodeTable {
     long long slice_size;
     int dq;
     int num_gt_flags;
+    int runs;                   // zeros coded as runs
     const unsigned char* init;  // [GC_MAX_CONTEXTS]
     unsigned char* scratch;
     const long long* scratch_offset;  // [num_slices] exclusive prefix sum of bound
@@ -75,18 +76,18 @@ struct GcEncodeTable {
 };
 
 GC_HD void gc_bound_job(long long s, const int* levels, long long n, long long slice_size, int dq, int num_gt_flags,
-                        const GcTables& t, long long* bound, long long* bad) {
+                        int runs, const GcTables& t, long long* bound, long long* bad) {
     long long start = s * slice_size;
     long long count = n - start < slice_size ? n - start : slice_size;
     long long b;
-    bound[s] = gc_slice_bound(levels + start, count, dq, num_gt_flags, t, &b);
+    bound[s] = gc_slice_bound(levels + start, count, dq, num_gt_flags, runs, t, &b);
     bad[s] = b < 0 ? -1 : start + b;
 }
 
 GC_HD void gc_encode_job(long long s, const GcEncodeTable& e, GcCtxArray ctx, const GcTables& t) {
     long long start = s * e.slice_size;
     long long count = e.n - start < e.slice_size ? e.n - start : e.slice_size;
-    e.lengths[s] = gc_encode_slice(e.levels + start, count, e.dq, e.num_gt_flags, e.init, ctx, t,
+    e.lengths[s] = gc_encode_slice(e.levels + start, count, e.dq, e.num_gt_flags, e.runs, e.init, ctx, t,
                                    e.scratch + e.scratch_offset[s], e.bound[s]);
 }
 

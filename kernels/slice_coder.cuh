@@ -198,10 +198,28 @@ GC_HD void gc_encode_finish(GcEncoder& e) {
     }
 }
 
+// Context of prefix bin j of a zero run: the first 23 bins their own, the rare rest one shared.
+GC_HD int gc_run_context(int j) { return GC_RUN + (j < GC_RUN_CONTEXTS - 1 ? j : GC_RUN_CONTEXTS - 1); }
+
+// A run of `run` zeros (docs/format.md §4.2): its prefix bin j at context gc_run_context(j).
+GC_HD void gc_encode_run(GcEncoder& e, GcCtxArray ctx, long long run, const GcTables& t) {
+    long long base = 0;
+    int m = 0;
+    while (run >= base + (1LL << m)) {
+        gc_encode_bin(e, ctx, gc_run_context(m), 1, t);
+        base += 1LL << m;
+        m += 1;
+    }
+    gc_encode_bin(e, ctx, gc_run_context(m), 0, t);
+    long long suffix = run - base;
+    for (int k = m - 1; k >= 0; --k) gc_encode_bypass(e, (int)((suffix >> k) & 1));  // MSB first
+}
+
 // Code levels[0:count] (reconstruction indices; coded levels k under DQ) as one flushed slice into
-// out[0:cap]. Returns the bytes written, or -1 if they would not fit in cap. Precondition: every
-// level is valid (gc_slice_bound reports none bad), as engines/cpu.py encode_slice assumes.
-GC_HD long long gc_encode_slice(const int* levels, long long count, int dq, int num_gt_flags,
+// out[0:cap], with zero runs when `runs` is set. Returns the bytes written, or -1 if they would not
+// fit in cap. Precondition: every level is valid (gc_slice_bound reports none bad), as
+// engines/cpu.py encode_slice assumes.
+GC_HD long long gc_encode_slice(const int* levels, long long count, int dq, int num_gt_flags, int runs,
                                 const unsigned char* init, GcCtxArray ctx, const GcTables& t,
                                 unsigned char* out, long long cap) {
     gc_ctx_init(ctx, init, t);
@@ -218,12 +236,23 @@ GC_HD long long gc_encode_slice(const int* levels, long long count, int dq, int 
     const int eg = GC_GT + 2 * num_gt_flags;
     long long prev = 0;
     int state = 0;
+    long long run = 0;
     for (long long i = 0; i < count; ++i) {
         long long q = levels[i];
         if (dq) q = gc_dq_coded_level(q, state);
-        // Bins of §1.1 in order: sig, sign, greater-than flags, EG prefix (regular), EG suffix (bypass).
+        // Bins of §1.1 in order: sig (or, with runs, the run of zeros before a non-zero level),
+        // sign, greater-than flags, EG prefix (regular), EG suffix (bypass).
         int nbc = gc_neighbour_class(prev);
-        gc_encode_bin(e, ctx, GC_SIG + 3 * (state & 7) + nbc, q != 0, t);
+        if (runs) {
+            if (q == 0) {
+                run += 1;
+            } else {
+                gc_encode_run(e, ctx, run, t);
+                run = 0;
+            }
+        } else {
+            gc_encode_bin(e, ctx, GC_SIG + 3 * (state & 7) + nbc, q != 0, t);
+        }
         if (q != 0) {
             int neg = q < 0 ? 1 : 0;
             long long a = neg ? -q : q;
@@ -255,6 +284,7 @@ GC_HD long long gc_encode_slice(const int* levels, long long count, int dq, int 
         prev = q;
         if (dq) state = gc_dq_next_state(dq, state, q, t);
     }
+    if (runs && run > 0) gc_encode_run(e, ctx, run, t);  // the slice ends in zeros
     gc_encode_finish(e);
     return e.overflow ? -1 : e.pos;
 }
@@ -277,12 +307,25 @@ GC_HD long long gc_level_bound_bits(long long q, int num_gt_flags) {
     return 7LL * (2 + num_gt_flags + m + 1) + m;
 }
 
-// The bound in bytes of the slice levels[0:count]; *bad = the index (in the slice) of the first
-// level that cannot be coded (|k| too large, or under DQ not on its state's quantizer), or -1.
-GC_HD long long gc_slice_bound(const int* levels, long long count, int dq, int num_gt_flags,
+// A run of r zeros: m + 1 regular prefix bins, m bypass bins.
+GC_HD long long gc_run_bound_bits(long long r) {
+    long long base = 0;
+    int m = 0;
+    while (r >= base + (1LL << m)) {
+        base += 1LL << m;
+        m += 1;
+    }
+    return 7LL * (m + 1) + m;
+}
+
+// The bound in bytes of the slice levels[0:count] (coded with zero runs when `runs` is set);
+// *bad = the index (in the slice) of the first level that cannot be coded (|k| too large, or
+// under DQ not on its state's quantizer), or -1.
+GC_HD long long gc_slice_bound(const int* levels, long long count, int dq, int num_gt_flags, int runs,
                                const GcTables& t, long long* bad) {
     long long bits = 0;
     int state = 0;
+    long long run = 0;
     *bad = -1;
     for (long long i = 0; i < count; ++i) {
         long long q = levels[i];
@@ -291,9 +334,17 @@ GC_HD long long gc_slice_bound(const int* levels, long long count, int dq, int n
             *bad = i;
             break;
         }
-        bits += gc_level_bound_bits(q, num_gt_flags);
+        if (!runs) {
+            bits += gc_level_bound_bits(q, num_gt_flags);
+        } else if (q == 0) {
+            run += 1;
+        } else {
+            bits += gc_run_bound_bits(run) + gc_level_bound_bits(q, num_gt_flags) - 7;
+            run = 0;
+        }
         if (dq) state = gc_dq_next_state(dq, state, q, t);
     }
+    if (run) bits += gc_run_bound_bits(run);
     // terminate (7 bits), flush and stop bit: at most 5 more bytes with pending 0xFF runs
     return (bits + 7) / 8 + 8;
 }
@@ -312,14 +363,36 @@ GC_HD int gc_read_byte(const unsigned char* data, long long len, long long& pos,
     return b;
 }
 
-enum { GC_PHASE_SIG = 0, GC_PHASE_SIGN = 1, GC_PHASE_GT = 2, GC_PHASE_EG = 3 };
+enum { GC_PHASE_SIG = 0, GC_PHASE_SIGN = 1, GC_PHASE_GT = 2, GC_PHASE_EG = 3, GC_PHASE_RUN = 4 };
 
-// Decode `count` levels from data[0:len] into sink(i, level); returns a GC_DECODE_* code
-// (GC_DECODE_OK when the slice decoded and ended exactly at its last byte). The binarization is
-// walked as a small state machine (phase = which bin comes next), as in engines/cpu.py decode_slice.
+// m bypass bins, most significant first.
+GC_HD long long gc_decode_bypass(int m, int& value, int& bits, int rng, const unsigned char* data, long long len,
+                                 long long& pos, bool& overrun) {
+    long long suffix = 0;
+    for (int k = 0; k < m; ++k) {
+        value <<= 1;
+        bits += 1;
+        if (bits >= 0) {
+            value += gc_read_byte(data, len, pos, overrun);
+            bits = -8;
+        }
+        int s = rng << 7;
+        suffix <<= 1;
+        if (value >= s) {
+            value -= s;
+            suffix |= 1;
+        }
+    }
+    return suffix;
+}
+
+// Decode `count` levels from data[0:len] into sink(i, level), with zero runs when `runs` is set;
+// returns a GC_DECODE_* code (GC_DECODE_OK when the slice decoded and ended exactly at its last
+// byte). The binarization is walked as a small state machine (phase = which bin comes next), as
+// in engines/cpu.py decode_slice.
 template <class Sink>
 GC_HD int gc_decode_slice_as(const unsigned char* data, long long len, long long count, int dq, int num_gt_flags,
-                             const unsigned char* init, GcCtxArray ctx, const GcTables& t, Sink& sink) {
+                             int runs, const unsigned char* init, GcCtxArray ctx, const GcTables& t, Sink& sink) {
     gc_ctx_init(ctx, init, t);
     bool overrun = false;
     long long pos = 0;
@@ -332,7 +405,8 @@ GC_HD int gc_decode_slice_as(const unsigned char* data, long long len, long long
     long long i = 0;
     int nbc = 0;    // neighbour class of the previous level
     int state = 0;  // DQ state
-    int phase = GC_PHASE_SIG;
+    const int first_phase = runs ? GC_PHASE_RUN : GC_PHASE_SIG;
+    int phase = first_phase;
     int neg = 0;
     long long a = 0;
     int m = 0;
@@ -345,8 +419,10 @@ GC_HD int gc_decode_slice_as(const unsigned char* data, long long len, long long
             c = GC_SIGN + nbc;
         else if (phase == GC_PHASE_GT)
             c = GC_GT + 2 * (int)(a - 1) + neg;
-        else
+        else if (phase == GC_PHASE_EG)
             c = eg + m;
+        else
+            c = gc_run_context(m);
         // One regular bin.
         unsigned int w = ctx[c];
         int p = gc_ctx_p(w);
@@ -397,30 +473,30 @@ GC_HD int gc_decode_slice_as(const unsigned char* data, long long len, long long
             } else {
                 a += 1;
             }
-        } else if (b) {
+        } else if (b) {  // a prefix bin 1, of a level's remainder or of a run
             base += 1LL << m;
             m += 1;
-            if (m >= GC_EG_PREFIX_BINS) return GC_DECODE_BAD_LEVEL;
-        } else {
-            long long suffix = 0;
-            for (int k = 0; k < m; ++k) {  // bypass bins, MSB first
-                value <<= 1;
-                bits += 1;
-                if (bits >= 0) {
-                    value += gc_read_byte(data, len, pos, overrun);
-                    bits = -8;
-                }
-                int s = rng << 7;
-                suffix <<= 1;
-                if (value >= s) {
-                    value -= s;
-                    suffix |= 1;
-                }
-            }
+            if (phase == GC_PHASE_EG && m >= GC_EG_PREFIX_BINS) return GC_DECODE_BAD_LEVEL;
+            if (phase == GC_PHASE_RUN && m >= GC_RUN_PREFIX_BINS) return GC_DECODE_BAD_RUN;
+        } else if (phase == GC_PHASE_EG) {
+            long long suffix = gc_decode_bypass(m, value, bits, rng, data, len, pos, overrun);
             a = base + suffix + num_gt_flags + 1;
             if (a > GC_MAX_ABS_LEVEL) return GC_DECODE_BAD_LEVEL;
             q = neg ? -a : a;
             done = true;
+        } else {  // the end of a run's prefix: its zeros, then a non-zero level unless the slice ends
+            long long r = base + gc_decode_bypass(m, value, bits, rng, data, len, pos, overrun);
+            if (overrun) return GC_DECODE_OVERRUN;
+            if (r > count - i) return GC_DECODE_BAD_RUN;
+            for (long long j = 0; j < r; ++j) {
+                sink(i + j, 0);
+                if (dq) state = gc_dq_next_state(dq, state, 0, t);
+            }
+            i += r;
+            if (r) nbc = 0;
+            phase = GC_PHASE_SIGN;
+            m = 0;
+            base = 0;
         }
         if (done) {
             if (overrun) return GC_DECODE_OVERRUN;
@@ -432,7 +508,9 @@ GC_HD int gc_decode_slice_as(const unsigned char* data, long long len, long long
             }
             nbc = gc_neighbour_class(q);
             i += 1;
-            phase = GC_PHASE_SIG;
+            phase = first_phase;
+            m = 0;
+            base = 0;
         }
     }
     // Terminate bin: must decode as 1, the slice must end exactly here, with the stop pattern.
@@ -443,11 +521,11 @@ GC_HD int gc_decode_slice_as(const unsigned char* data, long long len, long long
 
 template <class Sink>
 GC_HD int gc_decode_slice(const unsigned char* data, long long len, long long count, int dq, int num_gt_flags,
-                          const unsigned char* init, GcCtxArray ctx, const GcTables& t, Sink& sink) {
+                          int runs, const unsigned char* init, GcCtxArray ctx, const GcTables& t, Sink& sink) {
     // A valid slice starts below 0xFF00 (= 510 << 7, the initial range): reject the rest at once,
     // as engines/cpu.py decode_slice does, so value always fits an int.
     if (len >= 1 && data[0] == 0xFF) return GC_DECODE_BAD_END;
-    return gc_decode_slice_as(data, len, count, dq, num_gt_flags, init, ctx, t, sink);
+    return gc_decode_slice_as(data, len, count, dq, num_gt_flags, runs, init, ctx, t, sink);
 }
 
 // ---------------------------------------------------------------------------------------------

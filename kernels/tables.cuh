@@ -8,6 +8,9 @@
 
 #define GC_MAX_CONTEXTS 98
 #define GC_SIG 0
+#define GC_RUN 0
+#define GC_RUN_CONTEXTS 24
+#define GC_RUN_PREFIX_BINS 33
 #define GC_SIGN 24
 #define GC_GT 27
 #define GC_EG_PREFIX_BINS 31
@@ -20,6 +23,8 @@
 #define GC_DECODE_BAD_LEVEL 2
 #define GC_DECODE_BAD_END 3
 #define GC_DECODE_CRC 4
+#define GC_DECODE_BAD_RUN 5
+#define GC_TENSOR_PARAMS 5
 #define GC_DTYPE_INT32 0
 #define GC_DTYPE_FLOAT32 1
 #define GC_DTYPE_FLOAT16 2

@@ -28,19 +28,19 @@ unsigned int gc_shim_ctx_update(unsigned int w, int b) { return gc_ctx_update(w,
 
 int gc_shim_ctx_p(unsigned int w) { return gc_ctx_p(w); }
 
-long long gc_shim_encode_slice(const int* levels, long long count, int dq, int num_gt_flags,
+long long gc_shim_encode_slice(const int* levels, long long count, int dq, int num_gt_flags, int runs,
                                const unsigned char* init, unsigned char* out, long long cap) {
     unsigned int words[GC_MAX_CONTEXTS];
     GcTables t = gc_host_tables();
-    return gc_encode_slice(levels, count, dq, num_gt_flags, init, private_contexts(words), t, out, cap);
+    return gc_encode_slice(levels, count, dq, num_gt_flags, runs, init, private_contexts(words), t, out, cap);
 }
 
 int gc_shim_decode_slice(const unsigned char* data, long long len, long long count, int dq, int num_gt_flags,
-                         const unsigned char* init, int* out) {
+                         int runs, const unsigned char* init, int* out) {
     unsigned int words[GC_MAX_CONTEXTS];
     GcTables t = gc_host_tables();
     LevelSink sink = {out};
-    return gc_decode_slice(data, len, count, dq, num_gt_flags, init, private_contexts(words), t, sink);
+    return gc_decode_slice(data, len, count, dq, num_gt_flags, runs, init, private_contexts(words), t, sink);
 }
 
 unsigned int gc_shim_crc32(const unsigned char* data, long long len) {
@@ -48,17 +48,18 @@ unsigned int gc_shim_crc32(const unsigned char* data, long long len) {
 }
 
 void gc_shim_bound_table(const int* levels, long long n, long long slice_size, long long num_slices, int dq,
-                         int num_gt_flags, long long* bound, long long* bad) {
+                         int num_gt_flags, int runs, long long* bound, long long* bad) {
     GcTables t = gc_host_tables();
-    for (long long s = 0; s < num_slices; ++s) gc_bound_job(s, levels, n, slice_size, dq, num_gt_flags, t, bound, bad);
+    for (long long s = 0; s < num_slices; ++s)
+        gc_bound_job(s, levels, n, slice_size, dq, num_gt_flags, runs, t, bound, bad);
 }
 
 void gc_shim_encode_table(const int* levels, long long n, long long slice_size, long long num_slices, int dq,
-                          int num_gt_flags, const unsigned char* init, unsigned char* scratch,
+                          int num_gt_flags, int runs, const unsigned char* init, unsigned char* scratch,
                           const long long* scratch_offset, const long long* bound, long long* lengths) {
     unsigned int words[GC_MAX_CONTEXTS];
     GcTables t = gc_host_tables();
-    GcEncodeTable e = {levels, n, slice_size, dq, num_gt_flags, init, scratch, scratch_offset, bound, lengths};
+    GcEncodeTable e = {levels, n, slice_size, dq, num_gt_flags, runs, init, scratch, scratch_offset, bound, lengths};
     for (long long s = 0; s < num_slices; ++s) gc_encode_job(s, e, private_contexts(words), t);
 }
 

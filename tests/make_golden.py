@@ -29,13 +29,15 @@ import gpucabac
 
 DATA = pathlib.Path(__file__).resolve().parent / "data"
 MANIFEST = DATA / "manifest.json"
-FORMAT_VERSION = 2  # the newest; each file has the version its modes need (docs/format.md)
+FORMAT_VERSION = 3  # the newest; each file has the version its modes need (docs/format.md)
 M64 = (1 << 64) - 1
 
 # name -> (seed, encode parameters, tensors as (name, dtype, shape, kind, scale_bits))
 # kinds: "bell" = sum of three uniform integers in [-2**11, 2**11) / 2**scale_bits (peaked, dyadic);
 #        "int" = uniform integers in the dtype's range, clipped to +-2**scale_bits;
-#        "wide" = like int, plus the dtype's extremes; "bool"; "zero".
+#        "wide" = like int, plus the dtype's extremes; "bool"; "zero";
+#        "sparse" = "bell" where the generator's next draw is 0 mod 32, else 0 (for float dtypes),
+#        or a uniform integer in +-2**scale_bits there (integer dtypes).
 CASES: dict[str, dict] = {
     "urq_s7": dict(seed=1, params=dict(qp=-32, slice_size=7), tensors=[
         ("conv.weight", "float32", [4, 3, 3, 3], "bell", 15),
@@ -83,6 +85,17 @@ CASES: dict[str, dict] = {
         ("fc.weight", "bfloat16", [5, 7], "bell", 14),
         ("fc.bias", "float32", [7], "bell", 17),
     ]),
+    # format version 3: zero runs
+    "urq_runs_s64": dict(seed=10, params=dict(qp=-32, slice_size=64, zeros="runs"), tensors=[
+        ("conv.weight", "float32", [8, 4, 3, 3], "sparse", 13),
+        ("fc.weight", "float32", [40, 16], "sparse", 12),
+        ("counts", "int16", [150], "sparse", 9),
+        ("zeros", "float32", [70, 2], "zero", 0),
+    ]),
+    "dq_runs_auto_whole": dict(seed=11, params=dict(qp=-34, dq=True, slice_size=None, zeros="auto"), tensors=[
+        ("sparse.weight", "float32", [60, 80], "sparse", 13),
+        ("dense.weight", "float32", [6, 9], "bell", 14),
+    ]),
 }
 
 
@@ -107,6 +120,13 @@ def make_tensor(seed: int, index: int, dtype: str, shape, kind: str, scale_bits:
         return np.zeros(shape, dt)
     if kind == "bool":
         return np.array([next(gen) & 1 for _ in range(n)], bool).reshape(shape)
+    if kind == "sparse":
+        keep = [next(gen) % 32 == 0 for _ in range(n)]
+        if np.issubdtype(dt, np.integer):
+            vals = [((next(gen) % (2 << scale_bits)) - (1 << scale_bits)) if k else 0 for k in keep]
+            return np.array(vals, np.int64).astype(dt).reshape(shape)
+        vals = [sum((next(gen) >> 52) - 2048 for _ in range(3)) if k else 0 for k in keep]
+        return (np.array(vals, np.float64) / 2.0**scale_bits).astype(dt).reshape(shape)
     if kind in ("int", "wide"):
         info = np.iinfo(dt)
         lo, hi = max(int(info.min), -(1 << scale_bits)), min(int(info.max), 1 << scale_bits)

@@ -45,11 +45,11 @@ def build_shim(directory: pathlib.Path) -> ctypes.CDLL:
         "gc_shim_ctx_pack": (U32, [I32, I32, I32, I32]),
         "gc_shim_ctx_update": (U32, [U32, I32]),
         "gc_shim_ctx_p": (I32, [U32]),
-        "gc_shim_encode_slice": (I64, [P, I64, I32, I32, P, P, I64]),
-        "gc_shim_decode_slice": (I32, [P, I64, I64, I32, I32, P, P]),
+        "gc_shim_encode_slice": (I64, [P, I64, I32, I32, I32, P, P, I64]),
+        "gc_shim_decode_slice": (I32, [P, I64, I64, I32, I32, I32, P, P]),
         "gc_shim_crc32": (U32, [P, I64]),
-        "gc_shim_bound_table": (None, [P, I64, I64, I64, I32, I32, P, P]),
-        "gc_shim_encode_table": (None, [P, I64, I64, I64, I32, I32, P, P, P, P, P]),
+        "gc_shim_bound_table": (None, [P, I64, I64, I64, I32, I32, I32, P, P]),
+        "gc_shim_encode_table": (None, [P, I64, I64, I64, I32, I32, I32, P, P, P, P, P]),
         "gc_shim_gather": (None, [P, P, P, P, I64, P]),
         "gc_shim_crc_table": (None, [P, P, P, I64, P]),
         "gc_shim_decode_table": (None, [I64] + [P] * 12),
@@ -92,14 +92,15 @@ class ShimKernels:
     def bfloat16_array(self, a):
         return a.view(BF16) if a.dtype == np.uint16 else a
 
-    def bounds(self, levels, slice_size, dq, num_gt_flags):
+    def bounds(self, levels, slice_size, dq, num_gt_flags, runs=False):
         engine_gpu.check_array(np, "levels", levels, np.int32, min_size=1)
         ns = -(-levels.size // slice_size)
         bound, bad = np.full(ns, -7, np.int64), np.full(ns, -7, np.int64)
-        self.lib.gc_shim_bound_table(p(levels), levels.size, slice_size, ns, int(dq), num_gt_flags, p(bound), p(bad))
+        self.lib.gc_shim_bound_table(p(levels), levels.size, slice_size, ns, int(dq), num_gt_flags, int(bool(runs)),
+                                     p(bound), p(bad))
         return bound, bad
 
-    def encode(self, levels, slice_size, dq, num_gt_flags, init, scratch, scratch_offset, bound):
+    def encode(self, levels, slice_size, dq, num_gt_flags, init, scratch, scratch_offset, bound, runs=False):
         engine_gpu.check_array(np, "levels", levels, np.int32, min_size=1)
         ns = -(-levels.size // slice_size)
         engine_gpu.check_array(np, "init", init, np.uint8, size=MAX_CONTEXTS)
@@ -108,7 +109,7 @@ class ShimKernels:
         engine_gpu.check_array(np, "bound", bound, np.int64, size=ns)
         assert int(scratch_offset[-1] + bound[-1]) <= scratch.size
         lengths = np.full(ns, -7, np.int64)
-        self.lib.gc_shim_encode_table(p(levels), levels.size, slice_size, ns, int(dq), num_gt_flags, p(init),
+        self.lib.gc_shim_encode_table(p(levels), levels.size, slice_size, ns, int(dq), num_gt_flags, int(bool(runs)), p(init),
                                       p(scratch), p(scratch_offset), p(bound), p(lengths))
         return lengths
 

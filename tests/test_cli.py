@@ -321,16 +321,16 @@ def test_info_lists_every_tensor_and_totals(tmp_path, model_file):
     assert result.exit_code == 0, result.output
     meta = gpucabac.info(gcb.read_bytes())
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["name", "dtype", "shape", "mode", "scan", "step", "slices", "bytes", "bits/weight"]
+    assert lines[0].split() == ["name", "dtype", "shape", "mode", "scan", "zeros", "step", "slices", "bytes", "bits/weight"]
     rows = {line.split()[0]: line.split() for line in lines[2 : 2 + len(meta.tensors)]}
     assert list(rows) == [t.name for t in meta.tensors]
     for t in meta.tensors:
         row = rows[t.name]
-        assert row[1] == t.dtype and row[3] == t.mode and row[4] == t.scan and int(row[6]) == t.num_slices
-        assert int(row[7].replace(",", "")) == t.coded_bytes
+        assert row[1] == t.dtype and row[3] == t.mode and row[4] == t.scan and row[5] == t.zeros
+        assert int(row[7]) == t.num_slices and int(row[8].replace(",", "")) == t.coded_bytes
         # a tensor's bits/weight counts its header record, as TensorInfo.bits_per_weight does
-        assert row[8] == (f"{t.bits_per_weight:.3f}" if t.numel else "-")
-    assert rows["layer.weight"][2] == "40x30" and int(rows["layer.weight"][6]) == math.ceil(1200 / 256)
+        assert row[9] == (f"{t.bits_per_weight:.3f}" if t.numel else "-")
+    assert rows["layer.weight"][2] == "40x30" and int(rows["layer.weight"][7]) == math.ceil(1200 / 256)
     weights = sum(math.prod(t.shape) for t in meta.tensors)
     assert f"{len(meta.tensors)} tensors, {weights:,} weights, {meta.total_bytes:,} bytes" in lines[-1]
     coded = sum(t.coded_bytes for t in meta.tensors)

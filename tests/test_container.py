@@ -204,7 +204,9 @@ def test_wrong_magic_version_reserved(sample):
         (dict(magic=b"\x89GCB\r\n\x1a\x00"), "not a gpucabac container"),
         (dict(magic=b"PK\x03\x04\x00\x00\x00\x00"), "magic"),
         (dict(version=0), "unsupported container version 0"),
-        (dict(version=3), "unsupported container version 3"),
+        (dict(version=4), "unsupported container version 4"),
+        (dict(version=3), "preamble says format version 3, its tensors are version 1"),
+        (dict(version=2), "preamble says format version 2, its tensors are version 1"),
         (dict(version=0xFFFF), "version"),
         (dict(flags=1), "reserved"),
         (dict(flags=0x8000), "reserved"),
@@ -681,14 +683,20 @@ def test_context_count_matches_used_contexts(sample, sample_dq):
 
 @pytest.mark.parametrize("dq", [False, True])
 def test_the_levels_per_byte_bound_admits_the_sparsest_valid_streams(dq):
-    """container.MAX_LEVELS_PER_BYTE rejects absurd shapes; the densest valid slices (long runs
-    of zeros, the estimator saturated) must stay well inside it."""
+    """container.MAX_LEVELS_PER_BYTE rejects absurd shapes of sig-flag slices; the densest valid
+    ones (long runs of zeros, the estimator saturated) must stay well inside it. Zero-run slices
+    are exempt: a run of r zeros costs O(log r) bits, and such files are read."""
     zeros = {"z": np.zeros((2048, 1024), np.float32)}
     for slice_size in (None, 8192, 7):
-        data = gpucabac.encode(zeros, dq=dq, slice_size=slice_size)
+        data = gpucabac.encode(zeros, dq=dq, slice_size=slice_size, zeros="flags")
         meta = gpucabac.info(data).tensors[0]
+        assert meta.zeros == "flags"
         assert meta.numel / meta.coded_bytes < 0.85 * container.MAX_LEVELS_PER_BYTE
         assert np.array_equal(gpucabac.decode(data)["z"], zeros["z"])
+    data = gpucabac.encode(zeros, dq=dq, slice_size=None, zeros="runs")
+    meta = gpucabac.info(data).tensors[0]
+    assert meta.zeros == "runs" and meta.numel / meta.coded_bytes > 100 * container.MAX_LEVELS_PER_BYTE
+    assert np.array_equal(gpucabac.decode(data)["z"], zeros["z"])
 
 
 def test_write_joins_a_list_of_payloads_once(sample):

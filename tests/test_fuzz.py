@@ -253,6 +253,10 @@ def _small_containers() -> dict[str, bytes]:
                                   "empty": np.zeros((0, 3), np.float32), "s": np.array(0.25, np.float32),
                                   "u": np.array([7, 0, 65535], np.uint16)},
                                  qp=-30, dq=64, slice_size=7, scan="columns", num_gt_flags=0),
+        # format version 3: zero runs, one tensor ending in zeros and one in a non-zero level
+        "runs": gpucabac.encode({"w": np.where(rng.random((6, 40)) < 0.1, normal((6, 40)), 0).astype(np.float32),
+                                 "i": np.r_[np.zeros(30), [3, 0, -2]].astype(np.int32)},
+                                qp=-32, dq=True, slice_size=16, zeros="runs"),
     }
 
 
@@ -264,8 +268,9 @@ def small() -> dict[str, bytes]:
         assert build(recs, payload, version=PRE.unpack_from(data)[1]) == data, name
         assert fix_checksums(data) == data, name
         assert isinstance(checked_decode(data, name), dict), name
-    modes = {MODE_NAMES[r.mcode & 0x7F] for d in out.values() for r in layout(d)[1]}
+    modes = {MODE_NAMES[r.mcode & 0x3F] for d in out.values() for r in layout(d)[1]}
     assert {"urq", "dq", "int", "raw", "dq64"} <= modes
+    assert any(r.mcode & 0x40 for r in layout(out["runs"])[1])  # zero runs (format version 3)
     return out
 
 
@@ -368,7 +373,7 @@ ZERO_NUMEL = 1 << 28  # float32: 1 GiB of output
 def _zero_stream(numel: int) -> bytes:
     """A valid container of one all-zero float32 tensor of `numel` values, built from one coded
     slice of zeros repeated (all such slices are the same bytes)."""
-    four = gpucabac.encode({"z": np.zeros(4 * ZERO_SLICE, np.float32)}, slice_size=ZERO_SLICE)
+    four = gpucabac.encode({"z": np.zeros(4 * ZERO_SLICE, np.float32)}, slice_size=ZERO_SLICE, zeros="flags")
     _, (r,), payload = layout(four)
     assert len(set(r.crcs)) == 1 and payload == payload[: r.lengths[0]] * 4
     n = numel // ZERO_SLICE

@@ -34,7 +34,7 @@ def test_manifest_describes_the_cases_and_this_format():
         data = (HERE / "data" / e["file"]).read_bytes()
         assert len(data) == e["bytes"] and make_golden.sha256(data) == e["sha256"]
         info = gpucabac.info(data)
-        version = container.format_version(info.tensors)
+        version = container.format_version(container.parse_container(data).records)
         assert data[:8] == container.MAGIC and int.from_bytes(data[8:10], "little") == e["format_version"] == version
         modes |= {t.mode for t in info.tensors}
         slice_sizes.add(e["params"].get("slice_size", gpucabac.DEFAULT_SLICE_SIZE))
@@ -43,6 +43,8 @@ def test_manifest_describes_the_cases_and_this_format():
     assert modes == {"urq", "dq", "int", "raw", "dq16", "dq256"}
     scans = {t.scan for e in MANIFEST["cases"] for t in gpucabac.info((HERE / "data" / e["file"]).read_bytes()).tensors}
     assert scans == {"rows", "columns"}
+    zeros = {t.zeros for e in MANIFEST["cases"] for t in gpucabac.info((HERE / "data" / e["file"]).read_bytes()).tensors}
+    assert zeros == {"flags", "runs"}
     assert {1, 7, None} <= slice_sizes
     assert "bfloat16" in {t["dtype"] for e in MANIFEST["cases"] for t in e["tensors"]}
 

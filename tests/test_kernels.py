@@ -62,43 +62,49 @@ def full_init(rng: np.random.Generator | None) -> np.ndarray:
     return rng.integers(0, NUM_PRESETS, MAX_CONTEXTS).astype(np.int32)
 
 
-def cpu_encode_slice(levels: np.ndarray, dq: int, ngt: int, init: np.ndarray) -> bytes:
+def cpu_encode_slice(levels: np.ndarray, dq: int, ngt: int, init: np.ndarray, runs: bool = False) -> bytes:
     levels = np.ascontiguousarray(levels, np.int32)
-    bound, bad = slices.slice_bounds(levels, max(1, levels.size), dq, ngt)
+    bound, bad = slices.slice_bounds(levels, max(1, levels.size), dq, ngt, runs)
     assert (bad < 0).all()
     out = np.zeros(int(bound.sum()) if levels.size else 16, np.uint8)
-    n = engine_cpu.encode_slice(levels, 0, levels.size, dq, ngt, init, out, 0)
+    n = engine_cpu.encode_slice(levels, 0, levels.size, dq, ngt, init, out, 0, runs)
+    assert n <= bound.sum() or not levels.size
     return out[:n].tobytes()
 
 
-def cpu_decode_slice(data: bytes, count: int, dq: int, ngt: int, init: np.ndarray):
+def cpu_decode_slice(data: bytes, count: int, dq: int, ngt: int, init: np.ndarray, runs: bool = False):
     buf = np.frombuffer(data, np.uint8) if data else np.zeros(0, np.uint8)
     out = np.zeros(count, np.int32)
-    err = engine_cpu.decode_slice(buf, 0, len(data), count, dq, ngt, init, out, 0)
+    err = engine_cpu.decode_slice(buf, 0, len(data), count, dq, ngt, init, out, 0, runs)
     return int(err), out
 
 
-def shim_encode_slice(lib, levels: np.ndarray, dq: int, ngt: int, init: np.ndarray, cap: int | None = None):
+def shim_encode_slice(lib, levels: np.ndarray, dq: int, ngt: int, init: np.ndarray, cap: int | None = None,
+                      runs: bool = False):
     levels = np.ascontiguousarray(levels, np.int32)
     init8 = np.ascontiguousarray(init, np.uint8)
     if cap is None:
         cap = 16 + 60 * levels.size
     out = np.zeros(max(cap, 1), np.uint8)
-    n = lib.gc_shim_encode_slice(_p(levels), levels.size, int(dq), ngt, _p(init8), _p(out), cap)
+    n = lib.gc_shim_encode_slice(_p(levels), levels.size, int(dq), ngt, int(runs), _p(init8), _p(out), cap)
     return None if n < 0 else out[:n].tobytes()
 
 
-def shim_decode_slice(lib, data: bytes, count: int, dq: int, ngt: int, init: np.ndarray):
+def shim_decode_slice(lib, data: bytes, count: int, dq: int, ngt: int, init: np.ndarray, runs: bool = False):
     buf = np.frombuffer(data, np.uint8).copy() if data else np.zeros(1, np.uint8)
     init8 = np.ascontiguousarray(init, np.uint8)
     out = np.zeros(max(count, 1), np.int32)
-    err = lib.gc_shim_decode_slice(_p(buf), len(data), count, int(dq), ngt, _p(init8), _p(out))
+    err = lib.gc_shim_decode_slice(_p(buf), len(data), count, int(dq), ngt, int(runs), _p(init8), _p(out))
     return int(err), out[:count]
 
 
-def random_levels(rng: np.random.Generator, n: int, dq: int, big: bool = True, slice_size: int | None = None) -> np.ndarray:
-    """Valid levels; under DQ mapped through the state machine, which restarts at every slice."""
+def random_levels(rng: np.random.Generator, n: int, dq: int, big: bool = True, slice_size: int | None = None,
+                  sparse: float = 0.0) -> np.ndarray:
+    """Valid levels, a share `sparse` of them zeroed; under DQ mapped through the state machine,
+    which restarts at every slice."""
     k = random_coded_levels(rng, n, big=big)
+    if sparse:
+        k[rng.random(n) < sparse] = 0
     if not dq:
         return k.astype(np.int32)
     s = slice_size or max(n, 1)
@@ -233,19 +239,20 @@ def test_crc32_is_zlib(shim):
 # One slice: same bytes, same levels, same error codes
 
 
+@pytest.mark.parametrize("runs", [False, True])
 @pytest.mark.parametrize("ngt", GT_FLAGS)
 @pytest.mark.parametrize("dq", [0, 8, 128])  # trellis sizes, 0: URQ
-def test_slice_coder_matches_reference(shim, ngt, dq):
-    rng = np.random.default_rng(1000 * ngt + dq)
+def test_slice_coder_matches_reference(shim, ngt, dq, runs):
+    rng = np.random.default_rng(1000 * ngt + dq + runs)
     sizes = [0, 1, 2, 3, 17, 100, 1000, 4000]
     for trial in range(24):
         n = sizes[trial % len(sizes)]
-        levels = random_levels(rng, n, dq, big=trial % 3 != 0)
+        levels = random_levels(rng, n, dq, big=trial % 3 != 0, sparse=(0.0, 0.5, 0.99)[trial % 3])
         init = full_init(None if trial % 5 == 0 else rng)
-        want = cpu_encode_slice(levels, dq, ngt, init)
-        got = shim_encode_slice(shim, levels, dq, ngt, init)
+        want = cpu_encode_slice(levels, dq, ngt, init, runs)
+        got = shim_encode_slice(shim, levels, dq, ngt, init, runs=runs)
         assert got == want, (trial, n)
-        err, out = shim_decode_slice(shim, got, n, dq, ngt, init)
+        err, out = shim_decode_slice(shim, got, n, dq, ngt, init, runs)
         assert err == slices.DECODE_OK and np.array_equal(out, levels), (trial, n)
 
 
@@ -258,14 +265,16 @@ def test_slice_coder_edge_sequences(shim):
         np.array([(-1) ** i * (i % 40) for i in range(5000)], np.int32),
         np.array([1] * 3000 + [0] * 3000 + [-1] * 3000, np.int32),
     ]
+    cases += [np.r_[np.zeros(100_000), [1]].astype(np.int32), np.r_[[-3], np.zeros(70_000)].astype(np.int32)]
     for levels in cases:
         for ngt in GT_FLAGS:
             for preset in range(NUM_PRESETS):
-                init = np.full(MAX_CONTEXTS, preset, np.int32)
-                got = shim_encode_slice(shim, levels, False, ngt, init)
-                assert got == cpu_encode_slice(levels, False, ngt, init), (ngt, preset)
-                err, out = shim_decode_slice(shim, got, levels.size, False, ngt, init)
-                assert err == 0 and np.array_equal(out, levels)
+                for runs in (False, True):
+                    init = np.full(MAX_CONTEXTS, preset, np.int32)
+                    got = shim_encode_slice(shim, levels, False, ngt, init, runs=runs)
+                    assert got == cpu_encode_slice(levels, False, ngt, init, runs), (ngt, preset, runs)
+                    err, out = shim_decode_slice(shim, got, levels.size, False, ngt, init, runs)
+                    assert err == 0 and np.array_equal(out, levels)
 
 
 def test_encoder_reports_a_too_small_buffer(shim):
@@ -296,26 +305,44 @@ def _corruptions(rng: np.random.Generator, data: bytes):
         yield f"random {i}", rng.integers(0, 256, len(data), dtype=np.uint8).tobytes()
 
 
+@pytest.mark.parametrize("runs", [False, True])
 @pytest.mark.parametrize("ngt", [0, 11])
 @pytest.mark.parametrize("dq", [0, 8, 128])  # trellis sizes, 0: URQ
-def test_corrupt_slices_give_the_reference_error_codes(shim, ngt, dq):
-    rng = np.random.default_rng(77 + ngt + 2 * dq)
+def test_corrupt_slices_give_the_reference_error_codes(shim, ngt, dq, runs):
+    rng = np.random.default_rng(77 + ngt + 2 * dq + runs)
     seen = set()
     for trial in range(10):
         n = [1, 5, 64, 700][trial % 4]
-        levels = random_levels(rng, n, dq, big=trial % 2 == 0)
+        levels = random_levels(rng, n, dq, big=trial % 2 == 0, sparse=0.9 if runs else 0.0)
         init = full_init(rng)
-        data = cpu_encode_slice(levels, dq, ngt, init)
+        data = cpu_encode_slice(levels, dq, ngt, init, runs)
         for what, bad in _corruptions(rng, data):
             for count in (n, n + 1, max(0, n - 1)):
-                want_err, want_out = cpu_decode_slice(bad, count, dq, ngt, init)
-                got_err, got_out = shim_decode_slice(shim, bad, count, dq, ngt, init)
+                want_err, want_out = cpu_decode_slice(bad, count, dq, ngt, init, runs)
+                got_err, got_out = shim_decode_slice(shim, bad, count, dq, ngt, init, runs)
                 assert got_err == want_err, (trial, what, count)
                 if want_err == slices.DECODE_OK:
                     assert np.array_equal(got_out, want_out), (trial, what, count)
                 seen.add(want_err)
     # the corpus reaches every error code of the decoder
     assert {slices.DECODE_OVERRUN, slices.DECODE_BAD_END} <= seen
+
+
+@pytest.mark.parametrize("dq", [0, 8])
+def test_a_run_past_the_slice_end_is_rejected_alike(shim, dq):
+    """A slice of zero runs decoded with fewer levels than it holds: the run passes the end."""
+    init = full_init(np.random.default_rng(5))
+    for levels in (np.zeros(300, np.int32), np.r_[np.zeros(40), [2], np.zeros(9)].astype(np.int32)):
+        data = cpu_encode_slice(levels, dq, 11, init, True)
+        assert cpu_decode_slice(data, levels.size, dq, 11, init, True)[0] == slices.DECODE_OK
+        for count in (levels.size - 1, 20):
+            assert cpu_decode_slice(data, count, dq, 11, init, True)[0] == slices.DECODE_BAD_RUN
+            assert shim_decode_slice(shim, data, count, dq, 11, init, True)[0] == slices.DECODE_BAD_RUN
+    # a run prefix of 33 ones is longer than any slice allows
+    init = np.full(MAX_CONTEXTS, 2, np.int32)  # P = 3039: 1s are likely
+    bad = cpu_encode_slice(np.zeros(1, np.int32), 0, 11, init, True)[:2] + b"\xff" * 64
+    assert cpu_decode_slice(bad, 10, 0, 11, init, True)[0] == slices.DECODE_BAD_RUN
+    assert shim_decode_slice(shim, bad, 10, 0, 11, init, True)[0] == slices.DECODE_BAD_RUN
 
 
 def test_bad_level_code_on_a_long_prefix(shim):
@@ -343,23 +370,25 @@ def test_bad_level_code_on_a_long_prefix(shim):
 SLICE_CASES = [(n, s) for s in (1, 7, 64) for n in sorted({1, s - 1, s, s + 1, 3 * s, 3 * s + 5}) if n > 0]
 
 
-def _encode_both(rng, k, n, slice_size, dq, ngt):
+def _encode_both(rng, k, n, slice_size, dq, ngt, runs=False):
     """Random levels and context choice coded by the CPU engine and by engine_gpu on kernels k:
     (levels, ctx_init, CPU payload, CPU lengths, engine_gpu.encode_slices' result)."""
-    levels = random_levels(rng, n, dq, slice_size=slice_size)
-    ctx_init = rng.integers(0, NUM_PRESETS, len(used_contexts(ngt, dq))).astype(np.uint8)
-    _, want_payload, want_lengths = codec.encode_levels(levels, slice_size, dq, ngt, ctx_init)
-    got = engine_gpu.encode_slices(levels, slice_size, dq, ngt, full_context_init(ctx_init, ngt, dq), k=k)
+    levels = random_levels(rng, n, dq, slice_size=slice_size, sparse=0.8 if runs else 0.0)
+    ctx_init = rng.integers(0, NUM_PRESETS, len(used_contexts(ngt, dq, runs))).astype(np.uint8)
+    _, want_payload, want_lengths = codec.encode_levels(levels, slice_size, dq, ngt, ctx_init, runs=runs)
+    got = engine_gpu.encode_slices(levels, slice_size, dq, ngt, full_context_init(ctx_init, ngt, dq, runs), k=k, runs=runs)
     return levels, ctx_init, want_payload, want_lengths, got
 
 
+@pytest.mark.parametrize("runs", [False, True])
 @pytest.mark.parametrize("n,slice_size", SLICE_CASES)
 @pytest.mark.parametrize("dq", [0, 8, 128])  # trellis sizes, 0: URQ
-def test_encode_slices_equals_cpu_engine(shim, n, slice_size, dq):
-    rng = np.random.default_rng(n * 131 + slice_size + dq)
+def test_encode_slices_equals_cpu_engine(shim, n, slice_size, dq, runs):
+    rng = np.random.default_rng(n * 131 + slice_size + dq + runs)
     k = ShimKernels(shim)
     for ngt in (0, 11):
-        levels, ctx_init, want_payload, want_lengths, (payload, lengths, crcs, bad) = _encode_both(rng, k, n, slice_size, dq, ngt)
+        levels, ctx_init, want_payload, want_lengths, (payload, lengths, crcs, bad) = _encode_both(
+            rng, k, n, slice_size, dq, ngt, runs)
         assert bad == -1
         assert lengths.dtype == np.uint32 and np.array_equal(lengths, want_lengths)
         assert payload.tobytes() == want_payload.tobytes()
@@ -367,7 +396,7 @@ def test_encode_slices_equals_cpu_engine(shim, n, slice_size, dq):
         assert np.array_equal(crcs, slices.slice_crcs(want_payload, offsets, want_lengths))
         # the decode kernel's table over these slices gives the CPU's values (level 0.5-steps)
         rec = container.TensorRecord("t", "float32", (n,), gpucabac.dq_mode(dq), 0.5, ngt, slice_size, ctx_init, 0,
-                                     lengths, crcs)
+                                     lengths, crcs, runs=runs)
         table = SliceTable.from_records([rec], [payload])
         out = [TensorOutput("float32", "float32", 0.5)]
         (want,), want_err = engine_cpu.CpuEngine().decode(table, out)
@@ -377,8 +406,8 @@ def test_encode_slices_equals_cpu_engine(shim, n, slice_size, dq):
         assert np.array_equal(got, levels.astype(np.float32) * np.float32(0.5))
         # and the bounds are slices.slice_bounds
         lv = levels.astype(np.int32)
-        assert [a.tolist() for a in k.bounds(lv, slice_size, dq, ngt)] == [
-            a.tolist() for a in slices.slice_bounds(lv, slice_size, dq, ngt)]
+        assert [a.tolist() for a in k.bounds(lv, slice_size, dq, ngt, runs)] == [
+            a.tolist() for a in slices.slice_bounds(lv, slice_size, dq, ngt, runs)]
 
 
 def test_encode_slices_empty_and_invalid(shim):

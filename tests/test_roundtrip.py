@@ -323,11 +323,11 @@ def dq_levels_from_coded(k: np.ndarray, slice_size: int) -> np.ndarray:
     return r
 
 
-def record_for(levels, slice_size, dq, num_gt_flags, ctx_init, payload, lengths) -> TensorRecord:
+def record_for(levels, slice_size, dq, num_gt_flags, ctx_init, payload, lengths, runs=False) -> TensorRecord:
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)[:-1]]).astype(np.int64)
     crcs = np.array([zlib.crc32(payload[o : o + n].tobytes()) for o, n in zip(offsets, lengths.tolist())], np.uint32)
     return TensorRecord("t", "int32", (int(levels.size),), "dq" if dq else "urq", 1.0, num_gt_flags,
-                        slice_size, ctx_init, 0, lengths, crcs)
+                        slice_size, ctx_init, 0, lengths, crcs, runs=runs)
 
 
 level_values = st.one_of(
@@ -337,27 +337,30 @@ level_values = st.one_of(
 
 
 @given(
-    k=st.lists(level_values, min_size=0, max_size=120),
+    k=st.one_of(st.lists(level_values, min_size=0, max_size=120),
+                # mostly zeros, in runs of every length: what zero runs are for
+                st.lists(st.one_of(st.just(0), st.just(0), st.just(0), level_values), min_size=0, max_size=400)),
     dq=st.booleans(),
     num_gt_flags=st.sampled_from(GT_FLAGS),
     slice_size=st.sampled_from([1, 7, 4096, None]),
     init_seed=st.one_of(st.none(), st.integers(0, 2**32 - 1)),
+    runs=st.booleans(),
 )
-def test_encode_levels_decode_levels_contract(k, dq, num_gt_flags, slice_size, init_seed):
+def test_encode_levels_decode_levels_contract(k, dq, num_gt_flags, slice_size, init_seed, runs):
     k = np.array(k, np.int64)
     size = slice_size or max(1, k.size)
     levels = (dq_levels_from_coded(k, size) if dq else k).astype(np.int32)  # |r| <= 2**31 - 2
     ctx_init = None
     if init_seed is not None:  # any signalled initialisation must decode, not only the chosen one
-        n_used = len(used_contexts(num_gt_flags, dq))
+        n_used = len(used_contexts(num_gt_flags, dq, runs))
         ctx_init = np.random.default_rng(init_seed).integers(0, NUM_PRESETS, n_used).astype(np.uint8)
-    init, payload, lengths = codec.encode_levels(levels, size, dq, num_gt_flags, ctx_init)
-    assert init.shape == (len(used_contexts(num_gt_flags, dq)),)
+    init, payload, lengths = codec.encode_levels(levels, size, dq, num_gt_flags, ctx_init, runs=runs)
+    assert init.shape == (len(used_contexts(num_gt_flags, dq, runs)),)
     if ctx_init is not None and levels.size:  # (an empty tensor has no slices to initialise)
         np.testing.assert_array_equal(init, ctx_init)
     assert lengths.size == -(-levels.size // size)
     assert int(lengths.sum()) == payload.size
-    rec = record_for(levels, size, dq, num_gt_flags, init, payload, lengths)
+    rec = record_for(levels, size, dq, num_gt_flags, init, payload, lengths, runs)
     out = codec.decode_levels(rec, payload)
     assert out.dtype == np.int32
     np.testing.assert_array_equal(out, levels)
@@ -748,3 +751,26 @@ def test_iter_decode_gives_decode_tensor_by_tensor(monkeypatch):
     monkeypatch.setattr(SliceTable, "over_payload", classmethod(spy))
     list(codec.iter_decode(data, group_bytes=6000))
     assert len(sizes) > 1 and max(sizes) <= 64 * 64  # "c", the largest tensor, alone
+
+
+@pytest.mark.parametrize("dq", [False, True])
+def test_zeros_auto_keeps_the_smaller_coding(dq):
+    """zeros="auto" codes a mostly-zero tensor both ways and keeps the smaller; a dense one with
+    flags only. Every choice decodes to the same values as the other codings."""
+    rng = np.random.default_rng(3)
+    sparse = np.zeros((64, 512), np.float32)
+    keep = rng.random(sparse.shape) < 0.002
+    sparse[keep] = rng.normal(0, 0.1, int(keep.sum()))
+    dense = rng.normal(0, 0.1, (64, 64)).astype(np.float32)
+    for x, want in ((sparse, "runs"), (dense, "flags")):
+        coded = {z: gpucabac.encode({"w": x}, qp=-32, dq=dq, zeros=z, slice_size=None) for z in ("flags", "runs", "auto")}
+        meta = gpucabac.info(coded["auto"]).tensors[0]
+        assert meta.zeros == want
+        assert len(coded["auto"]) == min(len(coded["flags"]), len(coded["runs"]))
+        ref = gpucabac.decode(coded["flags"])["w"]
+        for data in coded.values():
+            np.testing.assert_array_equal(gpucabac.decode(data)["w"], ref)
+    # at 99.8% zeros runs are smaller, and the file says version 3
+    assert len(coded_sparse := gpucabac.encode({"w": sparse}, qp=-32, dq=dq, slice_size=None)) < len(
+        gpucabac.encode({"w": sparse}, qp=-32, dq=dq, slice_size=None, zeros="flags"))
+    assert gpucabac.info(coded_sparse).version == 3

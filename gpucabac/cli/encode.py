@@ -13,7 +13,7 @@ from .. import io as gio
 from ..dtypes import is_float
 from ..importance import importance_settings, read_importance
 from ..metrics import SnrSum, bits_per_weight
-from ..modes import SCAN_CHOICES
+from ..modes import SCAN_CHOICES, ZERO_CHOICES
 from ..settings import SMALL_STEP_DIVISOR
 from ..tables import MAX_GT_FLAGS
 from ._common import (SliceSize, SmallStep, check_output, count, device_option, explicit, fmt_snr, force_option,
@@ -40,6 +40,9 @@ from ._common import (SliceSize, SmallStep, check_output, count, device_option, 
 @click.option("--scan", type=click.Choice(list(SCAN_CHOICES)), default="rows", show_default=True,
               help="Order of the values of 2-D+ float tensors: row-major, transposed (format version 2), "
                    "or per tensor whichever codes smaller (twice the work).")
+@click.option("--zeros", type=click.Choice(list(ZERO_CHOICES)), default="auto", show_default=True,
+              help="How zero levels are coded: a flag each, runs of zeros (format version 3, far smaller for "
+                   "sparse tensors), or per tensor both ways when at least 75% of its levels are zero, the smaller kept.")
 @click.option("--gt-flags", type=click.IntRange(0, MAX_GT_FLAGS), default=api.DEFAULT_GT_FLAGS, show_default=True,
               help="Greater-than flags before the Exp-Golomb remainder.")
 @click.option("--small-step", type=SmallStep(), default=None,
@@ -74,7 +77,7 @@ from ._common import (SliceSize, SmallStep, check_output, count, device_option, 
 @device_option("Coding")
 @threads_option
 @force_option
-def command(model, output, qp, step, qp_density, dq, trellis, slice_size, scan, gt_flags, small_step, lam, importance,
+def command(model, output, qp, step, qp_density, dq, trellis, slice_size, scan, zeros, gt_flags, small_step, lam, importance,
             weighted, sweep_path, target_bpw, target_snr, target_mse, one_setting, device, threads, force):
     """Compress MODEL (a .safetensors/.npz/.pt file or a packaged model name) into a .gcb file."""
     if qp is not None and step is not None:
@@ -99,7 +102,8 @@ def command(model, output, qp, step, qp_density, dq, trellis, slice_size, scan, 
                                    f"do not give {'it' if len(clashing) == 1 else 'them'}")
     check_output(output, [model, importance, sweep_path], force)
     settings = api.CodingSettings.from_keywords(step=step, qp=qp, qp_density=qp_density, dq=dq, slice_size=slice_size,
-                                                num_gt_flags=gt_flags, small_step=small_step, lam=lam, scan=scan)
+                                                num_gt_flags=gt_flags, small_step=small_step, lam=lam, scan=scan,
+                                                zeros=zeros)
     tensors = gio.read_model(model)
     n_weights = weights(tensors)
     per_tensor, weighting, point = None, None, None

@@ -14,7 +14,7 @@ from ._common import count, table
 @click.command(name="info")
 @click.argument("input", type=click.Path(dir_okay=False, path_type=pathlib.Path))
 def command(input):
-    """List the tensors of a .gcb file INPUT: coding mode, scan, step, slices and size.
+    """List the tensors of a .gcb file INPUT: coding mode, scan, zeros, step, slices and size.
 
     bits/weight counts a tensor's payload and its header record (TensorInfo.bits_per_weight); the
     total counts the whole file."""
@@ -25,11 +25,11 @@ def command(input):
         total_coded += t.coded_bytes
         step = f"{t.step:.6g}" if t.mode not in ("int", "raw") else "-"
         rows.append([
-            t.name, t.dtype, "x".join(map(str, t.shape)) or "scalar", t.mode, t.scan, step,
+            t.name, t.dtype, "x".join(map(str, t.shape)) or "scalar", t.mode, t.scan, t.zeros, step,
             str(t.num_slices), f"{t.coded_bytes:,}", f"{t.bits_per_weight:.3f}" if t.numel else "-",
         ])
-    headers = ["name", "dtype", "shape", "mode", "scan", "step", "slices", "bytes", "bits/weight"]
-    click.echo(table(headers, rows, right={5, 6, 7, 8}))
+    headers = ["name", "dtype", "shape", "mode", "scan", "zeros", "step", "slices", "bytes", "bits/weight"]
+    click.echo(table(headers, rows, right={6, 7, 8, 9}))
     click.echo(
         f"{input}: format version {meta.version}, {count(len(meta.tensors), 'tensor')}, "
         f"{count(meta.numel, 'weight')}, "

@@ -5,8 +5,8 @@ else. Quantization, the validity of levels, the choice of context initialisation
 a container's records and error messages are the codec's, shared by every engine (gpucabac.slices,
 gpucabac.context_init). The contract is drawn at the GPU's granularity:
 
-* `encode(jobs)` codes any number of tensors (each its levels, slice size, trellis, flags and
-  context initialisation) and returns every slice's bytes, length and CRC-32. The levels are
+* `encode(jobs)` codes any number of tensors (each its levels, slice size, trellis, flags,
+  zero runs or not, and context initialisation) and returns every slice's bytes, length and CRC-32. The levels are
   valid (slices.check_levels ran on them).
 * `decode(table, outputs)` decodes one slice table that spans many tensors (`SliceTable`) in one
   call: the GPU in one launch, the CPU tensor by tensor. The table's `payload` is one flat uint8
@@ -48,6 +48,7 @@ class EncodeJob:
     # an upper bound on every slice's coded bytes, when the caller has it (slices.check_levels
     # returns it with the validity check); an engine may use it instead of computing its own
     slice_bytes_bound: np.ndarray | None = None
+    runs: bool = False  # zeros coded as runs (format version 3) instead of one sig bin each
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +79,8 @@ class SliceTable:
     every slice, at its `slice_offset`; bytes of it that no slice covers are never read.
     Slice arrays: `slice_offset` into `payload`, `slice_length`, `slice_crc`, `slice_tensor` (its
     tensor's index), `slice_first` and `slice_count` (the values it holds, within its tensor).
-    Tensor arrays: `tensor_dq`, `tensor_gt`, `tensor_numel`, `tensor_first_slice` (T + 1 entries:
+    Tensor arrays: `tensor_dq`, `tensor_gt`, `tensor_runs` (1: zeros coded as runs), `tensor_numel`,
+    `tensor_first_slice` (T + 1 entries:
     tensor t owns slices tensor_first_slice[t] .. tensor_first_slice[t + 1] - 1) and
     `tensor_init` [T, MAX_CONTEXTS]."""
 
@@ -91,6 +93,7 @@ class SliceTable:
     slice_count: np.ndarray
     tensor_dq: np.ndarray
     tensor_gt: np.ndarray
+    tensor_runs: np.ndarray
     tensor_numel: np.ndarray
     tensor_first_slice: np.ndarray
     tensor_init: np.ndarray
@@ -137,6 +140,7 @@ class SliceTable:
         offs, tens, firsts, counts = [], [], [], []
         dq = np.zeros(n, np.int32)
         gt = np.zeros(n, np.int32)
+        runs = np.zeros(n, np.int32)
         numel = np.zeros(n, np.int64)
         first_slice = np.zeros(n + 1, np.int64)
         init = np.zeros((n, MAX_CONTEXTS), np.uint8)
@@ -150,9 +154,10 @@ class SliceTable:
             counts.append(slice_counts(rec.numel, rec.slice_size))
             dq[t] = mode_dq(rec.mode)
             gt[t] = rec.num_gt_flags
+            runs[t] = rec.runs
             numel[t] = rec.numel
             first_slice[t + 1] = first_slice[t] + rec.num_slices
-            init[t] = full_context_init(rec.ctx_init, rec.num_gt_flags, dq[t])
+            init[t] = full_context_init(rec.ctx_init, rec.num_gt_flags, dq[t], rec.runs)
 
         def cat(parts, dtype):
             return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
@@ -162,7 +167,7 @@ class SliceTable:
             slice_length=cat([r.slice_lengths for r in records], np.uint32),
             slice_crc=cat([r.slice_crcs for r in records], np.uint32), slice_tensor=cat(tens, np.int32),
             slice_first=cat(firsts, np.int64), slice_count=cat(counts, np.int64),
-            tensor_dq=dq, tensor_gt=gt, tensor_numel=numel, tensor_first_slice=first_slice, tensor_init=init,
+            tensor_dq=dq, tensor_gt=gt, tensor_runs=runs, tensor_numel=numel, tensor_first_slice=first_slice, tensor_init=init,
         )
 
 

@@ -15,10 +15,12 @@ import numba as nb
 import numpy as np
 
 from .. import threads as _threads  # noqa: F401  (numba's fork-safe layer, before any parallel loop)
-from ..binarize import GT, MAX_CONTEXTS, MAX_REGULAR_BINS, SIG, SIGN, binarize_level, dq_coded_level, dq_next_state, dq_reconstruction_index, neighbour_class
+from ..binarize import GT, MAX_CONTEXTS, MAX_REGULAR_BINS, RUN_PREFIX_BINS, SIG, SIGN, coded_symbol, dq_next_state, symbol_bins
+from ..binarize import dq_reconstruction_index, neighbour_class, run_context
 from ..dtypes import numpy_dtype
 from ..quantization import dequantize_into
-from ..slices import DECODE_BAD_END, DECODE_BAD_LEVEL, DECODE_CRC, DECODE_OK, DECODE_OVERRUN, slice_bounds, slice_crcs, slice_offsets
+from ..slices import DECODE_BAD_END, DECODE_BAD_LEVEL, DECODE_BAD_RUN, DECODE_CRC, DECODE_OK, DECODE_OVERRUN, slice_bounds, slice_crcs
+from ..slices import slice_offsets
 from ..tables import CURVE, EG_PREFIX_BINS, MAX_ABS_LEVEL, PRESET_STATES, RENORM, RLPS
 from .base import CodedSlices, EncodeJob, SliceTable, TensorOutput
 
@@ -81,8 +83,10 @@ def _write_out(low, bits_left, buffered, nbuf, out, pos):
 
 
 @nb.njit(cache=True)
-def encode_slice(levels, start, end, dq, num_gt_flags, init, out, out_start):
-    """Code levels[start:end] as one flushed slice into out[out_start:]; returns bytes written."""
+def encode_slice(levels, start, end, dq, num_gt_flags, init, out, out_start, runs=False):
+    """Code levels[start:end] as one flushed slice into out[out_start:]; returns bytes written.
+    With `runs` the zeros are coded as runs (docs/format.md §4.2): before each non-zero level,
+    and at the end if the slice ends in zeros, the run of zeros since the last non-zero."""
     s0 = np.empty(MAX_CONTEXTS, np.int32)
     s1 = np.empty(MAX_CONTEXTS, np.int32)
     sh0 = np.empty(MAX_CONTEXTS, np.int32)
@@ -98,37 +102,45 @@ def encode_slice(levels, start, end, dq, num_gt_flags, init, out, out_start):
     pos = np.int64(out_start)
     prev = 0
     state = 0
-    for i in range(start, end):
-        q = levels[i]
-        if dq:
-            q = dq_coded_level(q, state)
-        nreg, suffix, nsuffix = binarize_level(q, prev, state, num_gt_flags, ctx, bins)
-        for j in range(nreg):
-            # One regular bin (docs/engine.md §2.6), written out here: numba compiles this loop several
-            # times faster than the same code behind a helper that returns the registers.
-            c = ctx[j]
-            b = bins[j]
-            p = s1[c] + 16 * s0[c]
-            pc = p >> 7
-            rlps = _RLPS[(rng & 0xE0) + (pc if pc >= 0 else -pc)]
-            rmps = rng - rlps
-            lps = b != (1 if p >= 0 else 0)
-            low += rmps if lps else 0
-            rng = rlps if lps else rmps
-            n = _RENORM[rng]  # 0 or 1 after an MPS, 1..7 after an LPS
-            low <<= n
-            rng <<= n
-            bits_left -= n
-            if bits_left < 12:
-                low, bits_left, buffered, nbuf, pos = _write_out(low, bits_left, buffered, nbuf, out, pos)
-            _update(c, b, s0, s1, sh0, sh1)
-        for k in range(nsuffix - 1, -1, -1):  # bypass bins, MSB first
-            low = (low << 1) + ((suffix >> k) & 1) * rng
-            bits_left -= 1
-            if bits_left < 12:
-                low, bits_left, buffered, nbuf, pos = _write_out(low, bits_left, buffered, nbuf, out, pos)
+    run = 0
+    for i in range(start, end + 1):
+        q, code_run, code_level = coded_symbol(levels, i, end, dq, state, runs, run)
+        if i == end and not code_run:
+            break
+        if runs and q == 0 and i < end:
+            run += 1
+        # A run's bins, then the level's: each its regular bins, then its bypass suffix.
+        for part in range(2 if code_run or code_level else 0):  # a zero inside a run has no bins
+            first, nreg, suffix, nsuffix = symbol_bins(part, code_run, code_level, run, q, prev, state,
+                                                       num_gt_flags, runs, ctx, bins)
+            for j in range(first, nreg):
+                # One regular bin (docs/engine.md §2.6), written out here: numba compiles this loop several
+                # times faster than the same code behind a helper that returns the registers.
+                c = ctx[j]
+                b = bins[j]
+                p = s1[c] + 16 * s0[c]
+                pc = p >> 7
+                rlps = _RLPS[(rng & 0xE0) + (pc if pc >= 0 else -pc)]
+                rmps = rng - rlps
+                lps = b != (1 if p >= 0 else 0)
+                low += rmps if lps else 0
+                rng = rlps if lps else rmps
+                n = _RENORM[rng]  # 0 or 1 after an MPS, 1..7 after an LPS
+                low <<= n
+                rng <<= n
+                bits_left -= n
+                if bits_left < 12:
+                    low, bits_left, buffered, nbuf, pos = _write_out(low, bits_left, buffered, nbuf, out, pos)
+                _update(c, b, s0, s1, sh0, sh1)
+            for k in range(nsuffix - 1, -1, -1):  # bypass bins, MSB first
+                low = (low << 1) + ((suffix >> k) & 1) * rng
+                bits_left -= 1
+                if bits_left < 12:
+                    low, bits_left, buffered, nbuf, pos = _write_out(low, bits_left, buffered, nbuf, out, pos)
+        if code_run:
+            run = 0
         prev = q
-        if dq:
+        if dq and i < end:
             state = dq_next_state(dq, state, q)
     # Terminate bin 1, flush, stop bit and byte alignment (docs/engine.md §2.6).
     low = (low + rng - 2) << 7
@@ -175,16 +187,36 @@ def _read_byte(data, pos, end, overrun):
     return np.int64(0), pos + 1, True
 
 
-_PHASE_SIG, _PHASE_SIGN, _PHASE_GT, _PHASE_EG = 0, 1, 2, 3
+_PHASE_SIG, _PHASE_SIGN, _PHASE_GT, _PHASE_EG, _PHASE_RUN = 0, 1, 2, 3, 4
+
+
+@nb.njit(inline="always", cache=True)
+def _decode_bypass(m, value, bits, rng, data, pos, end, overrun):
+    """m bypass bins, most significant first: (their value, value, bits, pos, overrun)."""
+    suffix = 0
+    for _ in range(m):
+        value <<= 1
+        bits += 1
+        if bits >= 0:
+            byte, pos, overrun = _read_byte(data, pos, end, overrun)
+            value += byte
+            bits = -8
+        scaled = rng << 7
+        suffix <<= 1
+        if value >= scaled:
+            value -= scaled
+            suffix |= 1
+    return suffix, value, bits, pos, overrun
 
 
 @nb.njit(cache=True)
-def decode_slice(data, start, end, count, dq, num_gt_flags, init, out, out_start):
+def decode_slice(data, start, end, count, dq, num_gt_flags, init, out, out_start, runs=False):
     """Decode `count` levels from the slice data[start:end] into out[out_start:]; returns an
     error code (DECODE_OK when the slice decoded and ended exactly at its last byte).
 
-    The binarization of docs/engine.md §1.1 is walked as a small state machine (phase = which bin comes next)
-    so that the regular-bin decoder stands once in the loop.
+    The binarization of docs/engine.md §1.1 (with `runs`, docs/format.md §4.2) is walked as a
+    small state machine (phase = which bin comes next) so that the regular-bin decoder stands
+    once in the loop.
     """
     s0 = np.empty(MAX_CONTEXTS, np.int32)
     s1 = np.empty(MAX_CONTEXTS, np.int32)
@@ -204,7 +236,8 @@ def decode_slice(data, start, end, count, dq, num_gt_flags, init, out, out_start
     i = 0
     nbc = 0  # neighbour class of the previous level
     state = 0  # DQ state
-    phase = _PHASE_SIG
+    first_phase = _PHASE_RUN if runs else _PHASE_SIG
+    phase = first_phase
     neg = 0
     a = 0
     m = 0
@@ -216,8 +249,10 @@ def decode_slice(data, start, end, count, dq, num_gt_flags, init, out, out_start
             c = SIGN + nbc
         elif phase == _PHASE_GT:
             c = GT + 2 * (a - 1) + neg
-        else:
+        elif phase == _PHASE_EG:
             c = eg + m
+        else:
+            c = run_context(m)
         # One regular bin (docs/engine.md §2.7).
         p = s1[c] + 16 * s0[c]
         pc = p >> 7
@@ -264,30 +299,35 @@ def decode_slice(data, start, end, count, dq, num_gt_flags, init, out, out_start
                 base = 0
             else:
                 a += 1
-        elif b:
+        elif b:  # a prefix bin 1, of a level's remainder or of a run
             base += 1 << m
             m += 1
-            if m >= EG_PREFIX_BINS:
-                return DECODE_BAD_LEVEL
-        else:
-            suffix = 0
-            for _ in range(m):  # bypass bins, MSB first
-                value <<= 1
-                bits += 1
-                if bits >= 0:
-                    byte, pos, overrun = _read_byte(data, pos, end, overrun)
-                    value += byte
-                    bits = -8
-                scaled = rng << 7
-                suffix <<= 1
-                if value >= scaled:
-                    value -= scaled
-                    suffix |= 1
+            if m >= (EG_PREFIX_BINS if phase == _PHASE_EG else RUN_PREFIX_BINS):
+                return DECODE_BAD_LEVEL if phase == _PHASE_EG else DECODE_BAD_RUN
+        elif phase == _PHASE_EG:
+            suffix, value, bits, pos, overrun = _decode_bypass(m, value, bits, rng, data, pos, end, overrun)
             a = base + suffix + num_gt_flags + 1
             if a > MAX_ABS_LEVEL:
                 return DECODE_BAD_LEVEL
             q = -a if neg else a
             done = True
+        else:  # the end of a run's prefix: its zeros, then a non-zero level unless the slice ends
+            suffix, value, bits, pos, overrun = _decode_bypass(m, value, bits, rng, data, pos, end, overrun)
+            r = base + suffix
+            if overrun:
+                return DECODE_OVERRUN
+            if r > count - i:
+                return DECODE_BAD_RUN
+            for j in range(r):
+                out[out_start + i + j] = 0
+                if dq:
+                    state = dq_next_state(dq, state, 0)
+            i += r
+            if r:
+                nbc = 0
+            phase = _PHASE_SIGN
+            m = 0
+            base = 0
         if done:
             if overrun:
                 return DECODE_OVERRUN
@@ -298,7 +338,9 @@ def decode_slice(data, start, end, count, dq, num_gt_flags, init, out, out_start
                 out[out_start + i] = q
             nbc = neighbour_class(q)
             i += 1
-            phase = _PHASE_SIG
+            phase = first_phase
+            m = 0
+            base = 0
     # Terminate bin: must decode as 1, the slice must end exactly here, with the stop pattern.
     if overrun or value < ((rng - 2) << 7) or pos != end:
         return DECODE_BAD_END
@@ -312,14 +354,14 @@ def decode_slice(data, start, end, count, dq, num_gt_flags, init, out, out_start
 
 
 @nb.njit(parallel=True, cache=True)
-def encode_slices_into(levels, slice_size, first_slice, nslices, dq, num_gt_flags, init, scratch, offsets, lengths):
+def encode_slices_into(levels, slice_size, first_slice, nslices, dq, num_gt_flags, init, scratch, offsets, lengths, runs=False):
     """Encode slices first_slice .. first_slice+nslices-1, slice i into scratch[offsets[i]:]."""
     n = levels.shape[0]
     for i in nb.prange(nslices):
         s = first_slice + i
         start = s * slice_size
         end = min(n, start + slice_size)
-        lengths[i] = encode_slice(levels, start, end, dq, num_gt_flags, init, scratch, offsets[i])
+        lengths[i] = encode_slice(levels, start, end, dq, num_gt_flags, init, scratch, offsets[i], runs)
 
 
 @nb.njit(parallel=True, cache=True)
@@ -332,14 +374,15 @@ def gather_slices(scratch, offsets, lengths, out, out_offsets):
 
 
 @nb.njit(parallel=True, cache=True)
-def decode_slices_into(data, slice_offsets, slice_lengths, first_slice, nslices, count, slice_size, dq, num_gt_flags, init, out, errors):
+def decode_slices_into(data, slice_offsets, slice_lengths, first_slice, nslices, count, slice_size, dq, num_gt_flags, init, out, errors,
+                       runs=False):
     """Decode slices first_slice.. of one tensor; slice s starts at data[slice_offsets[s]]."""
     for i in nb.prange(nslices):
         s = first_slice + i
         start = s * slice_size
         n = min(count, start + slice_size) - start
         o = slice_offsets[s]
-        errors[s] = decode_slice(data, o, o + slice_lengths[s], n, dq, num_gt_flags, init, out, start)
+        errors[s] = decode_slice(data, o, o + slice_lengths[s], n, dq, num_gt_flags, init, out, start, runs)
 
 
 
@@ -363,7 +406,7 @@ def encode_job(job: EncodeJob, progress: Callable[[int], None] | None = None) ->
     init = np.ascontiguousarray(job.init, dtype=np.int32)
     bounds = job.slice_bytes_bound
     if bounds is None:
-        bounds, _ = slice_bounds(levels, size, job.dq, job.num_gt_flags)
+        bounds, _ = slice_bounds(levels, size, job.dq, job.num_gt_flags, bool(job.runs))
     nslices = bounds.size
     lengths = np.zeros(nslices, np.int64)
     pieces = []
@@ -374,7 +417,8 @@ def encode_job(job: EncodeJob, progress: Callable[[int], None] | None = None) ->
         offsets = slice_offsets(bounds[first : first + count])
         scratch = np.empty(int(ends[count - 1]), np.uint8)
         batch_lengths = np.zeros(count, np.int64)
-        encode_slices_into(levels, size, first, count, job.dq, job.num_gt_flags, init, scratch, offsets, batch_lengths)
+        encode_slices_into(levels, size, first, count, job.dq, job.num_gt_flags, init, scratch, offsets, batch_lengths,
+                           bool(job.runs))
         out = np.empty(int(batch_lengths.sum()), np.uint8)
         gather_slices(scratch, offsets, batch_lengths, out, slice_offsets(batch_lengths))
         pieces.append(out)
@@ -431,7 +475,8 @@ class CpuEngine:
                         scratch = np.empty(min(n, per_batch * size), np.int32)
                     target = scratch[: stop - first]
                 decode_slices_into(table.payload, offsets[b0:b1], lengths[b0:b1], 0, b1 - b0, stop - first, size,
-                                   int(table.tensor_dq[t]), int(table.tensor_gt[t]), init, target, err[b0:b1])
+                                   int(table.tensor_dq[t]), int(table.tensor_gt[t]), init, target, err[b0:b1],
+                                   bool(table.tensor_runs[t]))
                 if (err[b0:b1] != DECODE_OK).any():
                     break
                 if result is None:

@@ -49,6 +49,7 @@ from .base import CodedSlices, EncodeJob, SliceTable, TensorOutput
 log = logging.getLogger("gpucabac")
 
 DTYPE_CODES = kernel_source.DTYPE_CODES
+TENSOR_PARAMS = kernel_source.TENSOR_PARAMS  # ints per tensor in the decode table (jobs.cuh)
 
 # Launch geometry. The coder kernels keep GC_MAX_CONTEXTS 32-bit context words per thread in
 # shared memory: 64 threads use 25 KiB, under the 48 KiB a block gets without opting in.
@@ -167,7 +168,7 @@ class Kernels:
             return a
 
     # kernels
-    def bounds(self, levels, slice_size: int, dq: int, num_gt_flags: int):
+    def bounds(self, levels, slice_size: int, dq: int, num_gt_flags: int, runs: bool = False):
         xp = self.xp
         check_array(xp, "levels", levels, np.int32, min_size=1)
         n = levels.size
@@ -177,11 +178,12 @@ class Kernels:
         self._fn["gc_bound_kernel"](
             (_grid(ns, PLAIN_BLOCK),), (PLAIN_BLOCK,),
             (levels, np.int64(n), np.int64(slice_size), np.int64(ns), _check_dq(dq),
-             _check_gt_flags(num_gt_flags), bound, bad),
+             _check_gt_flags(num_gt_flags), np.int32(bool(runs)), bound, bad),
         )
         return bound, bad
 
-    def encode(self, levels, slice_size: int, dq: int, num_gt_flags: int, init, scratch, scratch_offset, bound):
+    def encode(self, levels, slice_size: int, dq: int, num_gt_flags: int, init, scratch, scratch_offset, bound,
+               runs: bool = False):
         xp = self.xp
         check_array(xp, "levels", levels, np.int32, min_size=1)
         n = levels.size
@@ -194,7 +196,7 @@ class Kernels:
         self._fn["gc_encode_kernel"](
             (_grid(ns, CODER_BLOCK),), (CODER_BLOCK,),
             (levels, np.int64(n), np.int64(slice_size), np.int64(ns), _check_dq(dq),
-             _check_gt_flags(num_gt_flags), init, scratch, scratch_offset, bound, lengths),
+             _check_gt_flags(num_gt_flags), np.int32(bool(runs)), init, scratch, scratch_offset, bound, lengths),
             shared_mem=CODER_BLOCK * MAX_CONTEXTS * 4,
         )
         return lengths
@@ -273,10 +275,11 @@ def to_numpy(a, dtype_name: str | None = None) -> np.ndarray:
 # Encoding one tensor
 
 
-def encode_slices(levels, slice_size: int, dq: bool | int, num_gt_flags: int, init: np.ndarray, *, k=None):
+def encode_slices(levels, slice_size: int, dq: bool | int, num_gt_flags: int, init: np.ndarray, *, k=None,
+                  runs: bool = False):
     """The encode kernels on one tensor: int32 levels (host or device) coded in slices of
     `slice_size`, each from the context initialisation `init` (a preset index per context,
-    MAX_CONTEXTS of them).
+    MAX_CONTEXTS of them), the zeros as runs when `runs` is set.
 
     Returns (payload uint8, lengths uint32, crcs uint32, bad) as arrays of `k.xp`; `bad` is the
     index of the first level that cannot be coded (and the rest None), or -1."""
@@ -287,14 +290,14 @@ def encode_slices(levels, slice_size: int, dq: bool | int, num_gt_flags: int, in
     if lv.size == 0:
         return xp.zeros(0, np.uint8), xp.zeros(0, np.uint32), xp.zeros(0, np.uint32), -1
     init_dev = k.to_device(np.ascontiguousarray(init, dtype=np.uint8).reshape(-1))
-    bound, bad = k.bounds(lv, slice_size, dq_states(dq), num_gt_flags)
+    bound, bad = k.bounds(lv, slice_size, dq_states(dq), num_gt_flags, runs)
     bad_h = k.to_host(bad)
     if (bad_h >= 0).any():
         return None, None, None, int(bad_h[bad_h >= 0][0])
     ends = xp.cumsum(bound)
     offsets = ends - bound
     scratch = xp.empty(int(ends[-1]), np.uint8)
-    lengths = k.encode(lv, slice_size, dq_states(dq), num_gt_flags, init_dev, scratch, offsets, bound)
+    lengths = k.encode(lv, slice_size, dq_states(dq), num_gt_flags, init_dev, scratch, offsets, bound, runs)
     out_ends = xp.cumsum(lengths)
     if int(lengths.min()) < 0:
         raise RuntimeError("gpucabac GPU encoder: a slice exceeded its byte bound (a bug; please report it)")
@@ -326,7 +329,7 @@ class DecodeTable:
 
     def check(self, xp) -> None:
         ns, nt = self.num_slices, self.num_tensors
-        sizes = {"slice_": ns, "tensor_params": 4 * nt, "tensor_step": nt, "tensor_out": nt, "tensor_init": MAX_CONTEXTS * nt}
+        sizes = {"slice_": ns, "tensor_params": TENSOR_PARAMS * nt, "tensor_step": nt, "tensor_out": nt, "tensor_init": MAX_CONTEXTS * nt}
         for name, dtype in self.FIELDS:
             a = getattr(self, name)
             size = next((v for k, v in sizes.items() if name.startswith(k)), None)
@@ -371,7 +374,8 @@ class GpuEngine:
     def encode(self, jobs: Sequence[EncodeJob], progress=None) -> list[CodedSlices]:
         out = []
         for job in jobs:
-            payload, lengths, crcs, bad = encode_slices(job.levels, job.slice_size, job.dq, job.num_gt_flags, job.init, k=self.k)
+            payload, lengths, crcs, bad = encode_slices(job.levels, job.slice_size, job.dq, job.num_gt_flags, job.init,
+                                                        k=self.k, runs=job.runs)
             if bad >= 0:
                 raise ValueError(f"level {int(np.asarray(job.levels).reshape(-1)[bad])} at position {bad} cannot be coded "
                                  "(the contract takes valid levels: slices.check_levels)")
@@ -383,13 +387,13 @@ class GpuEngine:
     def decode(self, table: SliceTable, outputs: Sequence[TensorOutput], progress=None) -> tuple[list, np.ndarray]:
         k, xp = self.k, self.xp
         nt = table.num_tensors
-        params = np.zeros((nt, 4), np.int32)
+        params = np.zeros((nt, TENSOR_PARAMS), np.int32)
         steps = np.zeros(nt, np.float32)
         ptrs = np.zeros(nt, np.uint64)
         arrays = []
         for t, out in enumerate(outputs):
             work, code = _out_code(out)
-            params[t] = (table.tensor_dq[t], table.tensor_gt[t], work, code)
+            params[t] = (table.tensor_dq[t], table.tensor_gt[t], work, code, table.tensor_runs[t])
             steps[t] = np.float32(out.step)
             a = xp.empty(int(table.tensor_numel[t]), _device_dtype(out.dtype, k))
             ptrs[t] = k.address(a)

@@ -29,6 +29,8 @@ from .. import layout, slices, tables
 
 # Codes shared by the kernels and gpucabac/engines/gpu.py (emitted into tables.cuh).
 DTYPE_CODES = {"int32": 0, "float32": 1, "float16": 2, "bfloat16": 3, "float64": 4}
+# ints per tensor in the decode table (jobs.cuh GcDecodeTable): dq, flags, work dtype, out dtype, runs
+TENSOR_PARAMS = 5
 
 KERNEL_FILES = ("compat.cuh", "tables.cuh", "slice_coder.cuh", "dequant.cuh", "jobs.cuh", "gpucabac.cu")
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([^"]+)"[ \t]*$', re.M)
@@ -62,6 +64,9 @@ def tables_header() -> str:
     defines = {
         "GC_MAX_CONTEXTS": layout.MAX_CONTEXTS,
         "GC_SIG": layout.SIG,
+        "GC_RUN": layout.RUN,
+        "GC_RUN_CONTEXTS": layout.RUN_CONTEXTS,
+        "GC_RUN_PREFIX_BINS": layout.RUN_PREFIX_BINS,
         "GC_SIGN": layout.SIGN,
         "GC_GT": layout.GT,
         "GC_EG_PREFIX_BINS": tables.EG_PREFIX_BINS,
@@ -74,6 +79,8 @@ def tables_header() -> str:
         "GC_DECODE_BAD_LEVEL": slices.DECODE_BAD_LEVEL,
         "GC_DECODE_BAD_END": slices.DECODE_BAD_END,
         "GC_DECODE_CRC": slices.DECODE_CRC,
+        "GC_DECODE_BAD_RUN": slices.DECODE_BAD_RUN,
+        "GC_TENSOR_PARAMS": TENSOR_PARAMS,
     }
     defines.update({f"GC_DTYPE_{k.upper()}": v for k, v in DTYPE_CODES.items()})
     parts = [
