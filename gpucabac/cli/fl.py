@@ -13,8 +13,9 @@ from ._common import check_output, force_option
 
 _DEFAULT = FLConfig()
 _HELP = {
-    "method": "dense: float32 FedAvg (the baseline); sparse: sparsified, coded updates; scaled: sparse plus one "
-              "trained scale per output filter.",
+    "method": "dense: float32 FedAvg (the baseline); coded: dense differences coded at the QP; sparse: sparsified, "
+              "coded updates; scaled: sparse plus one trained scale per output filter; stc: sparse ternary "
+              "compression (Sattler et al. 2019).",
     "sparsifier": "How updates are sparsified: magnitude top-k per tensor or global, NNCodec's statistics threshold, "
                   "or random-k (a control).",
     "density": "The fraction of an update's entries kept (1% = 99% sparsity).",
@@ -25,7 +26,8 @@ _HELP = {
     "dq": "Dependent (trellis) quantization of the differences.",
     "slice_size": "Values per slice of a coded difference (default: one slice per tensor, the cheapest for "
                   "sparse updates).",
-    "downstream": "coded: the server sparsifies and codes its update to the clients; dense: it sends float32.",
+    "downstream": "coded: the server codes its update to the clients as the method codes uploads; dense: it sends "
+                  "float32.",
     "downstream_density": "The fraction of the server's update it sends (default: density x clients per round).",
     "layers": "Comma-separated name prefixes of the tensors trained and sent (a partial update; default all).",
     "model": "The client model (Flax NNX).",

@@ -7,9 +7,11 @@ A layer on top of the codec (nothing below imports it):
               by its digest; partial updates; per-tensor settings
 - sparsify    magnitude top-k (per tensor, global), NNCodec's statistics threshold and filter-wise
               structured sparsification, random-k
+- stc         sparse ternary compression (Sattler et al. 2019), the baseline, as its own stream
 - feedback    error feedback: the residual a client (or the server) carries to its next round
 - scaling     one scale per output filter of every conv and dense layer, trained with Optax
 - models, data, train   Flax NNX CNNs, MNIST / Fashion-MNIST from packages, local training
+- protocol    a round without Flower (client and server); inprocess: all rounds in one process
 - flower      the Flower app (ClientApp, ServerApp, strategy): the only module importing flwr
 
 Needs the `fl` extra: pip install 'gpucabac[fl]'.

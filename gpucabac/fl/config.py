@@ -16,7 +16,9 @@ from typing import Any
 
 from ..errors import InputError
 
-METHODS = ("dense", "sparse", "scaled")  # float32 FedAvg; sparse coded updates; sparse + filter scales
+# float32 FedAvg; gpucabac-coded dense differences; sparse coded updates; sparse + filter scales;
+# sparse ternary compression (stc.py)
+METHODS = ("dense", "coded", "sparse", "scaled", "stc")
 DOWNSTREAM = ("coded", "dense")
 PLACEMENTS = ("delta", "filter")
 SPARSIFIERS = ("topk", "global_topk", "stats", "random")
@@ -26,14 +28,18 @@ DATASETS = ("mnist", "fashion_mnist")
 @dataclasses.dataclass(frozen=True)
 class FLConfig:
     """A federated run. Updates: `method` "dense" sends float32 differences uncoded both ways
-    (FedAvg, the baseline); "sparse" sparsifies (`sparsifier`, keeping `density` of each
-    update's entries) and codes them at `qp`; "scaled" adds one trained scale per output filter
-    (`placement` "delta": w + s·Δw, "filter": s·(w + Δw); `scale_steps` Adam steps on local data).
-    `error_feedback` keeps what an update left out for the next one (clients, and the server for
-    its downloads). `downstream` "coded" sparsifies (top-k, keeping `downstream_density`; by
-    default `density` times the clients per round, the most non-zeros a mean of their sparse
-    updates has without scales) and codes the server's update to the clients, "dense" sends it
-    uncoded. `layers`: name prefixes of the tensors trained and sent (a partial update; empty:
+    (FedAvg, the baseline); "coded" codes the dense differences at `qp` (no sparsifier);
+    "sparse" sparsifies (`sparsifier`, keeping `density` of each update's entries) and codes
+    them at `qp`; "scaled" adds one trained scale per output filter (`placement` "delta":
+    w + s·Δw, "filter": s·(w + Δw); `scale_steps` Adam steps on local data); "stc" is sparse
+    ternary compression (Sattler et al. 2019, stc.py: top-k of every float tensor at `density`,
+    ±μ, Golomb-coded positions; `sparsifier` and `qp` unused). `error_feedback` keeps what an
+    update left out for the next one (clients, and the server for its downloads). `downstream`
+    "coded" codes the server's update to the clients as the method codes uploads ("coded":
+    at `qp`, dense; "sparse" and "scaled": top-k keeping `downstream_density`, by default
+    `density` times the clients per round, the most non-zeros a mean of their sparse updates
+    has without scales, then at `qp`; "stc": STC at `downstream_density`), "dense" sends it
+    uncoded (float32). "dense" FedAvg is float32 both ways whatever `downstream` says. `layers`: name prefixes of the tensors trained and sent (a partial update; empty:
     all). `slice_size` None codes every tensor as one slice (the cheapest for sparse updates,
     experiments/results/fl_sparse_bits.md)."""
 

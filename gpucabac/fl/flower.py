@@ -34,7 +34,7 @@ from flwr.serverapp.strategy import FedAvg
 from ..errors import GpucabacError, InputError
 from ..io import atomic_write_bytes
 from .config import FLConfig
-from .protocol import ClientState, ServerState, aggregate, client_round
+from .protocol import ClientState, ServerState, aggregate, chosen_clients, client_round, round_seconds
 from .task import ClientTask, ServerTask, initial_params
 
 STATE_KEY = "gpucabac"
@@ -155,9 +155,7 @@ class CodedFedAvg(FedAvg):
 
     def chosen(self, server_round: int) -> list[int]:
         """The partitions that train in a round: a seeded sample of fraction_train of them."""
-        k = self.fl.clients_per_round
-        rng = np.random.default_rng([self.fl.seed, server_round])
-        return sorted(int(p) for p in rng.choice(self.fl.num_clients, size=k, replace=False))
+        return chosen_clients(self.fl, server_round)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         if not self.nodes:
@@ -198,9 +196,7 @@ class CodedFedAvg(FedAvg):
             self._save(f"download-{self.server.version:04d}.gcbu", self.server.downloads[-1])
         self._round |= {"upload-bytes": summary["upload-bytes"], "next-download-bytes": summary["download-bytes"],
                         "flower-upload-bytes": sum(c["flower-upload-bytes"] for c in clients), "clients-detail": clients,
-                        "train-seconds": max(c["train-seconds"] for c in clients),
-                        "coding-seconds": max(c["encode-seconds"] + c.get("decode-seconds", 0.0) + c["download-decode-seconds"]
-                                              for c in clients) + summary["server-decode-seconds"] + summary["server-encode-seconds"]}
+                        **round_seconds(clients, summary)}
         metrics = MetricRecord({k: float(v) for k, v in self._round.items() if isinstance(v, (int, float))})
         return _arrays(self.server.model), metrics
 

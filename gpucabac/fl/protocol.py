@@ -11,7 +11,9 @@ the decoded (and, under scaling, rescaled) updates by sample count, adds its dow
 
 Updates under `method="scaled"` also carry one scale per output filter (scaling.py), as
 differences from 1 against a base extended by all-ones scales that both sides build; the server
-folds them into the client's effective update, so the global model has no scales.
+folds them into the client's effective update, so the global model has no scales. Under
+`method="stc"` uploads (and coded downloads) are sparse ternary streams (stc.py) rather than
+gpucabac updates; `read` tells the two apart by their magic.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from ..settings import CodingSettings
 from .config import FLConfig
 from .feedback import ErrorFeedback
 from .sparsify import sparsify
-from .update import apply_update, encode_deltas, read_update
+from .stc import encode_ternary, is_stc, read_stc, ternarize
+from .update import Update, apply_update, encode_deltas, read_update
 
 Params = dict[str, np.ndarray]
 # (base params, the client's local-only variables such as BatchNorm statistics) -> (the params
@@ -35,6 +38,18 @@ Params = dict[str, np.ndarray]
 TrainFn = Callable[[Params, Params], tuple[Params, Params]]
 # (base, sparse delta) -> scales {scale_name: (out,) float32}
 ScaleFn = Callable[[Params, Params], Params]
+
+
+def read(data, base: Params) -> Update:
+    """A gpucabac update or an STC stream (by its magic), decoded for `base`."""
+    return read_stc(data, base) if is_stc(data) else read_update(data, base)
+
+
+def chosen_clients(config: FLConfig, server_round: int) -> list[int]:
+    """The partitions that train in a round: a sample of clients_per_round of them, seeded by
+    (seed, round), so that every runner of the rounds (Flower's, the in-process loop) picks the same."""
+    rng = np.random.default_rng([config.seed, server_round])
+    return sorted(int(p) for p in rng.choice(config.num_clients, size=config.clients_per_round, replace=False))
 
 
 def coding_settings(config: FLConfig) -> CodingSettings:
@@ -126,7 +141,7 @@ def client_round(state: ClientState, downloads: Sequence[bytes], config: FLConfi
     client and round) drives the random-k sparsifier."""
     t0 = time.perf_counter()
     for data in downloads:
-        state.model = apply_update(read_update(data, state.model), state.model)
+        state.model = apply_update(read(data, state.model), state.model)
         state.version += 1
     t_down = time.perf_counter() - t0
     base = state.model
@@ -143,7 +158,25 @@ def client_round(state: ClientState, downloads: Sequence[bytes], config: FLConfi
         metrics["kept"] = float(sum(d.size for d in delta.values()))
         return ClientRound(upload, metrics)
     intended = state.residual.add(delta) if config.error_feedback else delta
-    sparse, info = sparsify(intended, config.sparsifier, density=config.density, seed=seed)
+    if config.method == "stc":  # ternarising is STC's sparsifier: not timed as coding, as sparsify is not
+        ternary, _ = ternarize(intended, config.density)
+        t0 = time.perf_counter()
+        upload = encode_ternary(ternary, base)
+        t_encode = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        decoded = read_stc(upload, base).deltas
+        t_decode = time.perf_counter() - t0
+        if config.error_feedback:
+            state.residual.keep(intended, decoded)
+        metrics |= {"encode-seconds": t_encode, "decode-seconds": t_decode, "scale-seconds": 0.0,
+                    "kept": float(sum(int(np.count_nonzero(d)) for d in decoded.values())),
+                    "residual-norm": state.residual.norm()}
+        return ClientRound(upload, metrics)
+    if config.method == "coded":
+        sparse, kept = intended, sum(d.size for d in intended.values())
+    else:
+        sparse, info = sparsify(intended, config.sparsifier, density=config.density, seed=seed)
+        kept = info.kept
     coded_base, tensors = base, dict(sparse)
     t_scales = 0.0
     if config.method == "scaled":
@@ -164,7 +197,7 @@ def client_round(state: ClientState, downloads: Sequence[bytes], config: FLConfi
     if config.error_feedback:
         state.residual.keep(intended, {n: decoded[n] for n in sparse if n in decoded})
     metrics |= {"encode-seconds": t_encode, "decode-seconds": t_decode, "scale-seconds": t_scales,
-                "kept": float(info.kept), "residual-norm": state.residual.norm()}
+                "kept": float(kept), "residual-norm": state.residual.norm()}
     return ClientRound(upload, metrics)
 
 
@@ -205,7 +238,7 @@ def aggregate(server: ServerState, uploads: Sequence[tuple[bytes, float]], confi
     t0 = time.perf_counter()
     mean: dict[str, np.ndarray] = {}
     for data, weight in uploads:
-        effective = _effective(base, read_update(data, coded_base).deltas, config, scales_of)
+        effective = _effective(base, read(data, coded_base).deltas, config, scales_of)
         w = np.float32(weight / total)
         for name, d in effective.items():
             mean[name] = w * d if name not in mean else mean[name] + w * d
@@ -215,11 +248,15 @@ def aggregate(server: ServerState, uploads: Sequence[tuple[bytes, float]], confi
     t0 = time.perf_counter()
     if not coded:
         download = encode_deltas(intended, base, raw=True)
+    elif config.method == "stc":
+        download = encode_ternary(ternarize(intended, config.download_density())[0], base)
+    elif config.method == "coded":
+        download = encode_deltas(intended, base, coding_settings(config))
     else:  # the mean of sparse updates, and under scaling the filters' rescaling: top-k of it
         sparse, _ = sparsify(intended, "topk", density=config.download_density())
         download = encode_deltas(sparse, base, coding_settings(config))
     t_encode = time.perf_counter() - t0
-    update = read_update(download, base)
+    update = read(download, base)
     if config.error_feedback and coded:
         server.residual.keep(intended, update.deltas)
     server.model = apply_update(update, base)
@@ -228,14 +265,23 @@ def aggregate(server: ServerState, uploads: Sequence[tuple[bytes, float]], confi
             "server-decode-seconds": t_decode, "server-encode-seconds": t_encode}
 
 
+def round_seconds(clients: Sequence[Mapping[str, float]], summary: Mapping[str, float]) -> dict[str, float]:
+    """A round's times from its clients' metrics and aggregate's summary: "train-seconds" the
+    slowest client's training (clients train in parallel), "coding-seconds" the slowest client's
+    encode + decode of its upload + decode of its downloads, plus the server's decode and encode."""
+    return {"train-seconds": max(c["train-seconds"] for c in clients),
+            "coding-seconds": max(c["encode-seconds"] + c.get("decode-seconds", 0.0) + c["download-decode-seconds"]
+                                  for c in clients) + summary["server-decode-seconds"] + summary["server-encode-seconds"]}
+
+
 def replay(initial: Params, downloads: Sequence[bytes]) -> Params:
     """The model the downloads imply, applied in order to the initial one (what any client that
     followed every round holds)."""
     model = dict(initial)
     for data in downloads:
-        model = apply_update(read_update(data, model), model)
+        model = apply_update(read(data, model), model)
     return model
 
 
-__all__ = ["ClientRound", "ClientState", "ServerState", "aggregate", "client_round",
-           "coding_settings", "replay", "with_unit_scales"]
+__all__ = ["ClientRound", "ClientState", "ServerState", "aggregate", "chosen_clients", "client_round",
+           "coding_settings", "read", "replay", "round_seconds", "with_unit_scales"]
