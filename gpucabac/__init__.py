@@ -22,6 +22,7 @@ from .errors import (
     GpuUnavailableError as GpuUnavailableError,
     InputError as InputError,
     ModelFileError as ModelFileError,
+    SweepTaskError as SweepTaskError,
     TensorNotFoundError as TensorNotFoundError,
 )
 
@@ -38,8 +39,9 @@ _SOURCES = {
     "DQ_STATE_COUNTS": "tables",
     **dict.fromkeys(("fisher_diagonal", "importance_scales", "importance_shapes", "output_sensitivity", "rd_levels",
                      "smooth_importance", "steps_from_importance"), "rdquant"),
-    **dict.fromkeys(("OperatingPoint", "SweepResult", "choose_operating_point", "evaluate_task", "point_from_sweep",
-                     "sweep"), "sweeps"),
+    **dict.fromkeys(("LocalExecutor", "OperatingPoint", "SweepResult", "SweepTask", "choose_operating_point",
+                     "evaluate_task", "point_from_sweep", "sweep", "sweep_models"), "sweeps"),
+    "RayExecutor": "ray_sweeps",  # ray itself loads when a run starts
 }
 
 
@@ -77,13 +79,17 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
         CodingSettings as CodingSettings,
     )
     from .summary import ContainerInfo as ContainerInfo, TensorInfo as TensorInfo, info as info
+    from .ray_sweeps import RayExecutor as RayExecutor
     from .sweeps import (
+        LocalExecutor as LocalExecutor,
         OperatingPoint as OperatingPoint,
         SweepResult as SweepResult,
+        SweepTask as SweepTask,
         choose_operating_point as choose_operating_point,
         evaluate_task as evaluate_task,
         point_from_sweep as point_from_sweep,
         sweep as sweep,
+        sweep_models as sweep_models,
     )
     from .tables import DQ_STATE_COUNTS as DQ_STATE_COUNTS
 
@@ -94,5 +100,7 @@ __all__ = [
     "OperatingPoint", "SweepResult", "choose_operating_point", "evaluate_task", "fisher_diagonal",
     "importance_scales", "importance_shapes",
     "output_sensitivity", "point_from_sweep", "rd_levels", "smooth_importance", "steps_from_importance", "sweep",
-    "FormatError", "GpucabacError", "GpuUnavailableError", "InputError", "ModelFileError", "TensorNotFoundError",
+    "LocalExecutor", "RayExecutor", "SweepTask", "sweep_models",
+    "FormatError", "GpucabacError", "GpuUnavailableError", "InputError", "ModelFileError", "SweepTaskError",
+    "TensorNotFoundError",
 ]

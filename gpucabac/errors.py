@@ -24,3 +24,9 @@ class TensorNotFoundError(GpucabacError, KeyError):
 
 class GpuUnavailableError(GpucabacError, RuntimeError):
     """device="gpu" was asked for, but CuPy is not installed or sees no CUDA device."""
+
+
+class SweepTaskError(GpucabacError, RuntimeError):
+    """A task of a sweep failed on every attempt its executor allows (a worker crashed, a node was
+    lost, or the task raised something other than a GpucabacError), or an executor returned no
+    or incomplete rows for one: the message names the task (method, tensors, grid indices)."""

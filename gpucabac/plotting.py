@@ -1,10 +1,10 @@
 """RD plots of sweep files: per method the Pareto front over all (step, lam) settings.
 
 Paper-ready styling, the same in every figure: one fixed, colour-blind-safe colour per method
-(Okabe-Ito: URQ blue, DQ vermillion, the larger trellises green, purple, ...), one marker per sweep
-file (model), NNCodec in black and a reference/bound in gray. The front is a solid line with
-markers on top; the λ=0 curve a thin, lighter dotted line below it; every setting a faint dot
-below everything. The model name (the sweep's settings["model"], else the file name) heads the
+(Okabe-Ito: URQ blue, DQ vermillion, the larger trellises green, purple, ...), one marker per model
+(a sweep file, or each model of a file of several), NNCodec in black and a reference/bound in
+gray. The front is a solid line with markers on top; the λ=0 curve a thin, lighter dotted line
+below it; every setting a faint dot below everything. The model name (the sweep's settings["model"], else the file name) heads the
 legend and is the default title.
 
 matplotlib is optional (`pip install gpucabac[plot]`) and loads only when a figure is drawn.
@@ -28,7 +28,7 @@ _PALETTE = ("#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9", "#
 METHOD_COLORS = {m: _PALETTE[i % len(_PALETTE)] for i, m in enumerate(METHODS)}
 NNCODEC_COLOR = "black"
 REFERENCE_COLOR = "gray"
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")  # one per sweep file, in the order given
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")  # one per model, in the order given
 
 # line styles and layers: scatter < λ=0 < reference < fronts < NNCodec (dashed, hollow markers)
 SCATTER_Z, ZERO_Z, REFERENCE_Z, FRONT_Z, NNCODEC_Z = 1, 2, 2.5, 3, 4
@@ -93,11 +93,11 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 def draw_sweeps(paths: Sequence, *, rate: str = "exact", title: str | None = None, metric: str = "snr"):
     """The figure `plot_sweeps` saves (a matplotlib Figure, not attached to pyplot): RD curves
     (bits/weight vs SNR, or vs the task metric of `evaluate_task` with metric="task") of one or
-    more sweep JSON files. Per file and method: every (step, lam) setting as a faint dot, the
-    Pareto front over them as a solid line with the file's marker, the λ=0 settings as a thin
-    dotted line below; NNCodec's points where a file holds them (key "nncodec": [{"label",
-    "points": [{"bpw", "snr_db"}]}]) in black, a reference (key "reference": [{"label", "bpw",
-    "snr_db"}]) in gray, both drawn for metric="snr". `title` defaults to the model name(s)."""
+    more sweep JSON files. Per model (a file, or each model of a file of several) and method:
+    every (step, lam) setting as a faint dot, the Pareto front over them as a solid line with the
+    model's marker, the λ=0 settings as a thin dotted line below; NNCodec's points where a file
+    holds them (key "nncodec": [{"label", "points": [{"bpw", "snr_db"}]}]) in black, a reference
+    (key "reference": [{"label", "bpw", "snr_db"}]) in gray, both drawn for metric="snr". `title` defaults to the model name(s)."""
     if metric not in ("snr", "task"):
         raise InputError(f"metric must be 'snr' or 'task', got {metric!r}")
     if not paths:
@@ -106,7 +106,16 @@ def draw_sweeps(paths: Sequence, *, rate: str = "exact", title: str | None = Non
         from matplotlib.figure import Figure  # noqa: PLC0415
     except ImportError as e:  # pragma: no cover
         raise InputError("plotting needs matplotlib: pip install 'gpucabac[plot]'") from e
-    results = [SweepResult.from_json(p) for p in paths]
+    # one series (a marker, a legend name) per model: a file of several models (sweep_models) gives one each
+    series = []
+    for p in paths:
+        res = SweepResult.from_json(p)
+        views = [res.of_model(m) for m in res.models] or [res]
+        for v in views[1:]:  # a file's NNCodec points and reference belong to it once
+            v.extra = {}
+        series += [(p, v) for v in views]
+    paths = [p for p, _ in series]
+    results = [r for _, r in series]
     names = [model_name(r.settings, p) for r, p in zip(results, paths)]
     tags = _legend_names(paths, names)
     several = len(paths) > 1

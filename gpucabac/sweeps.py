@@ -3,7 +3,9 @@ the JAX quantizer (gpucabac.rdquant) and the exact rate of the real coder on the
 and the choice of an operating point (target bits/weight, target SNR or MSE) from a sweep.
 
 Results are self-describing JSON (and CSV); plotting is a separate step (`plotting.plot_sweeps`,
-matplotlib optional).
+matplotlib optional). The work runs as (model, tensor chunk, grid chunk) tasks on an executor:
+`LocalExecutor` here, `ray_sweeps.RayExecutor` over a Ray cluster, the same rows either way
+(docs/design.md §9).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 
 from . import container
 from .dtypes import is_float
-from .errors import InputError
+from .errors import InputError, SweepTaskError
 from .io import atomic_write_bytes
 from .layout import num_slices, used_contexts
 from .metrics import signal_of as signal_of, snr_db as _snr
@@ -47,12 +49,36 @@ _ROW_KEYS = dict(_MODEL_KEYS, step=_NUMBER, tensor=str)  # what choose_operating
 
 @dataclasses.dataclass
 class SweepResult:
-    """rows: one dict per (method, step, lam, tensor); model: one per (method, grid index, lam)."""
+    """rows: one dict per (method, step, lam, tensor); model: one per (method, grid index, lam).
+    A sweep of several models (`sweep_models`) has both per model (each row names its "model"),
+    and settings["models"] the settings of each; `of_model` is one model's sweep."""
 
     settings: dict
     rows: list[dict]
     model: list[dict]
     extra: dict = dataclasses.field(default_factory=dict)  # e.g. {"nncodec": [points]}
+
+    @property
+    def models(self) -> list[str]:
+        """The models of a sweep of several, in sweep order; [] for a sweep of one."""
+        return list(self.settings.get("models") or {})
+
+    def of_model(self, name: str) -> SweepResult:
+        """One model of a sweep of several: its rows (the same dicts, so a value set on them, as
+        `evaluate_task` does, shows in both) and the sweep's settings with that model's own."""
+        models = self.settings.get("models") or {}
+        if name not in models:
+            raise InputError(f"the sweep has no model {name!r} (it has {', '.join(map(repr, models)) or 'one, unnamed'})")
+        st = {k: v for k, v in self.settings.items() if k != "models"}
+        st.update(models[name])
+        st.setdefault("model", name)
+        return SweepResult(st, [r for r in self.rows if r.get("model") == name],
+                           [m for m in self.model if m.get("model") == name], self.extra)
+
+    def _one_model(self, what: str) -> None:
+        if self.models:
+            raise InputError(f"{what} takes the sweep of one model; this one has {', '.join(map(repr, self.models))}: "
+                             "choose one with result.of_model(name)")
 
     def to_json(self, path) -> None:
         """Write the sweep as JSON, atomically (a failed run leaves no partial file)."""
@@ -89,6 +115,15 @@ class SweepResult:
                     raise InputError(f"{path}: {part}[{i}] lacks {', '.join(bad)} (or has the wrong type)")
         if not isinstance(d.get("settings", {}), dict):
             raise InputError(f"{path}: 'settings' is not an object")
+        models = d.get("settings", {}).get("models")
+        if models is not None:
+            if not isinstance(models, dict) or not all(isinstance(v, dict) for v in models.values()):
+                raise InputError(f"{path}: settings 'models' is not an object of per-model settings")
+            for part in ("tensors", "model"):
+                for i, r in enumerate(d.get(part, [])):
+                    if r.get("model") not in models:
+                        raise InputError(f"{path}: {part}[{i}] names model {r.get('model')!r}, which is not in "
+                                         "settings 'models'")
         extra = {k: v for k, v in d.items() if k not in ("kind", "settings", "model", "tensors")}
         return cls(d.get("settings", {}), d.get("tensors", []), d.get("model", []), extra)
 
@@ -99,12 +134,192 @@ def _setting_key(r: dict):
     return r.get("grid_index", r["step"])
 
 
+@dataclasses.dataclass(frozen=True)
+class SweepTask:
+    """One unit of a sweep's work, run whole by an executor: one method over a chunk of one
+    model's tensors, at the grid indices `grid` = [k0, k1) and every lambda. Every slice is
+    quantized and coded on its own, so a task's rows are those of the same settings in any other
+    split of the sweep: an executor may run the tasks anywhere, in any order."""
+
+    index: int
+    model: str | None  # the model's name in a sweep of several (sweep_models), else None
+    method: str
+    chunk: int  # which of the sweep's tensor chunks (what `run_task` gets as `chunk`) it quantizes
+    tensors: tuple[str, ...]
+    grid: tuple[int, int]
+    work: int  # its progress units (weight-settings, as `sweep_work` counts them)
+
+    def describe(self) -> str:
+        """The task as an error message or a note names it."""
+        what = self.tensors[0] if len(self.tensors) == 1 else (
+            f"{len(self.tensors)} tensors, {self.tensors[0]} .. {self.tensors[-1]}")
+        of = "" if self.model is None else f" of {self.model}"
+        k0, k1 = self.grid
+        at = f"grid index {k0}" if k1 - k0 == 1 else f"grid indices {k0}..{k1 - 1}"
+        return f"sweep task {self.index} ({self.method} on {what}{of}, {at})"
+
+
+class LocalExecutor:
+    """Runs a sweep's tasks one after the other in this process: the default executor.
+
+    `tensor_chunk` (weights; a larger tensor makes a chunk alone) and `steps_chunk` (grid
+    indices) split the work into tasks as a distributed executor would; the default is one task
+    per method and model, whose quantizer batches the slices of all its tensors."""
+
+    def __init__(self, *, tensor_chunk: int | None = None, steps_chunk: int | None = None):
+        self.tensor_chunk = _positive_or_none(tensor_chunk, "LocalExecutor: tensor_chunk")
+        self.steps_chunk = _positive_or_none(steps_chunk, "LocalExecutor: steps_chunk")
+
+    def chunking(self, numel: int, n_steps: int, n_lams: int, n_methods: int) -> tuple[int | None, int | None]:
+        """(tensor_chunk, steps_chunk) for a sweep whose largest model has `numel` swept weights."""
+        return self.tensor_chunk, self.steps_chunk
+
+    def run(self, tasks: Sequence[SweepTask], chunks: Sequence[dict], common: dict,
+            progress: Callable[[int], None] | None = None):
+        """Yields (task, its rows per tensor) as each task finishes (`run_task`)."""
+        for task in tasks:
+            yield task, run_task(task, chunks[task.chunk], common, progress)
+
+
+def _positive_or_none(v, what: str) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise InputError(f"{what} must be a positive integer or None, got {v!r}")
+    return int(v)
+
+
+@dataclasses.dataclass
+class _Model:
+    """One model's swept tensors and what its rows need, validated."""
+
+    label: str | None
+    names: list[str]
+    xs: dict
+    grids: dict
+    imp: dict
+    weights: dict
+    signals: dict
+    importance: bool
+    tensor_weights: bool
+
+    @property
+    def numel(self) -> int:
+        return int(sum(x.size for x in self.xs.values()))
+
+    def settings(self) -> dict:
+        common = all(g == self.grids[self.names[0]] for g in self.grids.values())
+        return dict(steps=self.grids[self.names[0]] if common else {n: self.grids[n] for n in self.names},
+                    importance=self.importance, tensors=self.names,
+                    tensor_weights=self.weights if self.tensor_weights else None, numel=self.numel)
+
+
+def _prepare(label, tensors, steps, importance, tensor_weights) -> _Model:
+    of = "" if label is None else f"model {label!r}: "
+    names = [n for n, x in tensors.items() if np.asarray(x).ndim >= 2 and is_float(np.asarray(x))]
+    if not names:
+        raise InputError(f"{of}no floating-point tensors with two or more dimensions to sweep")
+    weights = {n: 1.0 for n in names}
+    for n, v in (tensor_weights or {}).items():
+        if n not in weights:
+            raise InputError(f"{of}tensor_weights names {n!r}, which is not a swept tensor")
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            v = math.nan
+        if not (math.isfinite(v) and v > 0):
+            raise InputError(f"{of}tensor_weights[{n!r}] must be a positive number, got {tensor_weights[n]!r}")
+        weights[n] = v
+    xs = {n: np.asarray(tensors[n]) for n in names}
+    if isinstance(steps, Mapping):
+        missing = [n for n in names if n not in steps]
+        if missing:
+            raise InputError(f"{of}steps has no grid for the swept tensors {missing}")
+        grids = {n: [float(v) for v in steps[n]] for n in names}
+    else:
+        grids = {n: [float(v) for v in steps] for n in names}
+    K = len(grids[names[0]])
+    if K == 0 or any(len(g) != K for g in grids.values()):
+        raise InputError(f"{of}every tensor needs a grid of the same, non-zero number of steps")
+    imp = {n: np.asarray(importance[n], np.float64).reshape(xs[n].shape) for n in names
+           if importance is not None and n in importance}
+    return _Model(label, names, xs, grids, imp, weights, {n: signal_of(x) for n, x in xs.items()},
+                  importance is not None, tensor_weights is not None)
+
+
+def _tensor_chunks(m: _Model, tensor_chunk: int | None) -> list[list[str]]:
+    """Consecutive tensors, at most `tensor_chunk` weights a chunk (a larger tensor alone)."""
+    groups: list[list[str]] = []
+    size = 0
+    for n in m.names:
+        if groups and (tensor_chunk is None or size + m.xs[n].size <= tensor_chunk):
+            groups[-1].append(n)
+            size += m.xs[n].size
+        else:
+            groups.append([n])
+            size = m.xs[n].size
+    return groups
+
+
+def run_task(task: SweepTask, chunk: dict, common: dict, progress: Callable[[int], None] | None = None) -> dict[str, list[dict]]:
+    """The rows of one sweep task, per tensor (in grid, then lambda order): what every executor
+    runs. `chunk` holds the task's tensors and what their rows need (the sweep's tensor chunk
+    `task.chunk`), `common` the sweep's settings; `progress` as for `sweep`."""
+    from .codec import encode_levels  # noqa: PLC0415
+    from .rdquant import rd_quantize_tensors  # noqa: PLC0415
+
+    lams, exact, slice_size, num_gt_flags = common["lams"], common["exact"], common["slice_size"], common["num_gt_flags"]
+    dq = mode_dq(task.method)
+    n_used = len(used_contexts(num_gt_flags, dq))
+    xs = {n: chunk["tensors"][n] for n in task.tensors}
+    imp = {n: chunk["importance"][n] for n in task.tensors if n in chunk["importance"]}
+    total = sum(x.size for x in xs.values())
+    k0, k1 = task.grid
+    # all the task's slices in one stream per call; steps chunked so that the levels fit level_bytes
+    kc = max(1, min(k1 - k0, common["level_bytes"] // max(1, 4 * total * len(lams)))) if exact else k1 - k0
+    first = {} if task.model is None else {"model": task.model}
+    by_tensor: dict[str, list[dict]] = {n: [] for n in task.tensors}
+    for a in range(k0, k1, kc):
+        sub = {n: chunk["grids"][n][a : min(k1, a + kc)] for n in task.tensors}
+        results = rd_quantize_tensors(xs, sub, lams, dq=dq, slice_size=slice_size, num_gt_flags=num_gt_flags,
+                                      importance=imp or None, with_levels=exact, progress=progress)
+        for name, x in xs.items():
+            res, S, signal, weight = results[name], min(slice_size, x.size), chunk["signals"][name], chunk["weights"][name]
+            w64 = x.astype(np.float64).reshape(-1) if exact else None
+            f = imp[name].reshape(-1) if name in imp else None
+            for ki, step in enumerate(sub[name]):
+                hdr = _header_bytes(name, x, step, task.method, num_gt_flags, S, n_used)
+                for li, lam in enumerate(lams):
+                    row = dict(first, method=task.method, step=step, grid_index=a + ki, lam=lam, tensor=name,
+                               numel=int(x.size), est_payload_bits=float(res.bits[ki, li]), header_bits=8 * hdr,
+                               est_bits=float(res.bits[ki, li]) + 8 * hdr,
+                               wsse=weight * float(res.wdist[ki, li]), sse=float(res.dist[ki, li]), signal=signal)
+                    if exact:
+                        lv = res.levels[ki, li]
+                        _, payload, _ = encode_levels(lv, S, dq, num_gt_flags)
+                        err = dequantize(lv, step, (x.size,), np.float32).astype(np.float64) - w64
+                        row["exact_bits"] = 8 * int(payload.size) + 8 * hdr
+                        row["payload_bits"] = 8 * int(payload.size)
+                        row["sse"] = float(err @ err)
+                        row["wsse"] = weight * (float((err * err) @ f) if f is not None else row["sse"])
+                    n = x.size
+                    row.update(est_bpw=row["est_bits"] / n, mse=row["sse"] / n, wmse=row["wsse"] / n,
+                               snr_db=_snr(signal, row["sse"]))
+                    if exact:
+                        row["exact_bpw"] = row["exact_bits"] / n
+                        if progress is not None:
+                            progress(n)
+                    by_tensor[name].append(row)
+    return by_tensor
+
+
 def sweep(tensors: Mapping[str, np.ndarray], steps: Sequence[float] | Mapping[str, Sequence[float]],
           lams: Sequence[float], *,
           methods: Sequence[str] = ("urq", "dq"), slice_size: int = 8192, num_gt_flags: int = 11,
           importance: Mapping[str, np.ndarray] | None = None, tensor_weights: Mapping[str, float] | None = None,
           exact: bool = True, progress: Callable[[int], None] | None = None,
-          level_bytes: int = 256 << 20) -> SweepResult:
+          level_bytes: int = 256 << 20, executor=None,
+          on_task: Callable[[SweepTask, list[dict]], None] | None = None) -> SweepResult:
     """RD-quantize every float tensor of two or more dimensions at every (method, step, lam).
 
     Per setting and tensor: estimated bits (the estimator the quantizer optimises), exact bits
@@ -122,93 +337,114 @@ def sweep(tensors: Mapping[str, np.ndarray], steps: Sequence[float] | Mapping[st
     the weighted error; `tensor_weights` (per tensor, a positive number, default 1) multiplies a
     tensor's weighted error only, not what its quantizer sees: importance shapes of mean 1 (so
     that lam means the same in every tensor) plus tensor weights from `importance_scales` let
-    `choose_operating_point(per_tensor=True)` give the important tensors the bits."""
-    from .codec import encode_levels  # noqa: PLC0415
-    from .rdquant import rd_quantize_tensors  # noqa: PLC0415
+    `choose_operating_point(per_tensor=True)` give the important tensors the bits.
 
-    lams = [float(v) for v in lams]
-    for m in methods:
-        if m not in METHODS:
-            raise InputError(f"method must be one of {METHODS}, got {m!r}")
-    names = [n for n, x in tensors.items() if np.asarray(x).ndim >= 2 and is_float(np.asarray(x))]
-    if not names:
-        raise InputError("no floating-point tensors with two or more dimensions to sweep")
-    weights = {n: 1.0 for n in names}
-    for n, v in (tensor_weights or {}).items():
-        if n not in weights:
-            raise InputError(f"tensor_weights names {n!r}, which is not a swept tensor")
-        try:
-            v = float(v)
-        except (TypeError, ValueError):
-            v = math.nan
-        if not (math.isfinite(v) and v > 0):
-            raise InputError(f"tensor_weights[{n!r}] must be a positive number, got {tensor_weights[n]!r}")
-        weights[n] = v
-    xs = {n: np.asarray(tensors[n]) for n in names}
+    `executor` runs the work as (method, tensor chunk, grid chunk) tasks: None or a
+    `LocalExecutor` in this process, a `gpucabac.RayExecutor` over a Ray cluster; every split
+    gives the same rows, in the same order, to the bit. `on_task(task, rows)` sees each task's
+    rows as it finishes (partial results, in the executor's finishing order)."""
+    m = _prepare(None, tensors, steps, importance, tensor_weights)
+    return _sweep([m], methods, lams, slice_size, num_gt_flags, exact, progress, level_bytes, executor, on_task)
+
+
+def sweep_models(models: Mapping[str, Mapping[str, np.ndarray]], steps, lams: Sequence[float], *,
+                 methods: Sequence[str] = ("urq", "dq"), slice_size: int = 8192, num_gt_flags: int = 11,
+                 importance: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+                 tensor_weights: Mapping[str, Mapping[str, float]] | None = None,
+                 exact: bool = True, progress: Callable[[int], None] | None = None,
+                 level_bytes: int = 256 << 20, executor=None,
+                 on_task: Callable[[SweepTask, list[dict]], None] | None = None) -> SweepResult:
+    """`sweep` of several models (name -> tensors) at the same settings, in one result: every
+    row and model row carries its "model", settings["models"] holds each model's own settings
+    (tensors, steps, numel, ...), and `result.of_model(name)` is the sweep of that model alone.
+    `steps` is one grid for every tensor, or per model what `sweep` takes; `importance` and
+    `tensor_weights` are per model what `sweep` takes. One executor runs the tasks of every
+    model together (a cluster works on all of them at once)."""
+    if not isinstance(models, Mapping) or not models:
+        raise InputError("sweep_models needs a non-empty mapping of model names to tensors")
+    for what, given in (("steps", steps), ("importance", importance), ("tensor_weights", tensor_weights)):
+        extra = [k for k in given if k not in models] if isinstance(given, Mapping) and what != "steps" else []
+        if extra:
+            raise InputError(f"{what} names {extra}, which are not among the models {list(models)}")
     if isinstance(steps, Mapping):
-        missing = [n for n in names if n not in steps]
+        missing = [k for k in models if k not in steps]
         if missing:
-            raise InputError(f"steps has no grid for the swept tensors {missing}")
-        grids = {n: [float(v) for v in steps[n]] for n in names}
-    else:
-        grids = {n: [float(v) for v in steps] for n in names}
-    K = len(grids[names[0]])
-    if K == 0 or any(len(g) != K for g in grids.values()):
-        raise InputError("every tensor needs a grid of the same, non-zero number of steps")
-    total = sum(x.size for x in xs.values())
-    imp = {n: np.asarray(importance[n], np.float64).reshape(xs[n].shape) for n in names
-           if importance is not None and n in importance}
-    signals = {n: signal_of(x) for n, x in xs.items()}
-    rows = []
+            raise InputError(f"steps is a mapping but has no grid for the models {missing}")
+    prepared = []
+    for label, tensors in models.items():
+        if not isinstance(label, str) or not label:
+            raise InputError(f"model names must be non-empty strings, got {label!r}")
+        prepared.append(_prepare(label, tensors, steps[label] if isinstance(steps, Mapping) else steps,
+                                 None if importance is None else importance.get(label),
+                                 None if tensor_weights is None else tensor_weights.get(label)))
+    return _sweep(prepared, methods, lams, slice_size, num_gt_flags, exact, progress, level_bytes, executor, on_task)
+
+
+def _sweep(models: list[_Model], methods, lams, slice_size, num_gt_flags, exact, progress, level_bytes,
+           executor, on_task) -> SweepResult:
+    lams = [float(v) for v in lams]
+    methods = list(methods)
     for method in methods:
-        dq = mode_dq(method)
-        n_used = len(used_contexts(num_gt_flags, dq))
-        by_tensor: dict[str, list[dict]] = {n: [] for n in names}
-        # all tensors' slices in one stream per call; steps chunked so that the levels fit level_bytes
-        kc = max(1, min(K, level_bytes // max(1, 4 * total * len(lams)))) if exact else K
-        for k0 in range(0, K, kc):
-            chunk = {n: g[k0 : k0 + kc] for n, g in grids.items()}
-            results = rd_quantize_tensors(xs, chunk, lams, dq=dq, slice_size=slice_size, num_gt_flags=num_gt_flags,
-                                          importance=imp or None, with_levels=exact, progress=progress)
-            for name, x in xs.items():
-                res, S, signal = results[name], min(slice_size, x.size), signals[name]
-                w64 = x.astype(np.float64).reshape(-1) if exact else None
-                f = imp[name].reshape(-1) if name in imp else None
-                for ki, step in enumerate(chunk[name]):
-                    hdr = _header_bytes(name, x, step, method, num_gt_flags, S, n_used)
-                    for li, lam in enumerate(lams):
-                        row = dict(method=method, step=step, grid_index=k0 + ki, lam=lam, tensor=name, numel=int(x.size),
-                                   est_payload_bits=float(res.bits[ki, li]), header_bits=8 * hdr,
-                                   est_bits=float(res.bits[ki, li]) + 8 * hdr,
-                                   wsse=weights[name] * float(res.wdist[ki, li]), sse=float(res.dist[ki, li]),
-                                   signal=signal)
-                        if exact:
-                            lv = res.levels[ki, li]
-                            _, payload, _ = encode_levels(lv, S, dq, num_gt_flags)
-                            err = dequantize(lv, step, (x.size,), np.float32).astype(np.float64) - w64
-                            row["exact_bits"] = 8 * int(payload.size) + 8 * hdr
-                            row["payload_bits"] = 8 * int(payload.size)
-                            row["sse"] = float(err @ err)
-                            row["wsse"] = weights[name] * (float((err * err) @ f) if f is not None else row["sse"])
-                        n = x.size
-                        row.update(est_bpw=row["est_bits"] / n, mse=row["sse"] / n, wmse=row["wsse"] / n,
-                                   snr_db=_snr(signal, row["sse"]))
-                        if exact:
-                            row["exact_bpw"] = row["exact_bits"] / n
-                            if progress is not None:
-                                progress(n)
-                        by_tensor[name].append(row)
-        rows += [r for n in names for r in by_tensor[n]]
-    model = aggregate(rows)
-    common = all(g == grids[names[0]] for g in grids.values())
-    st = dict(steps=grids[names[0]] if common else {n: grids[n] for n in names}, lams=lams, methods=list(methods), slice_size=slice_size, num_gt_flags=num_gt_flags,
-              importance=importance is not None, exact=exact, tensors=names,
-              tensor_weights=None if tensor_weights is None else weights,
-              numel=int(total),
-              rate_units="bits; exact = coded payload + tensor header record; est = estimator (§2.8) bits of the "
-                         "bins + the same header record (known without coding); est_payload = the bins alone",
-              lam_units="step^2 per bit")
-    return SweepResult(st, rows, model)
+        if method not in METHODS:
+            raise InputError(f"method must be one of {METHODS}, got {method!r}")
+    executor = LocalExecutor() if executor is None else executor
+    if not (callable(getattr(executor, "run", None)) and callable(getattr(executor, "chunking", None))):
+        raise InputError(f"executor must be a LocalExecutor, a RayExecutor or an object with chunking() and run(), "
+                         f"got {type(executor).__name__}")
+    K = len(next(iter(models[0].grids.values())))
+    if any(len(next(iter(m.grids.values()))) != K for m in models):
+        raise InputError("every model needs a grid of the same number of steps")
+    tensor_chunk, steps_chunk = executor.chunking(max(m.numel for m in models), K, len(lams), len(methods))
+    tensor_chunk = _positive_or_none(tensor_chunk, "the executor's tensor_chunk")
+    sc = _positive_or_none(steps_chunk, "the executor's steps_chunk") or K
+    chunks, groups = [], []  # groups: per model, (chunk index, tensor names)
+    for m in models:
+        mine = []
+        for names in _tensor_chunks(m, tensor_chunk):
+            mine.append((len(chunks), tuple(names)))
+            chunks.append(dict(model=m.label, tensors={n: m.xs[n] for n in names},
+                               importance={n: m.imp[n] for n in names if n in m.imp},
+                               grids={n: m.grids[n] for n in names}, weights={n: m.weights[n] for n in names},
+                               signals={n: m.signals[n] for n in names}))
+        groups.append(mine)
+    tasks: list[SweepTask] = []
+    blocks = []  # (model, method, tensor chunk) in row order, with their tasks in grid order
+    for m, mine in zip(models, groups):
+        for method in methods:
+            for ci, names in mine:
+                block = []
+                numel = sum(m.xs[n].size for n in names)
+                for k0 in range(0, K, sc):
+                    k1 = min(K, k0 + sc)
+                    block.append(SweepTask(len(tasks), m.label, method, ci, names, (k0, k1),
+                                           sweep_work(numel, k1 - k0, len(lams), 1, exact)))
+                    tasks.append(block[-1])
+                blocks.append(block)
+    common = dict(lams=lams, slice_size=slice_size, num_gt_flags=num_gt_flags, exact=exact, level_bytes=level_bytes)
+    done: dict[int, dict[str, list[dict]]] = {}
+    for task, rows in executor.run(tasks, chunks, common, progress):
+        want = (task.grid[1] - task.grid[0]) * len(lams)
+        if set(rows) != set(task.tensors) or any(len(rows[n]) != want for n in task.tensors):
+            raise SweepTaskError(f"{task.describe()}: the executor returned incomplete rows")
+        done[task.index] = rows
+        if on_task is not None:
+            on_task(task, [r for n in task.tensors for r in rows[n]])
+    lost = [t.describe() for t in tasks if t.index not in done]
+    if lost:
+        raise SweepTaskError(f"the executor returned no rows for {len(lost)} of {len(tasks)} tasks: {'; '.join(lost[:5])}")
+    rows = [r for block in blocks for n in block[0].tensors for t in block for r in done[t.index][n]]
+    common_st = dict(lams=lams, methods=methods, slice_size=slice_size, num_gt_flags=num_gt_flags, exact=exact)
+    units = dict(rate_units="bits; exact = coded payload + tensor header record; est = estimator (§2.8) bits of the "
+                            "bins + the same header record (known without coding); est_payload = the bins alone",
+                 lam_units="step^2 per bit")
+    if models[0].label is None:
+        own = models[0].settings()
+        st = dict(steps=own["steps"], lams=lams, methods=methods, slice_size=slice_size, num_gt_flags=num_gt_flags,
+                  importance=own["importance"], exact=exact, tensors=own["tensors"],
+                  tensor_weights=own["tensor_weights"], numel=own["numel"], **units)
+    else:
+        st = dict(common_st, models={m.label: m.settings() for m in models}, **units)
+    return SweepResult(st, rows, aggregate(rows))
 
 
 def sweep_work(numel: int, n_steps: int, n_lams: int, n_methods: int, exact: bool = True) -> int:
@@ -228,6 +464,7 @@ def evaluate_task(result: SweepResult, tensors: Mapping[str, np.ndarray], task: 
     `plot_sweeps(..., metric="task")` draws it. `progress` is called with 1 per setting."""
     from .codec import quantize  # noqa: PLC0415
 
+    result._one_model("evaluate_task")
     names = result.settings.get("tensors") or []
     missing = [n for n in names if n not in tensors]
     if missing:
@@ -249,16 +486,17 @@ def evaluate_task(result: SweepResult, tensors: Mapping[str, np.ndarray], task: 
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
-    """Per (method, grid index, lam): sums over tensors, then bits/weight, MSE and SNR of the
-    model. The model row's step is the tensors' step when they share it, else None."""
+    """Per (model, method, grid index, lam): sums over tensors, then bits/weight, MSE and SNR of
+    the model. The model row's step is the tensors' step when they share it, else None; rows of
+    a sweep of several models keep their "model"."""
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["method"], _setting_key(r), r["lam"]), []).append(r)
+        groups.setdefault((r.get("model"), r["method"], _setting_key(r), r["lam"]), []).append(r)
     out = []
-    for (method, _, lam), rs in groups.items():
+    for (model, method, _, lam), rs in groups.items():
         n = sum(r["numel"] for r in rs)
         steps = {r["step"] for r in rs}
-        m = dict(method=method, step=steps.pop() if len(steps) == 1 else None, lam=lam, numel=n, tensors=len(rs),
+        m = dict({} if model is None else {"model": model}, method=method, step=steps.pop() if len(steps) == 1 else None, lam=lam, numel=n, tensors=len(rs),
                  est_bits=sum(r["est_bits"] for r in rs), est_payload_bits=sum(r.get("est_payload_bits", 0.0) for r in rs),
                  sse=sum(r["sse"] for r in rs),
                  wsse=sum(r["wsse"] for r in rs), signal=sum(r["signal"] for r in rs))
@@ -329,6 +567,7 @@ def choose_operating_point(result: SweepResult, method: str, *, target_bpw: floa
     per-tensor grids one (grid index, lam)."""
     if sum(t is not None for t in (target_bpw, target_snr_db, target_mse)) != 1:
         raise InputError("give exactly one of target_bpw, target_snr_db, target_mse")
+    result._one_model("choose_operating_point")
     rows = [r for r in result.rows if r["method"] == method]
     if not rows:
         raise InputError(f"the sweep has no results for method {method!r}")
@@ -409,9 +648,23 @@ def _slope_allocations(by: dict[str, list[dict]], key: str):
         yield (*totals(), choice)
 
 
+def _swept_weights_match(res: SweepResult, tensors: Mapping[str, np.ndarray]) -> bool:
+    """Every swept tensor of `res` is in `tensors`, with the size and Σw² it was swept with."""
+    first_rows: dict = {}
+    for r in res.rows:
+        first_rows.setdefault(r["tensor"], r)
+    for name in res.settings.get("tensors", []):
+        row, x = first_rows.get(name), tensors.get(name)
+        if x is None or row is None or np.size(x) != row["numel"] or not math.isclose(signal_of(x), row["signal"],
+                                                                                      rel_tol=1e-9):
+            return False
+    return True
+
+
 def point_from_sweep(sweep, tensors: Mapping[str, np.ndarray], *, target_bpw: float | None = None,
                      target_snr_db: float | None = None, target_mse: float | None = None, method: str | None = None,
-                     per_tensor: bool = True, importance_file=None) -> tuple[OperatingPoint, dict | None]:
+                     per_tensor: bool = True, importance_file=None,
+                     model: str | None = None) -> tuple[OperatingPoint, dict | None]:
     """The best setting of a sweep (a SweepResult or its JSON file) for one target, checked
     against the model and importance file it was run with: (the point, the per-weight importance
     to encode it with, or None). Encode it as
@@ -423,11 +676,25 @@ def point_from_sweep(sweep, tensors: Mapping[str, np.ndarray], *, target_bpw: fl
     Every swept tensor must be in `tensors` with the weights it was swept with (same size and
     Σw²); a sweep weighted by an importance file needs that file again (checked by digest).
     `method` restricts the choice to one of the sweep's methods; otherwise the one that meets the
-    target best is taken (least weighted error for a rate target, fewest bits for a quality one)."""
+    target best is taken (least weighted error for a rate target, fewest bits for a quality one).
+    A sweep of several models gives the point of `model`, by default of the one model whose swept
+    weights `tensors` holds."""
     from .importance import file_digest, read_importance, sweep_weighting  # noqa: PLC0415
 
     res = sweep if isinstance(sweep, SweepResult) else SweepResult.from_json(sweep)
     where = "the sweep" if isinstance(sweep, SweepResult) else str(sweep)
+    if res.models:
+        if model is None:
+            fits = [m for m in res.models if _swept_weights_match(res.of_model(m), tensors)]
+            if len(fits) != 1:
+                raise InputError(f"{where}: a sweep of the models {', '.join(map(repr, res.models))}, "
+                                 + ("none of which was run on these weights" if not fits else
+                                    f"of which {', '.join(map(repr, fits))} all have these weights; name one"))
+            model = fits[0]
+        res = res.of_model(model)
+        where = f"{where} (model {model!r})"
+    elif model is not None:
+        raise InputError(f"{where}: a sweep of one model; it has no model {model!r} to choose")
     st = res.settings
     first_rows: dict = {}
     for r in res.rows:

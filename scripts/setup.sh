@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up a development environment in .venv: gpucabac (editable) with its test and FL extras, the
+# Set up a development environment in .venv: gpucabac (editable) with its test, FL and Ray extras, the
 # default model of `gpucabac demo`, and the FL data sets (scripts/fetch_fl_data.sh). Safe to run again: what is there already is kept.
 #
 #   scripts/setup.sh            # core + tests + default model
@@ -34,8 +34,8 @@ pip=("$venv/bin/python" -m pip --quiet --disable-pip-version-check)
 constraints=(-c scripts/constraints.txt)
 
 "${pip[@]}" install "${constraints[@]}" --upgrade pip
-echo "setup.sh: installing gpucabac (editable) with its test and federated-learning extras"
-"${pip[@]}" install "${constraints[@]}" -e ".[test,fl]"
+echo "setup.sh: installing gpucabac (editable) with its test, federated-learning and Ray extras"
+"${pip[@]}" install "${constraints[@]}" -e ".[test,fl,ray]"
 
 if [[ $want_torch == 1 ]]; then
     # An exact version: a range would let pip pick a newer CUDA build of several GB.

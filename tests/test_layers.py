@@ -23,6 +23,7 @@ LAYERS = [
     {"container"},
     {"io", "models", "importance"},
     {"codec", "sweeps", "summary"},
+    {"ray_sweeps"},
     {"plotting"},
     {"fl"},
     {"cli"},

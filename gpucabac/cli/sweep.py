@@ -17,7 +17,7 @@ from ..dtypes import is_float
 from ..importance import file_digest, read_importance, sweep_weighting
 from ..modes import QUANTIZERS
 from ..tables import MAX_GT_FLAGS
-from ._common import Failure, check_output, count, fmt_snr, force_option, progress_bar, table, weights
+from ._common import Failure, check_output, count, fmt_snr, force_option, note, progress_bar, table, weights
 
 
 def _import_task(spec: str) -> Callable[[dict], float]:
@@ -44,7 +44,7 @@ def _floats(text: str, what: str) -> list[float]:
 
 
 @click.command(name="sweep")
-@click.argument("model")
+@click.argument("models", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=pathlib.Path),
               help="JSON file for the results (per tensor and per model).")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=pathlib.Path), default=None,
@@ -76,21 +76,40 @@ def _floats(text: str, what: str) -> list[float]:
                    "error is weighted by its smoothed importance (mean 1 per tensor, so lambda means the same "
                    "in every tensor), and each tensor's weighted error by its mean importance relative to "
                    "the others', so that `encode --sweep` gives the important tensors the bits.")
+@click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
+              help="Run the sweep's tasks on a Ray cluster (needs gpucabac[ray] on every node): 'auto' for the "
+                   "cluster running on this machine (`ray start --head`), 'local' for a new Ray instance of this "
+                   "command, or the cluster's address (host:port, ray://host:10001). The results are those of a "
+                   "local run.")
+@click.option("--ray-gpus", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="With --ray: GPUs each task asks for (1: one GPU per task; 0: CPU workers).")
 @force_option
-def command(model, output, csv_path, qp_range, steps, qp_density, lams, methods, slice_size, gt_flags, only, exact,
-            task_spec, task_label, task_lower_is_better, importance, force):
-    """RD sweep of MODEL over steps x lambdas x methods: estimated and exact rate, MSE, SNR."""
+def command(models, output, csv_path, qp_range, steps, qp_density, lams, methods, slice_size, gt_flags, only, exact,
+            task_spec, task_label, task_lower_is_better, importance, ray_address, ray_gpus, force):
+    """RD sweep of one or more MODELS over steps x lambdas x methods: estimated and exact rate, MSE,
+    SNR. Several models go into one result file (rows per model; `gpucabac plot` draws one marker
+    per model)."""
+    repeated = sorted({m for m in models if models.count(m) > 1})
+    if repeated:
+        raise click.UsageError(f"model {repeated[0]!r} is given twice")
+    if importance is not None and len(models) > 1:
+        raise click.UsageError("--importance holds one model's importance; sweep the models one at a time")
+    if ray_gpus and ray_address is None:
+        raise click.UsageError("--ray-gpus needs --ray")
     task = None if task_spec is None else _import_task(task_spec)
     for out in (output, csv_path):
         if out is not None:
-            check_output(out, [model, importance], force)
-    tensors = gio.read_model(model)
-    if only:
-        names = [n.strip() for n in only.split(",") if n.strip()]
-        missing = [n for n in names if n not in tensors]
-        if missing:
-            raise Failure(f"{model}: no tensor named {', '.join(map(repr, missing))}")
-        tensors = {n: tensors[n] for n in names}
+            check_output(out, [*models, importance], force)
+    all_tensors = {}
+    for model in models:
+        tensors = gio.read_model(model)
+        if only:
+            names = [n.strip() for n in only.split(",") if n.strip()]
+            missing = [n for n in names if n not in tensors]
+            if missing:
+                raise Failure(f"{model}: no tensor named {', '.join(map(repr, missing))}")
+            tensors = {n: tensors[n] for n in names}
+        all_tensors[model] = tensors
     if steps:
         step_list = _floats(steps, "--steps")
     else:
@@ -101,33 +120,61 @@ def command(model, output, csv_path, qp_range, steps, qp_density, lams, methods,
         step_list = [api.step_from_qp(q, qp_density) for q in range(min(a, b), max(a, b) + 1)]
     lam_list = _floats(lams, "--lams")
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    swept = {n: t for n, t in tensors.items() if t.ndim >= 2 and is_float(t)}
+    swept = {model: {n: t for n, t in tensors.items() if t.ndim >= 2 and is_float(t)}
+             for model, tensors in all_tensors.items()}
     weighting: dict = {}
     if importance is not None:
-        shapes, scales = sweep_weighting(read_importance(importance, tensors), list(swept))
+        model, = models
+        shapes, scales = sweep_weighting(read_importance(importance, all_tensors[model]), list(swept[model]))
         weighting = dict(importance=shapes, tensor_weights=scales)
     from ..sweeps import sweep_work  # noqa: PLC0415  (the sweep's modules load when it runs, not for --help)
 
-    total = sweep_work(weights(swept), len(step_list), len(lam_list), len(method_list), exact)
+    executor = None
+    if ray_address is not None:
+        from ..ray_sweeps import RayExecutor  # noqa: PLC0415  (ray loads when the run starts)
+
+        def retried(t, attempt, error):
+            note(f"{t.describe()} failed ({type(error).__name__}); resubmitted (attempt {attempt + 2})")
+
+        executor = RayExecutor(ray_address, num_cpus=0 if ray_gpus else 1, num_gpus=ray_gpus, on_retry=retried)
+    total = sum(sweep_work(weights(s), len(step_list), len(lam_list), len(method_list), exact) for s in swept.values())
     start = time.perf_counter()
+    common = dict(methods=method_list, slice_size=slice_size, num_gt_flags=gt_flags, exact=exact, executor=executor)
     with progress_bar(total, "sweep") as progress:
-        res = api.sweep(swept, step_list, lam_list, methods=method_list, slice_size=slice_size,
-                        num_gt_flags=gt_flags, exact=exact, progress=progress, **weighting)
+        if len(models) == 1:
+            res = api.sweep(swept[models[0]], step_list, lam_list, progress=progress, **common, **weighting)
+        else:
+            res = api.sweep_models(swept, step_list, lam_list, progress=progress, **common)
     if importance is not None:
         res.settings["importance_file"] = dict(path=str(importance), sha256=file_digest(importance))
     if task is not None:
         with progress_bar(len(res.model), "task") as progress:
-            api.evaluate_task(res, tensors, task, label=task_label, higher_is_better=not task_lower_is_better,
-                              importance=weighting.get("importance"), progress=progress)
-    res.settings["model"] = str(model)
+            for model in models:
+                one = res.of_model(model) if len(models) > 1 else res
+                api.evaluate_task(one, all_tensors[model], task, label=task_label,
+                                  higher_is_better=not task_lower_is_better,
+                                  importance=weighting.get("importance"), progress=progress)
+            res.settings["task"] = one.settings["task"]
+    if len(models) == 1:
+        res.settings["model"] = str(models[0])
+    if executor is not None:
+        res.settings["ray"] = dict(address=ray_address, gpus_per_task=ray_gpus,
+                                   failed_attempts=[f"{t.describe()}, attempt {a + 1}: {e}" for t, a, e in executor.failures])
     res.settings["seconds"] = time.perf_counter() - start
     res.to_json(output)
     if csv_path is not None:
         res.to_csv(csv_path)
     key = "exact_bpw" if exact else "est_bpw"
-    rows = [[m["method"], "per tensor" if m["step"] is None else f"{m['step']:.6g}", f"{m['lam']:g}", f"{m['est_bpw']:.4f}",
+    several = len(models) > 1
+    rows = [([m["model"]] if several else []) + [
+             m["method"], "per tensor" if m["step"] is None else f"{m['step']:.6g}", f"{m['lam']:g}", f"{m['est_bpw']:.4f}",
              f"{m.get('exact_bpw', float('nan')):.4f}", fmt_snr(m["snr_db"])] + ([f"{m['task']:.6g}"] if task else [])
-            for m in sorted(res.model, key=lambda m: (m["method"], m[key]))]
-    headers = ["method", "step", "lam", "est bpw", "exact bpw", "SNR dB"] + ([task_label] if task else [])
-    click.echo(table(headers, rows, right=set(range(1, len(headers)))))
-    click.echo(f"{output}: {len(res.model)} settings over {count(len(swept), 'tensor')} in {res.settings['seconds']:.1f} s")
+            for m in sorted(res.model, key=lambda m: (models.index(m.get("model", models[0])), m["method"], m[key]))]
+    headers = (["model"] if several else []) + ["method", "step", "lam", "est bpw", "exact bpw", "SNR dB"] + (
+        [task_label] if task else [])
+    click.echo(table(headers, rows, right=set(range(1 + several, len(headers)))))
+    n_swept = sum(len(s) for s in swept.values())
+    of = f" of {count(len(models), 'model')}" if several else ""
+    retries = f", {count(len(executor.failures), 'failed task attempt')} retried" if executor and executor.failures else ""
+    click.echo(f"{output}: {len(res.model)} settings over {count(n_swept, 'tensor')}{of} in "
+               f"{res.settings['seconds']:.1f} s{retries}")
