@@ -132,9 +132,10 @@ def binarize_run(r, ctx_out, bin_out):
 def coded_symbol(levels, i, end, dq, state, runs, run):
     """What the coder writes at position i of a slice that ends at `end` (docs/format.md §4.2), the
     walk every coder and rate model takes, from i = start to i = end inclusive: one step past the
-    last level is where a slice ending in zeros codes its final run. Returns (q, code_run,
-    code_level): the coded level (0 past the end), whether the run of `run` zeros before it is
-    coded, and whether q itself is."""
+    last level is where a slice ending in zeros codes its final run. `run` counts the zeros since
+    the last coded run. Returns (q, code_run, code_level, run): the coded level (0 past the end),
+    whether the run before it is coded, whether q itself is, and the count with q's zero added
+    (the caller restarts it after coding the run). The walk stops where i == end and not code_run."""
     last = i == end
     q = 0
     if not last:
@@ -143,7 +144,9 @@ def coded_symbol(levels, i, end, dq, state, runs, run):
             q = dq_coded_level(q, state)
     code_run = runs and (q != 0 or (last and run > 0))
     code_level = not last and not (runs and q == 0)
-    return q, code_run, code_level
+    if runs and q == 0 and not last:
+        run += 1
+    return q, code_run, code_level, run
 
 
 @nb.njit(inline="always", cache=True)

@@ -67,11 +67,9 @@ def _preset_costs_slice(levels, start, end, dq, num_gt_flags, cost, group_cost, 
     run = 0
     # the bins in the coder's order (engines/cpu.py encode_slice)
     for i in range(start, end + 1):
-        q, code_run, code_level = coded_symbol(levels, i, end, dq, state, runs, run)
+        q, code_run, code_level, run = coded_symbol(levels, i, end, dq, state, runs, run)
         if i == end and not code_run:
             break
-        if runs and q == 0 and i < end:
-            run += 1
         for part in range(2 if code_run or code_level else 0):  # a zero inside a run has no bins
             first, nreg, _, _ = symbol_bins(part, code_run, code_level, run, q, prev, state, num_gt_flags, runs, ctx, bins)
             for j in range(first, nreg):

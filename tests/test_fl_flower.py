@@ -20,20 +20,13 @@ pytest.importorskip("flax")
 pytest.importorskip("flwr")
 
 import gpucabac  # noqa: E402
+from fl_datasets import needs_dataset  # noqa: E402
 from gpucabac.fl import protocol  # noqa: E402
 from gpucabac.fl.sparsify import sparsify  # noqa: E402
 from gpucabac.fl.config import FLConfig  # noqa: E402
 from gpucabac.fl.update import read_header, read_update  # noqa: E402
 
-try:
-    from gpucabac.fl.data import load_dataset
-
-    load_dataset("mnist")
-    HAVE_DATA = True
-except Exception:  # noqa: BLE001  (the reason is in the skip message)
-    HAVE_DATA = False
-
-needs_data = pytest.mark.skipif(not HAVE_DATA, reason="MNIST is not fetched: bash scripts/fetch_fl_data.sh")
+needs_data = needs_dataset("mnist")
 
 TINY = FLConfig(model="vgg", model_size="tiny", samples_per_client=300, test_samples=500, num_rounds=2,
                 num_clients=2, method="scaled", scale_steps=10, density=0.02)

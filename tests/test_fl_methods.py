@@ -17,19 +17,12 @@ import pytest
 pytest.importorskip("flax")
 
 import gpucabac  # noqa: E402
+from fl_datasets import needs_dataset  # noqa: E402
 from gpucabac.fl import protocol, stc  # noqa: E402
 from gpucabac.fl.config import FLConfig  # noqa: E402
 from gpucabac.fl.update import read_header, read_update  # noqa: E402
 
-try:
-    from gpucabac.fl.data import load_dataset
-
-    load_dataset("mnist")
-    HAVE_DATA = True
-except Exception:  # noqa: BLE001  (the reason is in the skip message)
-    HAVE_DATA = False
-
-pytestmark = pytest.mark.skipif(not HAVE_DATA, reason="MNIST is not fetched: bash scripts/fetch_fl_data.sh")
+pytestmark = needs_dataset("mnist")
 
 TINY = FLConfig(model="vgg", model_size="tiny", samples_per_client=200, test_samples=300, num_rounds=2,
                 num_clients=2, scale_steps=5, density=0.02, downstream_density=0.04)

@@ -104,11 +104,9 @@ def encode_slice(levels, start, end, dq, num_gt_flags, init, out, out_start, run
     state = 0
     run = 0
     for i in range(start, end + 1):
-        q, code_run, code_level = coded_symbol(levels, i, end, dq, state, runs, run)
+        q, code_run, code_level, run = coded_symbol(levels, i, end, dq, state, runs, run)
         if i == end and not code_run:
             break
-        if runs and q == 0 and i < end:
-            run += 1
         # A run's bins, then the level's: each its regular bins, then its bypass suffix.
         for part in range(2 if code_run or code_level else 0):  # a zero inside a run has no bins
             first, nreg, suffix, nsuffix = symbol_bins(part, code_run, code_level, run, q, prev, state,
