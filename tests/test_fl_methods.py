@@ -20,7 +20,7 @@ import gpucabac  # noqa: E402
 from fl_datasets import needs_dataset  # noqa: E402
 from gpucabac.fl import protocol, stc  # noqa: E402
 from gpucabac.fl.config import FLConfig  # noqa: E402
-from gpucabac.fl.update import read_header, read_update  # noqa: E402
+from gpucabac.fl.update import is_snapshot, read_header, read_update  # noqa: E402
 
 pytestmark = needs_dataset("mnist")
 
@@ -72,6 +72,33 @@ def test_dense_fedavg_is_float32_both_ways_whatever_downstream_says():
         for data in run.server.downloads:
             assert gpucabac.info(read_header(data)[2]).tensors[0].mode == "raw"
             assert 4 * n < len(data) < 4 * n + 2000  # float32 values and the headers
+
+
+def test_a_client_that_missed_more_than_the_model_is_worth_gets_one_snapshot():
+    from gpucabac.fl.task import ClientTask, initial_params
+
+    config = TINY.replace(method="dense", num_clients=3, fraction_train=0.3, num_rounds=6)
+    init = initial_params(config)
+    server = protocol.ServerState(dict(init))
+    states = {p: protocol.ClientState(dict(init)) for p in range(config.num_clients)}
+    snapshots = 0
+    for rnd in range(1, config.num_rounds + 1):
+        (pid,) = protocol.chosen_clients(config, rnd)
+        missed = server.downloads[states[pid].version:]
+        sent = server.downloads_since(states[pid].version)
+        if len(missed) > 1:  # dense downloads are each as large as the model: one snapshot instead
+            assert len(sent) == 1 and is_snapshot(sent[0]) and len(sent[0]) < sum(len(d) for d in missed)
+            snapshots += 1
+        else:
+            assert sent == missed
+        task = ClientTask(config, pid)
+        res = protocol.client_round(states[pid], sent, config, task.train_fn(rnd), seed=task.seed(rnd))
+        assert states[pid].version == server.version
+        assert all(states[pid].model[k].tobytes() == server.model[k].tobytes() for k in init)
+        protocol.aggregate(server, [(res.upload, task.num_examples)], config)
+    assert snapshots >= 1
+    with pytest.raises(gpucabac.InputError, match="snapshot of model version"):  # never one that goes back
+        protocol.client_round(states[pid], [server.snapshot()] * 2, config, task.train_fn(1))
 
 
 def test_coded_dense_updates_send_every_value_quantized_with_error_feedback():

@@ -9,8 +9,8 @@ import gpucabac
 from gpucabac.errors import FormatError, GpucabacError, InputError
 from gpucabac.fl.feedback import ErrorFeedback
 from gpucabac.fl.pytree import decode_tree, encode_tree, flatten, unflatten
-from gpucabac.fl.update import (add_delta, apply_update, base_digest, decode_update, encode_deltas, encode_update,
-                                 read_update)
+from gpucabac.fl.update import (add_delta, apply_update, base_digest, decode_update, encode_deltas, encode_snapshot,
+                                 encode_update, is_snapshot, read_snapshot, read_update)
 
 
 def _model(seed=0):
@@ -112,6 +112,43 @@ def test_corrupt_and_truncated_updates_raise_and_leave_the_base_alone():
         decode_update(gpucabac.encode(base), base)
     for k in base:
         np.testing.assert_array_equal(base[k], before[k])
+
+
+def test_a_snapshot_carries_the_whole_model_exactly_with_its_version():
+    model, like = _trained(_model()), _model(seed=5)  # the receiver's model: same tensors, other values
+    data = encode_snapshot(model, 7)
+    assert is_snapshot(data) and not is_snapshot(encode_update(model, like))
+    out, version = read_snapshot(data, like)
+    assert version == 7 and list(out) == list(model)
+    for k, v in model.items():
+        assert out[k].dtype == v.dtype and out[k].tobytes() == v.tobytes(), k
+    raw_bytes = sum(v.nbytes for v in model.values())
+    assert raw_bytes < len(data) < raw_bytes + 1024  # the values as they are, and headers
+
+
+def test_a_corrupt_or_mismatched_snapshot_is_a_format_error():
+    model = _model()
+    data = encode_snapshot(model, 3)
+    before = {k: v.copy() for k, v in model.items()}
+    for cut in (0, 3, 20, 47, 48, len(data) // 2, len(data) - 1):
+        with pytest.raises(FormatError):
+            read_snapshot(data[:cut], model)
+    for i in (0, 4, 5, 8, 12, 44, 60, len(data) - 3):  # magic, version, reserved, version, digest, CRC, container
+        bad = bytearray(data)
+        bad[i] ^= 0x10
+        with pytest.raises(FormatError):
+            read_snapshot(bytes(bad), model)
+    other = dict(model, **{"conv/bias": np.zeros(9, np.float32)})
+    with pytest.raises(FormatError, match="conv/bias"):
+        read_snapshot(data, other)
+    with pytest.raises(FormatError, match="same names"):
+        read_snapshot(data, {k: v for k, v in model.items() if k != "half"})
+    with pytest.raises(FormatError, match="same names"):
+        read_snapshot(data, dict(reversed(list(model.items()))))
+    with pytest.raises(InputError, match="model version"):
+        encode_snapshot(model, -1)
+    for k in model:
+        np.testing.assert_array_equal(model[k], before[k])
 
 
 def test_a_raw_update_is_dense_float32_and_exact():

@@ -5,7 +5,8 @@ the downloads it receives and what it sends back, and what the server does with 
 The server keeps the public model D (what every up-to-date client holds) and the list of its
 downloads u_1, u_2, …: the client that last synchronised at version j gets u_{j+1} … u_k and
 applies them in order, so every client's base is exactly D_k, checked by the digest in each
-update (docs/fl.md §1). A client trains from D, sends its update against D; the server averages
+update (docs/fl.md §1); where they add up to more bytes than D_k itself, it gets a snapshot of
+D_k instead (§1b). A client trains from D, sends its update against D; the server averages
 the decoded (and, under scaling, rescaled) updates by sample count, adds its download residual
 (error feedback), codes that as u_{k+1} and applies it: D_{k+1} = D_k + decoded(u_{k+1}).
 
@@ -30,7 +31,7 @@ from .config import FLConfig
 from .feedback import ErrorFeedback
 from .sparsify import sparsify
 from .stc import encode_ternary, is_stc, read_stc, ternarize
-from .update import Update, apply_update, encode_deltas, read_update
+from .update import Update, apply_update, encode_deltas, encode_snapshot, is_snapshot, read_snapshot, read_update
 
 Params = dict[str, np.ndarray]
 # (base params, the client's local-only variables such as BatchNorm statistics) -> (the params
@@ -141,8 +142,14 @@ def client_round(state: ClientState, downloads: Sequence[bytes], config: FLConfi
     client and round) drives the random-k sparsifier."""
     t0 = time.perf_counter()
     for data in downloads:
-        state.model = apply_update(read(data, state.model), state.model)
-        state.version += 1
+        if is_snapshot(data):
+            model, version = read_snapshot(data, state.model)
+            if version <= state.version:
+                raise InputError(f"a snapshot of model version {version} for a client at version {state.version}")
+            state.model, state.version = model, version
+        else:
+            state.model = apply_update(read(data, state.model), state.model)
+            state.version += 1
     t_down = time.perf_counter() - t0
     base = state.model
     t0 = time.perf_counter()
@@ -211,16 +218,30 @@ class ServerState:
     model: Params
     downloads: list[bytes] = dataclasses.field(default_factory=list)
     residual: ErrorFeedback = dataclasses.field(default_factory=ErrorFeedback)
+    _snapshot: tuple[int, bytes] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def version(self) -> int:
         return len(self.downloads)
 
     def downloads_since(self, version: int) -> list[bytes]:
-        """What a client that holds version `version` needs to be up to date."""
+        """What a client that holds version `version` needs to be up to date: the downloads it
+        missed, or, where they add up to more bytes, one snapshot of the public model (dense
+        FedAvg's clients so get the model once, as FedAvg sends it, not every round they missed)."""
         if not 0 <= version <= self.version:
             raise InputError(f"a client claims model version {version}; the server is at {self.version}")
-        return self.downloads[version:]
+        missed = self.downloads[version:]
+        if len(missed) > 1:
+            snapshot = self.snapshot()
+            if len(snapshot) < sum(len(d) for d in missed):
+                return [snapshot]
+        return missed
+
+    def snapshot(self) -> bytes:
+        """The public model as one message (update.encode_snapshot), made once per version."""
+        if self._snapshot is None or self._snapshot[0] != self.version:
+            self._snapshot = (self.version, encode_snapshot(self.model, self.version))
+        return self._snapshot[1]
 
 
 def aggregate(server: ServerState, uploads: Sequence[tuple[bytes, float]], config: FLConfig) -> dict[str, float]:

@@ -254,5 +254,64 @@ def decode_update(data, base: Any, **keywords) -> Any:
     return apply_update(read_update(data, base, **keywords), base)
 
 
-__all__ = ["KIND_DELTA", "KIND_VALUE", "MAGIC", "VERSION", "Update", "add_delta", "apply_update", "base_digest",
-           "decode_update", "encode_deltas", "encode_update", "raw_container", "read_header", "read_update"]
+# --- snapshots: the whole public model, for a client that missed more than it is worth ------------
+
+SNAPSHOT_MAGIC = b"GCBS"
+SNAPSHOT_VERSION = 1
+_SNAPSHOT_HEAD = struct.Struct("<4sB3sI32s")  # magic, version, reserved, model version, model digest
+
+
+def encode_snapshot(model: Any, model_version: int) -> bytes:
+    """The whole model as one message (docs/fl.md §1b): every tensor's value, uncoded, with the
+    model's version (how many downloads it stands for) and digest. What a server sends a client
+    that missed downloads larger than the model itself."""
+    named = flatten(model)
+    if isinstance(model_version, bool) or not isinstance(model_version, int) or not 0 <= model_version < 1 << 32:
+        raise InputError(f"a snapshot's model version must be an integer in [0, 2^32), got {model_version!r}")
+    head = _SNAPSHOT_HEAD.pack(SNAPSHOT_MAGIC, SNAPSHOT_VERSION, b"\0\0\0", model_version, base_digest(named))
+    return head + struct.pack("<I", zlib.crc32(head)) + (raw_container(named) if named else b"")
+
+
+def is_snapshot(data) -> bool:
+    return bytes(memoryview(data).cast("B")[:4]) == SNAPSHOT_MAGIC
+
+
+def read_snapshot(data, like: Any) -> tuple[Any, int]:
+    """(the model, its version) of a snapshot, in the structure of `like`, the receiver's model,
+    whose tensors (names, shapes, dtypes) it must hold exactly; FormatError for a stream that is
+    not such a snapshot, is truncated, fails a checksum or whose values do not have the digest it
+    names. `like` is never modified."""
+    buf = memoryview(data).cast("B")
+    end = _SNAPSHOT_HEAD.size
+    if len(buf) < end + 4:
+        raise FormatError(f"not a model snapshot: {len(buf)} bytes, shorter than its header")
+    magic, version, reserved, model_version, digest = _SNAPSHOT_HEAD.unpack_from(buf)
+    if magic != SNAPSHOT_MAGIC:
+        raise FormatError(f"not a model snapshot (magic {bytes(magic)!r}, expected {SNAPSHOT_MAGIC!r})")
+    if version != SNAPSHOT_VERSION:
+        raise FormatError(f"snapshot format version {version}, this reader knows {SNAPSHOT_VERSION}")
+    if reserved != b"\0\0\0":
+        raise FormatError("snapshot header: reserved fields are not zero")
+    (crc,) = struct.unpack_from("<I", buf, end)
+    if zlib.crc32(buf[:end]) != crc:
+        raise FormatError("snapshot header: checksum mismatch")
+    named = flatten(like)
+    payload = buf[end + 4:]
+    described = info(payload).tensors if len(payload) else []
+    if [t.name for t in described] != list(named):
+        raise FormatError(f"snapshot: it holds tensors {[t.name for t in described][:5]}…, the model "
+                          f"{list(named)[:5]}… (the same names in the same order are expected)")
+    for t in described:
+        b = named[t.name]
+        if t.mode != "raw" or tuple(t.shape) != tuple(b.shape) or t.dtype != dtype_name(b):
+            raise FormatError(f"snapshot: tensor {t.name!r} is {t.mode} {t.dtype}{list(t.shape)}, the model's "
+                              f"{dtype_name(b)}{list(b.shape)} (raw)")
+    values = decode(payload) if described else {}
+    if base_digest(values) != digest:
+        raise FormatError("snapshot: the values do not have the digest its header names")
+    return unflatten(values, like), model_version
+
+
+__all__ = ["KIND_DELTA", "KIND_VALUE", "MAGIC", "SNAPSHOT_MAGIC", "SNAPSHOT_VERSION", "VERSION", "Update", "add_delta",
+           "apply_update", "base_digest", "decode_update", "encode_deltas", "encode_snapshot", "encode_update",
+           "is_snapshot", "raw_container", "read_header", "read_snapshot", "read_update"]
