@@ -35,6 +35,15 @@ RESULT.json: {"settings": ..., "nncodec_version": ..., "tensors": [{name, numel,
   "all_roundtrip_ok": bool}
 Each tensor is coded as its own CABAC codeword (its own Encoder, terminate + flush),
 as NNCodec codes one NDU per tensor.
+
+A second entry point codes federated updates as NNCodec's FL wrapper would (nncodec.fl.encode,
+methods_spec §6.1), one message (one client's upload, or one server download) after another::
+
+    python _nncodec_worker.py --messages MANIFEST.json RESULT.json
+
+MANIFEST.json: {"settings": {...}, "messages": [{"file": NPZ, "device": str, "names": [...],
+  "shapes": [...]}, ...]} in the order the messages were sent; each NPZ holds per tensor i its
+  non-zeros as ``idx_i`` (int64 flat indices) and ``val_i`` (float32).  See ``main_messages``.
 """
 
 from __future__ import annotations
@@ -210,5 +219,124 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+# --- federated updates, as nncodec.fl.encode codes them -------------------------------------------
+
+FL_DEFAULTS = {
+    # nncodec.fl.nncargs (methods_spec §6.1) as nnc.compress applies them to a differential update
+    "qp": -26,               # diff_qp: the QP of tensors with ndim >= 2 ("weight" type)
+    "nonweight_qp": -75,     # tensors with ndim <= 1 (biases, BatchNorm, scales: "unspecified" type)
+    "qp_density": 2,
+    "dq": False,             # use_dq
+    "lambda_scale": 0.0,
+    "cabac_unary_length_minus1": 10,
+    "param_opt": 1,
+    "tca": True,             # temporal context adaptation against the device's previous levels
+    "general_profile_idc": 1,
+    "parent_node_id_present_flag": 1,  # compress_differences: one HDSP-off bypass bin per 2-D tensor
+    "write_qp": True,
+    "check_decode": True,
+}
+
+
+def _encode_fl(q: np.ndarray, qp: int, base: np.ndarray | None, s: dict) -> bytes:
+    """One NDU's CABAC payload as nnc_core/coder/baseline.py encode() writes it for a differential
+    update: the QP offset, then the levels (encodeLayer2, TCA, when a base of the same tensor from
+    this device exists); row skipping off (chan_skip_list unused)."""
+    enc = deepCABAC.Encoder()
+    if s["write_qp"]:
+        enc.iae_v(6 + s["qp_density"], qp - 0)  # mps_quantization_parameter = 0
+    enc.initCtxModels(s["cabac_unary_length_minus1"] + 1, int(s["param_opt"]))
+    chan_skip_list = np.zeros(q.shape[0], dtype=np.int32)
+    args = (int(bool(s["dq"])), 0, s["general_profile_idc"], s["parent_node_id_present_flag"], 0, chan_skip_list,
+            *_hdsp_off(), 0, 0)
+    if base is None:
+        enc.encodeLayer(q, *args)
+    else:
+        enc.encodeLayer2(q, base, *args)
+    return enc.finish().tobytes()
+
+
+def _decode_fl(data: bytes, shape, base: np.ndarray | None, s: dict) -> tuple[np.ndarray, int]:
+    dec = deepCABAC.Decoder()
+    dec.setStream(np.frombuffer(data, dtype=np.uint8).copy())
+    qp = int(dec.iae_v(6 + s["qp_density"])) if s["write_qp"] else None
+    dec.initCtxModels(s["cabac_unary_length_minus1"] + 1)
+    out = np.zeros(shape, dtype=np.int32)
+    args = (int(bool(s["dq"])), 0, s["general_profile_idc"], s["parent_node_id_present_flag"], *_hdsp_off(), 0, 0)
+    if base is None:
+        dec.decodeLayer(out, *args)
+    else:
+        dec.decodeLayer2(out, base, *args)
+    dec.finish()
+    return out, qp
+
+
+def main_messages(manifest_path: str, result_path: str) -> int:
+    """Code every message of the manifest in order, as nncodec.fl.encode (without its sparsifier:
+    the tensors arrive sparse) would: per tensor one NDU, quantized with quantLayer at `qp`
+    (ndim >= 2) or `nonweight_qp` (ndim <= 1); an NDU whose levels are all zero
+    is skipped (0 bytes: parent signalling is on, the receiver fills in zeros, §3.8); under `tca`
+    the levels of the device's last coded NDU of that tensor are the TCA base (§1.3, §3.8).
+    Bytes are the NDUs' CABAC payloads (QP offset bins included; NNR unit, MPS and NDU headers
+    not). With `check_decode` every payload is decoded (against the same base) and compared."""
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    s = {**FL_DEFAULTS, **manifest.get("settings", {})}
+    bases: dict[tuple[str, str], np.ndarray] = {}
+    out_messages, all_ok = [], True
+    for m in manifest["messages"]:
+        rows, ok_msg = [], True
+        t_msg = time.perf_counter()
+        with np.load(m["file"]) as z:
+            for i, (name, shape) in enumerate(zip(m["names"], m["shapes"])):
+                shape = tuple(shape)
+                w = np.zeros(int(np.prod(shape, dtype=np.int64)), np.float32)
+                w[z[f"idx_{i}"]] = z[f"val_{i}"]
+                w = w.reshape(shape or (1,))  # 0-dim: one element, as NNCodec makes scalars 1-element arrays
+                qp_in = s["qp"] if len(shape) >= 2 else s["nonweight_qp"]
+                q, qp = quantize(w, {**s, "qp": qp_in})
+                deq = dequantize(q, qp, s)
+                row = {"name": name, "numel": int(w.size), "qp": qp, "step": step_from_qp(qp, s["qp_density"]),
+                       "nonzero": int(np.count_nonzero(q)), "sq-err": float(np.sum((deq.astype(np.float64) - w) ** 2)),
+                       "sq-ref": float(np.sum(w.astype(np.float64) ** 2)),
+                       "levels_sha256": hashlib.sha256(q.tobytes()).hexdigest()}
+                if not q.any():  # a skipped NDU
+                    row |= {"bytes": 0, "skipped": True, "tca": False}
+                    rows.append(row)
+                    continue
+                key = (str(m["device"]), name)
+                base = bases.get(key) if s["tca"] else None
+                if base is not None and base.shape != q.shape:
+                    raise ValueError(f"{name}: TCA base of shape {base.shape}, levels {q.shape}")
+                data = _encode_fl(q, qp, base, s)
+                if s["check_decode"]:
+                    back, qp_back = _decode_fl(data, q.shape, base, s)
+                    ok = bool(np.array_equal(back, q)) and (qp_back is None or qp_back == qp)
+                    if not ok:
+                        print(f"[nncodec_worker] ROUNDTRIP FAILURE on {name} (device {m['device']})", file=sys.stderr)
+                    ok_msg &= ok
+                    row["roundtrip_ok"] = ok
+                bases[key] = q.copy()  # the next update's TCA base: this NDU's levels
+                row |= {"bytes": len(data), "skipped": False, "tca": base is not None}
+                rows.append(row)
+        all_ok &= ok_msg
+        out_messages.append({"device": m["device"], "bytes": sum(r["bytes"] for r in rows), "tensors": rows,
+                             "roundtrip_ok": ok_msg, "seconds": time.perf_counter() - t_msg})
+    try:
+        from importlib.metadata import version
+        ver = version("nncodec")
+    except Exception:  # pragma: no cover
+        ver = "unknown"
+    with open(result_path, "w") as f:
+        json.dump({"settings": s, "nncodec_version": ver, "numpy_version": np.__version__,
+                   "messages": out_messages, "all_roundtrip_ok": all_ok}, f, indent=1)
+    if not all_ok:
+        print("[nncodec_worker] ERROR: at least one round trip failed", file=sys.stderr, flush=True)
+        return 3
+    return 0
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--messages":
+        sys.exit(main_messages(sys.argv[2], sys.argv[3]))
     sys.exit(main(sys.argv))

@@ -4,7 +4,7 @@ sent.
 
     python experiments/fl/run.py unidirectional|bidirectional|partial [--size tiny|small|full]
         [--model vgg|resnet|mobilenet] [--dataset fashion_mnist|mnist] [--split iid|noniid]
-        [--fraction F] [--rounds N] [--methods a,b,...] [--out DIR]
+        [--fraction F] [--rounds N] [--methods a,b,...] [--nncodec-methods a,b,...|none] [--out DIR]
     python experiments/fl/run.py report RESULT.json      # the table and figures again, from the JSON
 
 Settings (docs/fl.md §3): "unidirectional" codes client → server and sends the server's update
@@ -30,6 +30,14 @@ cumulative, as sent) to reach it, that total as a ratio against FedAvg's, the fi
 Figures: accuracy against rounds, and against cumulative bytes (log scale), one colour per
 method in every figure.
 
+NNCodec on the same updates (issue 14, item 4; experiments/fl/same_updates.py): for the methods
+of --nncodec-methods (default sparse-ef and scaled-delta, where run) every coded update sent —
+uploads, and downloads when coded — is recorded during the run and coded again afterwards by
+gpucabac at NNCodec's FL QP (-26) and by NNCodec 2.1.3 at its FL defaults (methods_spec §6.1) in
+its own venv; per round and direction the JSON (the method's "same-updates") and a section of the
+Markdown give those bytes beside the bytes as sent. The training is the method's own, unchanged.
+Without NNCodec's venv (or with GPUCABAC_NO_NNCODEC=1) NNCodec's part is skipped with a note.
+
 Sizes: tiny (the tests' smoke run, seconds: tiny VGG, 2 clients, 2 rounds, a few hundred
 samples), small (a 2-core CPU: VGG small, 10 clients, 3 of them per round, 600 samples each,
 15 rounds, the full test set), full (a GPU or a long CPU run: 10 clients, half of them per round,
@@ -50,6 +58,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # experime
 
 import _common  # noqa: E402, F401  (sys.path for gpucabac)
 from _common import RESULTS_DIR, machine_info, md_table, write_results  # noqa: E402
+
+import same_updates as su  # noqa: E402  (experiments/fl/, this script's directory)
 
 EXPERIMENTS = ("unidirectional", "bidirectional", "partial")
 # method name -> FLConfig fields; the order is the colour order of every figure
@@ -73,6 +83,8 @@ SIZES = {
     "full": {"model_size": "small", "num_clients": 10, "fraction_train": 0.5, "samples_per_client": None,
              "test_samples": None, "num_rounds": 40, "scale_steps": 50, "density": 0.01},
 }
+# the methods whose updates gpucabac codes (encode_deltas): what --nncodec-methods may name
+SAME_UPDATES_METHODS = tuple(n for n, f in METHODS.items() if f["method"] in ("coded", "sparse", "scaled"))
 TARGET_DROP = 0.01  # the target accuracy: dense FedAvg's final accuracy minus 1 point
 # accuracies are counts over the test set: 0.115 - 0.01 is 0.10500000000000001 in floats, which an
 # accuracy of exactly 0.105 must reach
@@ -108,11 +120,28 @@ def partial_layers(config) -> tuple[str, ...]:
     return (f"{group}/{last}", *sorted({n.split("/")[0] for n in names if n.startswith("fc")}))
 
 
-def run_method(config, name: str, echo) -> dict:
+def run_method(config, name: str, echo, *, same_updates: tuple | None = None) -> dict:
+    """One method's rounds; `same_updates` = (NNCodec's python or None, why not): also record its
+    coded updates and code them again (same_updates.py), as the method's "same-updates"."""
     from gpucabac.fl.inprocess import run_in_process
 
     t0 = time.perf_counter()
-    run = run_in_process(config, echo=lambda line: echo(f"  {name}: {line}"))
+    say = lambda line: echo(f"  {name}: {line}")  # noqa: E731
+    if same_updates is None:
+        run = run_in_process(config, echo=say)
+    else:
+        with tempfile.TemporaryDirectory(prefix="gpucabac_fl_same_") as td:
+            with su.Recorder(pathlib.Path(td)) as recorder:
+                run = run_in_process(config, echo=say, on_round=recorder.on_round)
+            wall = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            same = su.compare(recorder.messages, *same_updates, pathlib.Path(td))
+            same["seconds"] = time.perf_counter() - t1
+        for r in same["rounds"]:
+            nn = r["nncodec-bytes"]
+            say(f"same updates, round {r['round']} {r['direction']}: sent {r['sent-bytes']:,} B; at QP {same['qp']} "
+                f"gpucabac {r['ours-bytes']:,} B (payload {r['ours-payload-bytes']:,} B), NNCodec payload "
+                f"{'skipped' if nn is None else f'{nn:,} B'}")
     rounds = []
     for entry in run.history:
         row = {k: entry[k] for k in ROUND_KEYS if k in entry}
@@ -123,7 +152,11 @@ def run_method(config, name: str, echo) -> dict:
                                                         "scale-seconds", "residual-norm") if k in c}
                                      for c in entry["clients-detail"]]
         rounds.append(row)
-    return {"config": config.to_record(), "wall-seconds": time.perf_counter() - t0, "rounds": rounds}
+    out = {"config": config.to_record(), "wall-seconds": time.perf_counter() - t0, "rounds": rounds}
+    if same_updates is not None:
+        out["wall-seconds"] = wall  # the run's own; the coding again is same["seconds"]
+        out["same-updates"] = same
+    return out
 
 
 # --- the report: computed from the JSON alone ---------------------------------------------------
@@ -204,6 +237,7 @@ def markdown(results: dict, summary: dict, figures: list[str]) -> str:
                   "bytes down", "coding / training s"], rows),
         "",
     ]
+    lines += su.markdown_section(results, md_table)
     lines += [f"![{f}]({f})" for f in figures]
     return "\n".join(lines)
 
@@ -269,6 +303,8 @@ def main(argv=None) -> int:
     p.add_argument("--fraction", type=float, help="clients per round, as a fraction (default: the size's)")
     p.add_argument("--rounds", type=int, help="rounds (default: the size's)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    p.add_argument("--nncodec-methods", default="sparse-ef,scaled-delta",
+                   help="methods whose updates NNCodec codes again, where run (same_updates.py); 'none': no method")
     p.add_argument("--out", help="results directory (default experiments/results/fl; --size tiny: a temp dir)")
     a = p.parse_args(argv)
     if a.experiment == "report":
@@ -281,6 +317,11 @@ def main(argv=None) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         p.error(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+    again = [] if a.nncodec_methods == "none" else [m for m in a.nncodec_methods.split(",") if m]
+    wrong = [m for m in again if m not in SAME_UPDATES_METHODS]
+    if wrong:
+        p.error(f"--nncodec-methods {wrong}: only methods gpucabac codes ({', '.join(SAME_UPDATES_METHODS)})")
+    again = [m for m in again if m in methods]
     out = pathlib.Path(a.out) if a.out else (pathlib.Path(tempfile.gettempdir()) / "gpucabac_fl" if a.size == "tiny"
                                              else RESULTS_DIR / "fl")
     out.mkdir(parents=True, exist_ok=True)
@@ -294,12 +335,19 @@ def main(argv=None) -> int:
                                                                                *(argv or sys.argv[1:])]),
                "machine": machine_info(), "devices": [str(d) for d in jax.devices()],
                "xla-flags": os.environ.get("XLA_FLAGS", ""), "settings": base.to_record(),
-               "target-drop": TARGET_DROP, "methods": {}}
+               "target-drop": TARGET_DROP, "nncodec-methods": again, "methods": {}}
+    nncodec = None
+    if again:
+        nncodec = su.nncodec_python()
+        if nncodec[0] is None:
+            print(f"NNCodec on the same updates of {', '.join(again)}: skipped, {nncodec[1]}; "
+                  "gpucabac's side still runs", flush=True)
     t0 = time.perf_counter()
     for name in methods:
         print(f"{a.experiment} ({a.size}): {name}", flush=True)
         config = base.replace(**METHODS[name])
-        results["methods"][name] = run_method(config, name, lambda line: print(line, flush=True))
+        results["methods"][name] = run_method(config, name, lambda line: print(line, flush=True),
+                                              same_updates=nncodec if name in again else None)
         results["wall-seconds"] = time.perf_counter() - t0
         write_results(out, stem, results, f"# FL {a.experiment} ({a.size}): running, {len(results['methods'])} of "
                       f"{len(methods)} methods done")  # partial results survive an interrupted run
