@@ -1,14 +1,16 @@
 """Speed of the vectorised RD quantizer: one call over 64 steps × 4 lambdas against 256
 single-setting calls, on the default model's 2-D tensors (a stated subset on small machines).
 
-What is timed: the JAX quantizer only (`rdquant.rd_quantize_tensor`, rates and distortions, no
+What is timed: the RD quantizer only (`rdquant.rd_quantize_tensor`, rates and distortions, no
 levels), after a warm-up call of the same shapes (compilation excluded, reported separately). The
 per-step context initialisations are chosen once beforehand (numba, timed separately) and passed to
 both variants, so both do identical work. Every single-setting result is checked against the
-vectorised one. NNCodec (if experiments/.nncodec-venv exists) is timed on the same tensor
-quantizing + coding one QP per call (its quantizer has no vectorised sweep), extrapolated to 256.
+vectorised one. `--kernel` picks the quantizer's kernel (rdquant: "auto" is the numba kernel on a
+CPU, "jax" the JAX one; both give the same results). NNCodec (if experiments/.nncodec-venv exists)
+is timed on the same tensor quantizing + coding one QP per call (its quantizer has no vectorised
+sweep), extrapolated to 256.
 
-    python experiments/bench_rd.py [--tiny] [--tensors N] [--single-subset M] [--out DIR]
+    python experiments/bench_rd.py [--tiny] [--tensors N] [--single-subset M] [--kernel K] [--out DIR]
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def main() -> None:
                     help="time this many of the single-setting calls and extrapolate (0: all)")
     ap.add_argument("--methods", default="urq,dq")
     ap.add_argument("--model", default=None, help="a packaged name, a model file or a .gcb (default: minilm)")
+    ap.add_argument("--kernel", default="auto", choices=rdquant.KERNELS, help="the quantizer's kernel (default: auto)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     info = machine_info()
@@ -61,7 +64,8 @@ def main() -> None:
 
         def vec():
             return {n: rdquant.rd_quantize_tensor(t, steps, lams, dq=dq, slice_size=S, ctx_init=inits[n],
-                                                  with_levels=False, max_lanes=4096) for n, t in tensors.items()}
+                                                  with_levels=False, max_lanes=4096, kernel=args.kernel)
+                    for n, t in tensors.items()}
 
         t0 = time.perf_counter()
         vec()
@@ -70,11 +74,14 @@ def main() -> None:
         out = vec()
         t_vec = time.perf_counter() - t0
         settings = [(k, l_) for k in range(len(steps)) for l_ in range(len(lams))]
-        subset = settings if args.single_subset <= 0 else settings[:: max(1, len(settings) // args.single_subset)]
+        # an evenly spread subset that visits every lambda (lam = 0 costs less than the others)
+        pick = np.unique(np.linspace(0, len(settings) - 1, max(1, args.single_subset)).round().astype(int))
+        subset = settings if args.single_subset <= 0 else [settings[i] for i in pick]
 
         def single(k, l_):
             return {n: rdquant.rd_quantize_tensor(t, [steps[k]], [lams[l_]], dq=dq, slice_size=S,
-                                                  ctx_init=inits[n][k], with_levels=False) for n, t in tensors.items()}
+                                                  ctx_init=inits[n][k], with_levels=False, kernel=args.kernel)
+                    for n, t in tensors.items()}
 
         single(*subset[0])  # compile the single-setting shape
         t0 = time.perf_counter()
@@ -116,7 +123,8 @@ def main() -> None:
         rows.append(["NNCodec DQ (quant+enc per QP)", "-", f"{256 * per:.1f} (from 4)", "-", f"{numel / per / 1e6:.2f}", "-", "-", "-", "-"])
     info["loadavg_end"] = _common.loadavg()
     settings_d = dict(steps=len(steps), lams=lams, slice_size=S, tensors=list(tensors), numel=numel,
-                      jax=jax.__version__, jax_backend=jax.default_backend())
+                      jax=jax.__version__, jax_backend=jax.default_backend(),
+                      kernel=rdquant._kernel_of(args.kernel, True))
     md = header_md("RD quantizer: one vectorised sweep call vs single-setting calls", info, model, settings_d)
     md += md_table(["method", "vectorised s", f"{len(steps) * len(lams)} single calls s", "speed-up", "M weight-settings/s",
                     "context init s", "first call s (compile + run)", "validated",

@@ -2,7 +2,8 @@
 
 This is the simple quantizer of the codec core: uniform rounding, and a distortion-only
 dependent-quantization trellis (NNCodec's default, lambda_scale = 0). The JAX rate-distortion
-quantizer plugs in at `quantize_levels`.
+quantizer plugs in at `quantize_levels`; its CPU kernel (`rd_lanes`, the same algorithm in numba)
+lives at the end of this module.
 
 Levels are reconstruction indices r in scan order (row-major); the reconstruction is r * step,
 computed in float32 (float64 for float64 tensors) and then rounded to the tensor's dtype, the
@@ -13,13 +14,17 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 from . import threads as _threads  # noqa: F401  (numba's fork-safe layer, before any parallel loop)
 from .binarize import dq_states
 from .dtypes import cast_float, dtype_name
 from .errors import InputError
+from .layout import GT, SIGN
 from .modes import step_from_qp as step_from_qp  # re-exported: part of the quantizer's surface
-from .tables import DQ_NEXT_ALL, MAX_ABS_LEVEL
+from .tables import BIT_COST, CURVE, DQ_NEXT_ALL, MAX_ABS_LEVEL
 
 _DQ_NEXT = DQ_NEXT_ALL.copy()
 # The trellis keeps a back pointer per weight and state (2 bytes); above this a slice is refused.
@@ -221,3 +226,425 @@ def fit_dtype_range(levels: np.ndarray, step: float, dtype, *, dq: bool) -> np.n
         if not over.any():
             return levels
         levels[over] -= np.sign(levels[over]).astype(np.int32) * delta
+
+
+# --- the rate-distortion quantizer's CPU kernel ----------------------------------------------
+# rdquant._lane (JAX) and these functions are one algorithm, step for step: the same float32
+# operations in the same order, the same integer estimator and context update, the same first-
+# cheapest tie-breaking, so that they choose the same levels and report the same float32 bits and
+# distortions (tests/test_rdquant.py compares them). JAX runs it on the GPU; on the CPU this kernel
+# walks only the bins a level has instead of every context, and at lam = 0 (where the rate cannot
+# change a decision) it finds the levels first and prices the one chosen path afterwards.
+
+_RD_SIGN = SIGN
+_RD_GT = GT
+_RD_ONE_BIT = 32768  # BIT_COST units per bit (rdquant.ONE_BIT)
+_RD_BIT_COST = BIT_COST.ravel().astype(np.int32)
+_RD_CURVE = CURVE.astype(np.int32)
+
+
+@intrinsic
+def _fma32(typingctx, a, b, c):
+    """a * b + c rounded once (llvm.fma.f32): what XLA's compiled loops compute for the JAX
+    quantizer's `c + a * b` (LLVM contracts the multiply-add), so both round alike."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        fn = builder.module.declare_intrinsic("llvm.fma", [f32], ir.FunctionType(f32, [f32, f32, f32]))
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+@nb.njit(cache=True, inline="always")
+def _rd_cost(s0, s1, o, c, bit):
+    """BIT_COST of `bit` in context c of register slot o (docs/engine.md §2.8), in 2^15 units."""
+    return _RD_BIT_COST[2 * (512 + ((np.int32(s1[o, c]) + 16 * np.int32(s0[o, c])) >> 3)) + bit]
+
+
+@nb.njit(cache=True, inline="always")
+def _rd_eg(s0, s1, o, a, n):
+    """Cost of the Exp-Golomb remainder of |level| a > n: its prefix bins and its bypass bins."""
+    rem1 = a - n
+    m = 0
+    while rem1 >> (m + 1):
+        m += 1
+    base = _RD_GT + 2 * n
+    rate = _rd_cost(s0, s1, o, base + m, 0) + _RD_ONE_BIT * m
+    for j in range(m):
+        rate += _rd_cost(s0, s1, o, base + j, 1)
+    return rate
+
+
+@nb.njit(cache=True, inline="always")
+def _rd_rate(s0, s1, o, k, nbr, sig, n):
+    """Estimated cost of coded level k (regular bins at the given context registers, plus bypass
+    bins) with neighbour class nbr; sig = 3 * (DQ state & 7), the state's sig contexts."""
+    a = abs(k)
+    if a == 0:
+        return _rd_cost(s0, s1, o, sig + nbr, 0)
+    neg = 1 if k < 0 else 0
+    rate = _rd_cost(s0, s1, o, sig + nbr, 1) + _rd_cost(s0, s1, o, _RD_SIGN + nbr, neg)
+    g = _RD_GT + neg
+    for j in range(min(a - 1, n)):
+        rate += _rd_cost(s0, s1, o, g + 2 * j, 1)
+    if a <= n:
+        return rate + _rd_cost(s0, s1, o, g + 2 * (a - 1), 0)
+    return rate + _rd_eg(s0, s1, o, a, n)
+
+
+@nb.njit(cache=True, inline="always")
+def _rd_rate_pair(s0, s1, o, a, neg, nbr, sig, n):
+    """(_rd_rate of |level| a, of |level| a + 1), a >= 1, both of sign neg: one walk over the bins
+    they share (all but the last flag or the remainder; above n flags, levels whose remainders
+    have prefixes of one length cost the same)."""
+    p = _rd_cost(s0, s1, o, sig + nbr, 1) + _rd_cost(s0, s1, o, _RD_SIGN + nbr, neg)
+    for j in range(1, min(a - 1, n) + 1):
+        p += _rd_cost(s0, s1, o, _RD_GT + 2 * (j - 1) + neg, 1)
+    if a <= n:
+        c = _RD_GT + 2 * (a - 1) + neg
+        ra = p + _rd_cost(s0, s1, o, c, 0)
+        q = p + _rd_cost(s0, s1, o, c, 1)
+        rb = q + (_rd_cost(s0, s1, o, c + 2, 0) if a < n else _rd_eg(s0, s1, o, a + 1, n))
+        return ra, rb
+    ea = _rd_eg(s0, s1, o, a, n)
+    if (a + 1 - n) & (a - n):  # a - n + 1 not a power of two: the same prefix length
+        return p + ea, p + ea
+    return p + ea, p + _rd_eg(s0, s1, o, a + 1, n)
+
+
+@nb.njit(cache=True, inline="always")
+def _rd_up(s0, s1, o, sh0, sh1, c):
+    """The engine's context update (engines/cpu.py `_update`) of context c in slot o after a 1."""
+    a0 = np.int32(s0[o, c])
+    a1 = np.int32(s1[o, c])
+    s0[o, c] = a0 + (_RD_CURVE[16 + (a0 >> 3)] >> sh0[c])
+    s1[o, c] = a1 + (_RD_CURVE[16 + (a1 >> 7)] >> sh1[c])
+
+
+@nb.njit(cache=True, inline="always")
+def _rd_down(s0, s1, o, sh0, sh1, c):
+    """The same after a 0 (sigma = -1)."""
+    a0 = np.int32(s0[o, c])
+    a1 = np.int32(s1[o, c])
+    s0[o, c] = a0 - (_RD_CURVE[16 + ((-a0) >> 3)] >> sh0[c])
+    s1[o, c] = a1 - (_RD_CURVE[16 + ((-a1) >> 7)] >> sh1[c])
+
+
+@nb.njit(cache=True, inline="always")
+def _rd_advance(s0, s1, o, sh0, sh1, k, nbr, sig, n):
+    """Update slot o's context registers with the bins of coded level k (each context sees at
+    most one of them): sig, sign, the flags (1s, then a 0 below n + 1), the remainder's prefix."""
+    if k == 0:
+        _rd_down(s0, s1, o, sh0, sh1, sig + nbr)
+        return
+    _rd_up(s0, s1, o, sh0, sh1, sig + nbr)
+    a = abs(k)
+    neg = 1 if k < 0 else 0
+    if neg:
+        _rd_up(s0, s1, o, sh0, sh1, _RD_SIGN + nbr)
+    else:
+        _rd_down(s0, s1, o, sh0, sh1, _RD_SIGN + nbr)
+    g = _RD_GT + neg
+    for j in range(min(a - 1, n)):
+        _rd_up(s0, s1, o, sh0, sh1, g + 2 * j)
+    if a <= n:
+        _rd_down(s0, s1, o, sh0, sh1, g + 2 * (a - 1))
+        return
+    rem1 = a - n
+    m = 0
+    while rem1 >> (m + 1):
+        m += 1
+    base = _RD_GT + 2 * n
+    for j in range(m):
+        _rd_up(s0, s1, o, sh0, sh1, base + j)
+    _rd_down(s0, s1, o, sh0, sh1, base + m)
+
+
+@nb.njit(cache=True, inline="always")
+def _rd_class(k):
+    return 0 if k == 0 else (1 if k < 0 else 2)
+
+
+@nb.njit(cache=True, inline="always")
+def _rd_coded(r, qid):
+    """Coded level of reconstruction index r (an integer-valued float32) under quantizer qid."""
+    ri = np.int32(r)
+    if ri == 0:
+        return 0
+    return (ri + qid) // 2 if ri > 0 else (ri - qid) // 2
+
+
+@nb.njit(cache=True)
+def _rd_urq_lane(w, f, nv, scale, lam, s0i, s1i, sh0, sh1, n, levels):
+    """Greedy RDOQ of one slice at one (scale, lam): (bits, weighted distortion, distortion)."""
+    s0 = s0i.astype(np.int16).reshape(1, -1)
+    s1 = s1i.astype(np.int16).reshape(1, -1)
+    inv = np.float32(1.0 / _RD_ONE_BIT)
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    bits = zero
+    wd = zero
+    dd = zero
+    nbr = 0
+    rated = lam != zero
+    for i in range(nv):
+        x = w[i] * scale
+        fi = f[i]
+        a = abs(x)
+        fl = np.floor(a)
+        nn = fl + (one if a - fl >= np.float32(0.5) else zero)
+        sg = -one if x < zero else one
+        r0 = sg * nn
+        r1 = sg * max(nn - one, zero)
+        e0 = x - r0
+        e1 = x - r1
+        d0 = e0 * e0
+        d1 = e1 * e1
+        d2 = x * x
+        k0 = np.int32(r0)
+        k1 = np.int32(r1)
+        if rated:
+            z = _rd_cost(s0, s1, 0, nbr, 0)
+            if k1 != 0:  # n >= 2: n and n - 1 share their bins but the last
+                q1, q0 = _rd_rate_pair(s0, s1, 0, abs(k1), 1 if k1 < 0 else 0, nbr, 0, n)
+            else:
+                q0 = _rd_rate(s0, s1, 0, k0, nbr, 0, n)
+                q1 = z
+            b0 = np.float32(q0) * inv
+            b1 = np.float32(q1) * inv
+            b2 = np.float32(z) * inv
+            # J = 0 for the one state: the branch is (0 + F·d) + lam·bits, as in rdquant._lane
+            c0 = _fma32(lam, b0, _fma32(fi, d0, zero))
+            c1 = _fma32(lam, b1, _fma32(fi, d1, zero))
+            c2 = _fma32(lam, b2, _fma32(fi, d2, zero))
+        else:
+            c0 = _fma32(fi, d0, zero)
+            c1 = _fma32(fi, d1, zero)
+            c2 = _fma32(fi, d2, zero)
+        pick = 0
+        best = c0
+        if c1 < best:
+            pick = 1
+            best = c1
+        if c2 < best:
+            pick = 2
+        if pick == 0:
+            k, dist = k0, d0
+        elif pick == 1:
+            k, dist = k1, d1
+        else:
+            k, dist = 0, d2
+        if rated:
+            rb = b0 if pick == 0 else (b1 if pick == 1 else b2)
+        else:
+            rb = np.float32(_rd_rate(s0, s1, 0, k, nbr, 0, n)) * inv
+        bits = bits + rb
+        wd = _fma32(fi, dist, wd)
+        dd = dd + dist
+        _rd_advance(s0, s1, 0, sh0, sh1, k, nbr, 0, n)
+        nbr = _rd_class(k)
+        levels[i] = k
+    for i in range(nv, levels.shape[0]):
+        levels[i] = 0
+    return bits, wd, dd
+
+
+@nb.njit(cache=True)
+def _rd_dq_lane(w, f, nv, scale, lam, s0i, s1i, sh0, sh1, n, nxt, pred, levels):
+    """The rate-aware DQ trellis of one slice at one (scale, lam), every survivor path with its
+    own context registers: (bits, weighted distortion, distortion); levels (reconstruction
+    indices) of the best path into `levels`."""
+    ns = nxt.shape[0]
+    nc = s0i.shape[0]
+    inf = np.float32(np.inf)
+    inv = np.float32(1.0 / _RD_ONE_BIT)
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    two = np.float32(2.0)
+    rated = lam != zero
+    J = np.full(ns, inf, np.float32)
+    J[0] = zero
+    Jn = np.empty(ns, np.float32)
+    # Context registers live in 2·ns slots; a path owns one. A survivor takes over its source's
+    # slot (updating it in place) unless another survivor took it first, then it gets a copy:
+    # no copying where a path has one continuation.
+    cs0 = np.empty((2 * ns, nc), np.int16)
+    cs1 = np.empty((2 * ns, nc), np.int16)
+    owner = np.arange(ns)
+    owner_n = np.empty(ns, np.int64)
+    taken = np.zeros(2 * ns, np.bool_)
+    if rated:
+        for s in range(ns):
+            for c in range(nc):
+                cs0[s, c] = s0i[c]
+                cs1[s, c] = s1i[c]
+    nbr = np.zeros((2, ns), np.int32)
+    acc = np.zeros((2, 3, ns), np.float32)  # per path: bits, weighted distortion, distortion
+    rq = np.empty((2, 3), np.float32)
+    kq = np.empty((2, 3), np.int32)
+    dq_ = np.empty((2, 3), np.float32)  # squared errors
+    pair = np.empty(2, np.int64)
+    dest = np.empty((ns, 3), np.int32)
+    rb = np.zeros((ns, 3), np.float32)
+    br = np.empty((ns, 3), np.float32)
+    psrc = np.empty(ns, np.int64)
+    pcand = np.empty(ns, np.int64)
+    back = np.empty((max(nv, 1), ns), np.int16)  # source state of each state's survivor
+    rec = np.empty((max(nv, 1), ns), np.int32)  # its reconstruction index
+    cur = 0
+    for i in range(nv):
+        x = w[i] * scale
+        fi = f[i]
+        # the candidates of the two quantizers: reconstruction indices, coded levels, errors
+        for q in range(2):
+            lo = two * np.floor(x / two) if q == 0 else two * np.floor((x - one) / two) + one
+            rq[q, 0] = lo
+            rq[q, 1] = lo + two
+            rq[q, 2] = zero
+            for c in range(3):
+                e = x - rq[q, c]
+                dq_[q, c] = e * e
+                kq[q, c] = _rd_coded(rq[q, c], q)
+            # lo and hi coded as |levels| a and a + 1 of one sign: priced together
+            k0 = kq[q, 0]
+            k1 = kq[q, 1]
+            if k0 != 0 and k1 != 0 and (k0 < 0) == (k1 < 0):
+                pair[q] = min(abs(k0), abs(k1))
+            else:
+                pair[q] = 0
+        for s in range(ns):
+            q = s & 1
+            for c in range(3):
+                dest[s, c] = nxt[s, kq[q, c] & 1]
+            if rated and J[s] != inf:
+                sig = 3 * (s & 7)
+                o = owner[s]
+                nb_s = nbr[cur, s]
+                z = _rd_cost(cs0, cs1, o, sig + nb_s, 0)
+                a = pair[q]
+                if a:
+                    ra, rb1 = _rd_rate_pair(cs0, cs1, o, a, 1 if kq[q, 0] < 0 else 0, nb_s, sig, n)
+                    if abs(kq[q, 0]) == a:
+                        rb[s, 0] = np.float32(ra) * inv
+                        rb[s, 1] = np.float32(rb1) * inv
+                    else:
+                        rb[s, 0] = np.float32(rb1) * inv
+                        rb[s, 1] = np.float32(ra) * inv
+                else:
+                    for c in range(2):
+                        kk = kq[q, c]
+                        rb[s, c] = np.float32(z if kk == 0 else _rd_rate(cs0, cs1, o, kk, nb_s, sig, n)) * inv
+                rb[s, 2] = np.float32(z) * inv
+            for c in range(3):
+                br[s, c] = _fma32(lam, rb[s, c], _fma32(fi, dq_[q, c], J[s]))
+        nxt_buf = 1 - cur
+        # per state the first cheapest branch that reaches it, in (source, candidate) order
+        for d in range(ns):
+            Jn[d] = inf
+            psrc[d] = pred[d, 0]
+            pcand[d] = 0
+        for s in range(ns):
+            for c in range(3):
+                d = dest[s, c]
+                if br[s, c] < Jn[d]:
+                    Jn[d] = br[s, c]
+                    psrc[d] = s
+                    pcand[d] = c
+        low = inf
+        for d in range(ns):
+            ps = psrc[d]
+            pc = pcand[d]
+            if Jn[d] < low:
+                low = Jn[d]
+            back[i, d] = ps
+            rec[i, d] = np.int32(rq[ps & 1, pc])
+            nbr[nxt_buf, d] = _rd_class(kq[ps & 1, pc])
+            acc[nxt_buf, 0, d] = acc[cur, 0, ps] + rb[ps, pc]
+            acc[nxt_buf, 1, d] = _fma32(fi, dq_[ps & 1, pc], acc[cur, 1, ps])
+            acc[nxt_buf, 2, d] = acc[cur, 2, ps] + dq_[ps & 1, pc]
+        if rated:
+            taken[:] = False
+            for d in range(ns):
+                o = owner[psrc[d]]
+                if Jn[d] != inf and not taken[o]:
+                    taken[o] = True
+                    owner_n[d] = o
+                else:
+                    owner_n[d] = -1
+            free = 0
+            for d in range(ns):
+                if owner_n[d] < 0:
+                    while taken[free]:
+                        free += 1
+                    taken[free] = True
+                    owner_n[d] = free
+                    if Jn[d] != inf:
+                        o = owner[psrc[d]]
+                        for c in range(nc):
+                            cs0[free, c] = cs0[o, c]
+                            cs1[free, c] = cs1[o, c]
+            for d in range(ns):
+                if Jn[d] != inf:
+                    ps = psrc[d]
+                    o = owner_n[d]
+                    _rd_advance(cs0, cs1, o, sh0, sh1, kq[ps & 1, pcand[d]], nbr[cur, ps], 3 * (ps & 7), n)
+                owner[d] = owner_n[d]
+        for d in range(ns):
+            J[d] = Jn[d] - low
+        cur = nxt_buf
+    best = 0
+    for s in range(1, ns):
+        if J[s] < J[best]:
+            best = s
+    s = best
+    for i in range(nv - 1, -1, -1):
+        levels[i] = rec[i, s]
+        s = back[i, s]
+    for i in range(nv, levels.shape[0]):
+        levels[i] = 0
+    if rated:
+        return acc[cur, 0, best], acc[cur, 1, best], acc[cur, 2, best]
+    # lam = 0: the rate never entered a decision; price the chosen path once, in scan order
+    s0 = s0i.astype(np.int16).reshape(1, -1)
+    s1 = s1i.astype(np.int16).reshape(1, -1)
+    bits = zero
+    st = 0
+    nb_ = 0
+    for i in range(nv):
+        qid = st & 1
+        k = _rd_coded(np.float32(levels[i]), qid)
+        sig = 3 * (st & 7)
+        bits = bits + np.float32(_rd_rate(s0, s1, 0, k, nb_, sig, n)) * inv
+        _rd_advance(s0, s1, 0, sh0, sh1, k, nb_, sig, n)
+        nb_ = _rd_class(k)
+        st = nxt[st, k & 1]
+    return bits, acc[cur, 1, best], acc[cur, 2, best]
+
+
+@nb.njit(parallel=True, cache=True)
+def rd_lanes(w, f, n_valid, scales, lams, s0, s1, sh0, sh1, n, nxt, pred, dq, levels):
+    """rdquant.rd_batch on the CPU: w, f [B, S] float32, n_valid [B], scales [B, K] float32,
+    lams [L] float32, s0, s1, sh0, sh1 [B, K, C] int32, nxt / pred [states, 2] int32 (the trellis,
+    unused for URQ), levels [B, K, L, S] int32 (written; [B, K, L, 0] for none). Returns bits,
+    weighted distortion, distortion [B, K, L] float32, as rdquant._lane computes them."""
+    nb_, nk = scales.shape
+    nl = lams.shape[0]
+    out = np.zeros((3, nb_, nk, nl), np.float32)
+    keep = levels.shape[3] > 0
+    for lane in nb.prange(nb_ * nk * nl):
+        b = lane // (nk * nl)
+        k = (lane // nl) % nk
+        li = lane % nl
+        lv = levels[b, k, li] if keep else np.empty(w.shape[1], np.int32)
+        if dq:
+            res = _rd_dq_lane(w[b], f[b], n_valid[b], scales[b, k], lams[li], s0[b, k], s1[b, k], sh0[b, k],
+                              sh1[b, k], n, nxt, pred, lv)
+        else:
+            res = _rd_urq_lane(w[b], f[b], n_valid[b], scales[b, k], lams[li], s0[b, k], s1[b, k], sh0[b, k],
+                               sh1[b, k], n, lv)
+        out[0, b, k, li] = res[0]
+        out[1, b, k, li] = res[1]
+        out[2, b, k, li] = res[2]
+    return out

@@ -23,6 +23,14 @@ Both quantizers are one Viterbi search over the coder's state:
 `_lane` codes one slice at one (step, lam) as a `lax.scan` over positions; `rd_batch` vmaps it
 over lam (L), steps (K) and slices (B) and is jitted once per shape: one function serves a single
 setting (encode) and a whole sweep. Pure functions, frozen config, the same code on CPU and GPU.
+
+On the CPU the same algorithm runs by default as a numba kernel (`quantization.rd_lanes`, one
+thread per lane): it walks only the bins a candidate has instead of every context, prices the
+two neighbouring candidates of a state in one walk, lets a survivor update its source's context
+registers in place when it is their only continuation, and at lam = 0 finds the levels first and
+prices the chosen path once. It reproduces `_lane` to the bit (levels, float32 bits and
+distortions, including XLA's fused multiply-adds), checked in tests/test_rdquant.py; `kernel=`
+chooses ("auto": numba where JAX's default backend is the CPU).
 """
 
 from __future__ import annotations
@@ -270,8 +278,42 @@ def _rd_batch_jit():
     return _jax().jit(_rd_batch_impl, static_argnames=("cfg",))
 
 
-def rd_batch(w, f, n_valid, scales, lams, s0, s1, sh0, sh1, cfg: RDConfig, *, jit: bool = True):
-    """The vectorised quantizer (see `_rd_batch_impl`); `jit=False` runs it eagerly."""
+KERNELS = ("auto", "jax", "numba")
+
+
+def _kernel_of(kernel: str, jit: bool) -> str:
+    """The kernel a call runs: "jax" (jitted, or eager with jit=False) or "numba" (the CPU
+    kernel, quantization.rd_lanes). "auto" is numba where JAX's default backend is the CPU, so
+    that a GPU keeps running the JAX quantizer, and JAX for eager (jit=False) calls."""
+    if kernel not in KERNELS:
+        raise InputError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "auto":
+        return "numba" if jit and _jax().default_backend() == "cpu" else "jax"
+    return kernel
+
+
+def _rd_batch_numba(w, f, n_valid, scales, lams, s0, s1, sh0, sh1, cfg: RDConfig):
+    from .quantization import rd_lanes  # noqa: PLC0415  (numba, loaded with the quantizer)
+
+    b, k = np.shape(scales)
+    nxt = dq_next_table(cfg.dq).astype(np.int32) if cfg.dq else np.zeros((1, 2), np.int32)
+    pred = _predecessors(cfg.dq) if cfg.dq else np.zeros((1, 2), np.int32)
+    lams = np.ascontiguousarray(lams, np.float32)
+    levels = np.zeros((b, k, lams.size, np.shape(w)[1] if cfg.with_levels else 0), np.int32)
+    c32 = [np.ascontiguousarray(a, np.int32) for a in (s0, s1, sh0, sh1)]
+    out = rd_lanes(np.ascontiguousarray(w, np.float32), np.ascontiguousarray(f, np.float32),
+                   np.ascontiguousarray(n_valid, np.int64), np.ascontiguousarray(scales, np.float32), lams,
+                   *c32, cfg.num_gt_flags, nxt, pred, cfg.dq, levels)
+    return (out[0], out[1], out[2]) + ((levels,) if cfg.with_levels else ())
+
+
+def rd_batch(w, f, n_valid, scales, lams, s0, s1, sh0, sh1, cfg: RDConfig, *, jit: bool = True,
+             kernel: str = "jax"):
+    """The vectorised quantizer (see `_rd_batch_impl`); `jit=False` runs it eagerly. `kernel`:
+    "jax" (this module's), "numba" (the same algorithm, compiled for the CPU: the same levels,
+    bits and distortions), or "auto" (see `_kernel_of`)."""
+    if _kernel_of(kernel, jit) == "numba":
+        return _rd_batch_numba(w, f, n_valid, scales, lams, s0, s1, sh0, sh1, cfg)
     if jit:
         return _rd_batch_jit()(w, f, n_valid, scales, lams, s0, s1, sh0, sh1, cfg=cfg)
     with _jax().disable_jit():
@@ -342,32 +384,36 @@ class RDResult:
 def rd_quantize_tensor(x, steps: Sequence[float], lams: Sequence[float], *, dq: bool = False,
                        slice_size: int = 8192, num_gt_flags: int = 11, importance=None,
                        ctx_init: np.ndarray | None = None, with_levels: bool = True,
-                       max_lanes: int = 2048, level_bytes: int = 256 << 20, jit: bool = True) -> RDResult:
+                       max_lanes: int = 2048, level_bytes: int = 256 << 20, jit: bool = True,
+                       kernel: str = "auto") -> RDResult:
     """RD-quantize one tensor at every (step, lam) of the grid in one vectorised computation
     (chunked over slices to bound memory). `importance` F has the tensor's shape (default 1).
     `ctx_init` [K, used] or [used] overrides the per-step init chosen from the plain levels."""
     return rd_quantize_tensors({"": x}, steps, lams, dq=dq, slice_size=slice_size, num_gt_flags=num_gt_flags,
                                importance=None if importance is None else {"": importance},
                                ctx_init=None if ctx_init is None else {"": ctx_init}, with_levels=with_levels,
-                               max_lanes=max_lanes, level_bytes=level_bytes, jit=jit)[""]
+                               max_lanes=max_lanes, level_bytes=level_bytes, jit=jit, kernel=kernel)[""]
 
 
 def rd_quantize_tensors(tensors: Mapping, steps: Sequence[float] | Mapping, lams: Sequence[float], *,
                         dq: bool = False, slice_size: int = 8192, num_gt_flags: int = 11,
                         importance: Mapping | None = None, ctx_init: Mapping | None = None,
                         with_levels: bool = True, max_lanes: int = 2048, level_bytes: int = 256 << 20,
-                        jit: bool = True, progress: Callable[[int], None] | None = None) -> dict[str, RDResult]:
+                        jit: bool = True, progress: Callable[[int], None] | None = None,
+                        kernel: str = "auto") -> dict[str, RDResult]:
     """rd_quantize_tensor for several tensors at once: the slices of all of them form one stream,
     cut into equal batches of lanes (slices × steps × lambdas), so that small tensors share a
     batch instead of each padding its own (and one batch shape is compiled). `steps` is one grid
     for every tensor or a mapping name -> grid (all of the same length K); `importance` and
     `ctx_init` map names to what rd_quantize_tensor takes. A slice never spans two tensors, and
     every lane runs as it would alone: the results are those of one call per tensor. `progress`
-    is called after every batch with the weight-settings it finished (weights × steps × lambdas)."""
+    is called after every batch with the weight-settings it finished (weights × steps × lambdas).
+    `kernel` is "auto", "jax" or "numba" (see `rd_batch`; all give the same results)."""
     names = list(tensors)
     lams = np.atleast_1d(np.asarray(lams, np.float32))
     if np.any(~np.isfinite(lams)) or np.any(lams < 0):
         raise InputError(f"lambdas must be finite and >= 0, got {lams}")
+    kernel = _kernel_of(kernel, jit)
     if not names:
         return {}
     try:
@@ -458,7 +504,7 @@ def rd_quantize_tensors(tensors: Mapping, steps: Sequence[float] | Mapping, lams
         # full batches of a long stream share one shape; a lone or last batch is rounded up (_pad_rows)
         batch = chunk if stop - start == chunk and nrows > chunk else _pad_rows(stop - start)
         rw, rf, rv, who = batch_of(start, stop, batch)
-        out = rd_batch(rw, rf, rv, scales[who], lams, *(c[who] for c in ctx), cfg, jit=jit)
+        out = rd_batch(rw, rf, rv, scales[who], lams, *(c[who] for c in ctx), cfg, jit=jit, kernel=kernel)
         for acc, o in zip(out_rows, out[:3]):
             acc[start:stop] = np.asarray(o, np.float64)[: stop - start]
         if progress is not None:

@@ -141,10 +141,42 @@ def test_jit_equals_eager():
     w[3] = 0.3  # an Exp-Golomb remainder
     for dq in (False, True):
         with jax.numpy_dtype_promotion("strict"):
-            a = rdquant.rd_quantize_tensor(w, [STEP, 1.5 * STEP], [0.0, 0.3], dq=dq, slice_size=12)
+            a = rdquant.rd_quantize_tensor(w, [STEP, 1.5 * STEP], [0.0, 0.3], dq=dq, slice_size=12, kernel="jax")
             b = rdquant.rd_quantize_tensor(w, [STEP, 1.5 * STEP], [0.0, 0.3], dq=dq, slice_size=12, jit=False)
         np.testing.assert_array_equal(a.levels, b.levels)
         np.testing.assert_allclose(a.bits, b.bits, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("dq", "num_gt_flags"), [(False, 11), (False, 0), (True, 11), (True, 2), (16, 5)])
+def test_cpu_kernel_equals_jax(dq, num_gt_flags):
+    # The numba kernel (what "auto" runs on a CPU) is the JAX quantizer step for step: the same
+    # levels and, to the bit, the same float32 bits and distortions, at lam = 0 (levels first,
+    # rate after) and above, from fine steps (Exp-Golomb remainders) to coarse ones, with
+    # importance, zeros, uneven last slices and an empty padding row.
+    rng = np.random.default_rng(7 + num_gt_flags)
+    w = (rng.standard_t(4, 1500) * 0.02).astype(np.float32)
+    w[rng.random(w.size) < 0.3] = 0.0
+    w[:3] = [0.5, -0.31, 0.2]
+    imp = rng.uniform(0.0, 2.0, w.size).astype(np.float32)
+    steps, lams = [2.0 ** -12, 2.0 ** -9, 0.013, 2.0 ** -5], [0.0, 0.03, 0.1, 0.37]
+    for importance, slice_size in ((imp, 333), (None, 1500)):
+        kw = dict(dq=dq, slice_size=slice_size, num_gt_flags=num_gt_flags, importance=importance)
+        a = rdquant.rd_quantize_tensor(w, steps, lams, kernel="jax", **kw)
+        b = rdquant.rd_quantize_tensor(w, steps, lams, kernel="numba", **kw)
+        np.testing.assert_array_equal(a.levels, b.levels)
+        for x, y in ((a.bits, b.bits), (a.wdist, b.wdist), (a.dist, b.dist)):
+            np.testing.assert_array_equal(x, y)
+        c = rdquant.rd_quantize_tensor(w, steps, lams, kernel="numba", with_levels=False, **kw)
+        np.testing.assert_array_equal(c.bits, b.bits)
+        assert c.levels is None
+    assert np.abs(a.levels).max() > num_gt_flags + 2  # remainders were priced
+
+
+def test_kernel_is_validated_and_auto_is_numba_on_the_cpu():
+    with pytest.raises(InputError, match="kernel"):
+        rdquant.rd_quantize_tensor(_gauss(10), [STEP], [0.1], kernel="cuda")
+    assert rdquant._kernel_of("auto", True) == ("numba" if jax.default_backend() == "cpu" else "jax")
+    assert rdquant._kernel_of("auto", False) == "jax"
 
 
 def test_vectorised_equals_single_settings():
