@@ -205,18 +205,7 @@ def main(argv: list[str]) -> int:
                     out_arrays[f"dequant_{i}"] = dequantize(q, qp, s)
     if s["output_npz"]:
         np.savez(s["output_npz"], **out_arrays)
-    try:
-        from importlib.metadata import version
-        ver = version("nncodec")
-    except Exception:  # pragma: no cover
-        ver = "unknown"
-    with open(result_path, "w") as f:
-        json.dump({"settings": s, "nncodec_version": ver, "numpy_version": np.__version__,
-                   "tensors": results, "all_roundtrip_ok": all_ok}, f, indent=1)
-    if not all_ok:
-        print("[nncodec_worker] ERROR: at least one round trip failed", file=sys.stderr, flush=True)
-        return 3
-    return 0
+    return _write_result(result_path, s, all_ok, tensors=results)
 
 
 # --- federated updates, as nncodec.fl.encode codes them -------------------------------------------
@@ -322,14 +311,19 @@ def main_messages(manifest_path: str, result_path: str) -> int:
         all_ok &= ok_msg
         out_messages.append({"device": m["device"], "bytes": sum(r["bytes"] for r in rows), "tensors": rows,
                              "roundtrip_ok": ok_msg, "seconds": time.perf_counter() - t_msg})
+    return _write_result(result_path, s, all_ok, messages=out_messages)
+
+
+def _write_result(result_path, settings, all_ok, **results) -> int:
+    """The result JSON (settings, versions, `results`); exit status 3 when a round trip failed."""
     try:
         from importlib.metadata import version
         ver = version("nncodec")
     except Exception:  # pragma: no cover
         ver = "unknown"
     with open(result_path, "w") as f:
-        json.dump({"settings": s, "nncodec_version": ver, "numpy_version": np.__version__,
-                   "messages": out_messages, "all_roundtrip_ok": all_ok}, f, indent=1)
+        json.dump({"settings": settings, "nncodec_version": ver, "numpy_version": np.__version__, **results,
+                   "all_roundtrip_ok": all_ok}, f, indent=1)
     if not all_ok:
         print("[nncodec_worker] ERROR: at least one round trip failed", file=sys.stderr, flush=True)
         return 3

@@ -191,10 +191,23 @@ def summarize(results: dict) -> dict:
     for row in rows.values():
         row["ratio-vs-fedavg"] = (None if ref_bytes is None or row["bytes-to-target"] is None
                                   else ref_bytes / row["bytes-to-target"])
-    return {"target-accuracy": target, "methods": rows}
+    # lower accuracy levels too, every 5 points from 0.5 up to the target: where sparse methods do
+    # not reach the target in the rounds run, what each needs to reach the same accuracy as another
+    top = target if target is not None else max(m["rounds"][-1]["accuracy"] for m in methods.values())
+    levels = [round(0.5 + 0.05 * i, 2) for i in range(int((top - 0.5) / 0.05 + 1e-9) + 1)] if top >= 0.5 else []
+    for name, m in methods.items():
+        cum = cumulative_bytes(m["rounds"])
+        first = {lv: next((r["round"] for r in m["rounds"][1:] if r["accuracy"] >= lv - TARGET_SLACK), None)
+                 for lv in levels}
+        rows[name]["bytes-to-level"] = {f"{lv:.2f}": None if r is None else cum[r] for lv, r in first.items()}
+    return {"target-accuracy": target, "levels": [f"{lv:.2f}" for lv in levels], "methods": rows}
 
 
 _PER_METHOD = {k.replace("_", "-") for fields in METHODS.values() for k in fields}
+
+
+def _fmt_ratio(x: float) -> str:
+    return f"{x:,.0f}x" if x >= 10 else f"{x:.2f}x"
 
 
 def _fmt_bytes(x: float | None) -> str:
@@ -237,6 +250,20 @@ def markdown(results: dict, summary: dict, figures: list[str]) -> str:
                   "bytes down", "coding / training s"], rows),
         "",
     ]
+    if summary["levels"]:
+        ref = summary["methods"].get("fedavg", {}).get("bytes-to-level", {})
+        level_rows = []
+        for name, s in summary["methods"].items():
+            cells = []
+            for lv in summary["levels"]:
+                b = s["bytes-to-level"][lv]
+                r = ref.get(lv)
+                cells.append("—" if b is None else _fmt_bytes(b) + ("" if not r else f" ({_fmt_ratio(r / b)})"))
+            level_rows.append([name, *cells])
+        lines += ["## Bytes to reach each accuracy", "",
+                  "Cumulative bytes, both directions, as above, to the first round at or above each accuracy "
+                  "(in brackets: FedAvg's bytes to the same accuracy over the method's); —: not reached in the rounds run.",
+                  "", md_table(["method", *summary["levels"]], level_rows), ""]
     lines += su.markdown_section(results, md_table)
     lines += [f"![{f}]({f})" for f in figures]
     return "\n".join(lines)
