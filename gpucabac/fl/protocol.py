@@ -231,9 +231,11 @@ class ServerState:
         if not 0 <= version <= self.version:
             raise InputError(f"a client claims model version {version}; the server is at {self.version}")
         missed = self.downloads[version:]
-        if len(missed) > 1:
+        missed_bytes = sum(len(d) for d in missed)
+        # a snapshot holds every value raw, so below the model's raw size it cannot be smaller: not built
+        if len(missed) > 1 and missed_bytes > sum(np.asarray(v).nbytes for v in self.model.values()):
             snapshot = self.snapshot()
-            if len(snapshot) < sum(len(d) for d in missed):
+            if len(snapshot) < missed_bytes:
                 return [snapshot]
         return missed
 
