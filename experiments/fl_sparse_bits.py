@@ -18,7 +18,7 @@ sparsity and quantized by rounding at a few QPs, this measures per setting:
 
 at slice sizes 8192 (the default) and one slice per tensor (slice_size=None), with the zeros
 coded as sig flags (zeros="flags", format versions 1-2) and as gpucabac codes them by default
-(zeros="auto": zero runs, format version 3, for tensors at least 75% zero). k counts the
+(zeros="auto": zero runs, format version 3, tried on tensors at least 75% zero). k counts the
 non-zero LEVELS (a kept delta below half a step quantizes to zero), read from the levels the
 codec codes and checked against the decoded container.
 

@@ -253,8 +253,9 @@ def _code_tensors(job: _Job, engine: Engine, progress: Progress | None, *, need_
                     candidates.append(_Coded(*parts, order, levels, runs))
                 if len(codings) > 1 and single and key not in rd and progress is not None:
                     progress(x.size)  # once for the tensor, however many codings were tried
-            # the smaller payload; of equal ones the first (rows, flags)
-            coded = min(candidates, key=lambda c: 0 if c.payload is None else c.payload.size)
+            # the fewer bytes (payload and context-init nibbles, the record's only part that
+            # differs); of equal ones the first (rows, flags)
+            coded = min(candidates, key=lambda c: 0 if c.payload is None else c.payload.size + (c.ctx_init.size + 1) // 2)
         if progress is not None and (plan.mode == "raw" or not single):
             progress(x.size)
         yield name, x, plan, coded

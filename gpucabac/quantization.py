@@ -70,32 +70,44 @@ def quantize_levels(x: np.ndarray, step: float, *, dq: bool | int = False, slice
     return levels
 
 
-@nb.njit(parallel=True, cache=True)
+@nb.njit(cache=True)
+def _quantize_slice(w, scale, dq, start, end, levels):
+    """Levels of w[start:end] into levels[start:end]: 0 on success, 1 if a value is not finite,
+    2 if a level would exceed MAX_ABS_LEVEL."""
+    for i in range(start, end):
+        u = np.float64(w[i] * scale)
+        if not np.isfinite(u):
+            return 1
+        if abs(u) > MAX_ABS_LEVEL:
+            return 2
+        if not dq:
+            a = abs(u)
+            r = np.floor(a)
+            if a - r >= 0.5:  # exact: a - floor(a) has no rounding error
+                r += 1.0
+            levels[i] = np.int32(r if u >= 0 else -r)
+    if dq:
+        _dq_slice(w, scale, start, end, levels, dq)
+    return 0
+
+
+@nb.njit(parallel=True, cache=True)  # only its loop: see slices.py on parallel drivers
+def _quantize_parallel(w, scale, dq, slice_size, levels, status):
+    n = w.shape[0]
+    for s in nb.prange(status.shape[0]):
+        start = s * slice_size
+        status[s] = _quantize_slice(w, scale, dq, start, min(n, start + slice_size), levels)
+
+
 def _quantize(w, scale, dq, slice_size, levels):
     """0 on success, 1 if a value is not finite, 2 if a level would exceed MAX_ABS_LEVEL."""
     n = w.shape[0]
     nslices = (n + slice_size - 1) // slice_size
+    if nslices <= 1:
+        return _quantize_slice(w, scale, dq, 0, n, levels) if nslices else 0
     status = np.zeros(nslices, np.int32)
-    for s in nb.prange(nslices):
-        start = s * slice_size
-        end = min(n, start + slice_size)
-        for i in range(start, end):
-            u = np.float64(w[i] * scale)
-            if not np.isfinite(u):
-                status[s] = 1
-                break
-            if abs(u) > MAX_ABS_LEVEL:
-                status[s] = 2
-                break
-            if not dq:
-                a = abs(u)
-                r = np.floor(a)
-                if a - r >= 0.5:  # exact: a - floor(a) has no rounding error
-                    r += 1.0
-                levels[i] = np.int32(r if u >= 0 else -r)
-        if dq and status[s] == 0:
-            _dq_slice(w, scale, start, end, levels, dq)
-    return status.max() if nslices else 0
+    _quantize_parallel(w, scale, dq, slice_size, levels, status)
+    return int(status.max())
 
 
 def _work_dtype(dtype) -> np.dtype:

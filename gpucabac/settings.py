@@ -39,6 +39,13 @@ MAX_SLICE_SIZE = 0xFFFFFFFF  # a 32-bit field of the format
 # zeros="auto" tries zero runs on a tensor when at least this share of its levels is zero: below
 # it the sig flags win (experiments/results/fl_sparse_bits.md), and trying costs a second coding.
 RUNS_MIN_ZERO_SHARE = 0.75
+# ... and codes runs alone from this share on, on tensors of at least RUNS_ONLY_MIN_LEVELS: over
+# the 86 settings whose levels were on average at least 95% zero, flags were never more than 0.04%
+# smaller (their record is up to 10 bytes shorter), while they took 1.1-5.8x the encoding and
+# 1.4-8.4x the decoding time of runs (experiments/results/zero_coding_choice.md). Smaller tensors
+# are cheap to code twice, and there the record's length can decide.
+RUNS_ONLY_ZERO_SHARE = 0.95
+RUNS_ONLY_MIN_LEVELS = 1 << 18
 
 
 def _positive_float32(value, what: str) -> float:
@@ -63,7 +70,8 @@ class CodingSettings:
     scan: "rows", "columns" or "auto" (each eligible tensor both ways, the smaller kept).
     zeros: how zero levels are coded: "flags" (a sig bin each, format versions 1-2), "runs" (the
         length of each run of zeros, format version 3: far cheaper for sparse tensors) or "auto"
-        (both ways when at least 75% of a tensor's levels are zero, the smaller kept).
+        (both ways when at least 75% of a tensor's levels are zero, the smaller kept; runs alone on
+        tensors of 2^18 levels or more that are at least 95% zero).
     slice_size: values per independently coded slice; None for one slice per tensor.
     num_gt_flags: greater-than flags before the Exp-Golomb remainder, 0..20.
     small_step: the step of tensors of at most one dimension: a number, "lossless", or None for
@@ -181,10 +189,14 @@ class TensorPlan:
 
     def zero_codings(self, levels: np.ndarray) -> tuple[bool, ...]:
         """The codings of zeros to try on these levels, as `runs` flags: under "auto" runs as
-        well when at least RUNS_MIN_ZERO_SHARE of them are zero."""
+        well when at least RUNS_MIN_ZERO_SHARE of them are zero, runs alone from
+        RUNS_ONLY_ZERO_SHARE on if there are at least RUNS_ONLY_MIN_LEVELS."""
         if self.zeros != "auto":
             return (self.zeros == "runs",)
-        if levels.size and levels.size - np.count_nonzero(levels) >= RUNS_MIN_ZERO_SHARE * levels.size:
+        zeros = levels.size - np.count_nonzero(levels)
+        if levels.size >= RUNS_ONLY_MIN_LEVELS and zeros >= RUNS_ONLY_ZERO_SHARE * levels.size:
+            return (True,)
+        if levels.size and zeros >= RUNS_MIN_ZERO_SHARE * levels.size:
             return (False, True)
         return (False,)
 

@@ -8,6 +8,8 @@ checks levels with `check_levels` before it chooses a context initialisation for
 
 from __future__ import annotations
 
+import zlib
+
 import numba as nb
 import numpy as np
 
@@ -78,41 +80,57 @@ def _run_bound_bits(r):
     return 7 * (m + 1) + m
 
 
+@nb.njit(cache=True)
+def _slice_bound(levels, start, end, dq, num_gt_flags, runs):
+    """(the byte bound of levels[start:end] coded as one slice, the index of its first invalid level or -1)."""
+    bits = 0
+    state = 0
+    run = 0
+    for i in range(start, end):
+        q = levels[i]
+        if dq:
+            q = dq_coded_level(q, state)
+        if q > MAX_ABS_LEVEL or q < -MAX_ABS_LEVEL:
+            return 0, i
+        if not runs:
+            bits += _level_bound_bits(q, num_gt_flags)
+        elif q == 0:
+            run += 1
+        else:
+            bits += _run_bound_bits(run) + _level_bound_bits(q, num_gt_flags) - 7
+            run = 0
+        if dq:
+            state = dq_next_state(dq, state, q)
+    if run:
+        bits += _run_bound_bits(run)
+    # terminate (7 bits), flush and stop bit: at most 5 more bytes with pending 0xFF runs
+    return (bits + 7) // 8 + 8, -1
+
+
+# The parallel drivers in this package hold nothing but their loop over slices: numba makes
+# every array expression of a parallel function a parallel region of its own, each launch
+# costing 0.05-0.2 ms on the workqueue layer. Their callers run a single slice in their own
+# thread, without a launch: a small tensor is one slice, and so is every tensor of an FL update.
 @nb.njit(parallel=True, cache=True)
+def _slice_bounds_parallel(levels, slice_size, dq, num_gt_flags, runs, bound, bad):
+    n = levels.shape[0]
+    for s in nb.prange(bound.shape[0]):
+        start = s * slice_size
+        bound[s], bad[s] = _slice_bound(levels, start, min(n, start + slice_size), dq, num_gt_flags, runs)
+
+
 def slice_bounds(levels, slice_size, dq, num_gt_flags, runs=False):
     """Per slice: an upper bound on its coded bytes, and the index of the first invalid level
     (|level| too large, or under DQ not on the current state's quantizer), or -1. With `runs`
     the zeros cost their runs' bits and a non-zero level none for its (absent) sig bin."""
     n = levels.shape[0]
     nslices = (n + slice_size - 1) // slice_size
+    if nslices == 1:
+        b, i = _slice_bound(levels, 0, n, int(dq), int(num_gt_flags), bool(runs))
+        return np.array([b], np.int64), np.array([i], np.int64)
     bound = np.empty(nslices, np.int64)
-    bad = np.full(nslices, -1, np.int64)
-    for s in nb.prange(nslices):
-        start = s * slice_size
-        end = min(n, start + slice_size)
-        bits = 0
-        state = 0
-        run = 0
-        for i in range(start, end):
-            q = levels[i]
-            if dq:
-                q = dq_coded_level(q, state)
-            if q > MAX_ABS_LEVEL or q < -MAX_ABS_LEVEL:
-                bad[s] = i
-                break
-            if not runs:
-                bits += _level_bound_bits(q, num_gt_flags)
-            elif q == 0:
-                run += 1
-            else:
-                bits += _run_bound_bits(run) + _level_bound_bits(q, num_gt_flags) - 7
-                run = 0
-            if dq:
-                state = dq_next_state(dq, state, q)
-        if run:
-            bits += _run_bound_bits(run)
-        # terminate (7 bits), flush and stop bit: at most 5 more bytes with pending 0xFF runs
-        bound[s] = (bits + 7) // 8 + 8
+    bad = np.empty(nslices, np.int64)
+    _slice_bounds_parallel(levels, int(slice_size), int(dq), int(num_gt_flags), bool(runs), bound, bad)
     return bound, bad
 
 
@@ -148,6 +166,9 @@ def _slice_crcs(data, offsets, lengths, out):
 
 def slice_crcs(data: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """CRC-32 (zlib's polynomial) of every slice data[offsets[s]:offsets[s]+lengths[s]]."""
+    if np.shape(lengths)[0] == 1:  # zlib's, without a parallel launch
+        o, n = int(offsets[0]), int(lengths[0])
+        return np.array([zlib.crc32(memoryview(np.ascontiguousarray(data[o : o + n])))], np.uint32)
     out = np.empty(np.shape(lengths)[0], np.uint32)
     _slice_crcs(data, np.asarray(offsets, np.int64), np.asarray(lengths, np.int64), out)
     return out

@@ -55,6 +55,7 @@ RESULTS = {
     "scan_order.py": ["scan_order.json", "scan_order.md"],
     "slice_size_curve.py": ["slice_size_curve_qp-32.json", "slice_size_curve_qp-32.md"],
     "trellis_states.py": ["trellis_states.json", "trellis_states.md"],
+    "zero_coding_choice.py": ["zero_coding_choice.json", "zero_coding_choice.md"],
 }
 # smoke-run at --tiny by another test already (not run twice)
 COVERED_ELSEWHERE = {

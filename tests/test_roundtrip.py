@@ -755,22 +755,53 @@ def test_iter_decode_gives_decode_tensor_by_tensor(monkeypatch):
 
 @pytest.mark.parametrize("dq", [False, True])
 def test_zeros_auto_keeps_the_smaller_coding(dq):
-    """zeros="auto" codes a mostly-zero tensor both ways and keeps the smaller; a dense one with
-    flags only. Every choice decodes to the same values as the other codings."""
+    """zeros="auto" codes a tensor at least 75% zero both ways and keeps the one of fewer bytes
+    (payload and record), one of at least 2^18 levels and 95% zeros with runs alone, a dense one
+    with flags alone. Every choice decodes to the same values as the other codings."""
     rng = np.random.default_rng(3)
-    sparse = np.zeros((64, 512), np.float32)
-    keep = rng.random(sparse.shape) < 0.002
-    sparse[keep] = rng.normal(0, 0.1, int(keep.sum()))
-    dense = rng.normal(0, 0.1, (64, 64)).astype(np.float32)
-    for x, want in ((sparse, "runs"), (dense, "flags")):
+
+    def sparse_tensor(shape, density):
+        x = np.zeros(shape, np.float32)
+        keep = rng.random(x.shape) < density
+        x[keep] = rng.normal(0, 0.1, int(keep.sum()))
+        return x
+
+    cases = ((sparse_tensor((64, 512), 0.002), ("flags", "runs")), (sparse_tensor((64, 512), 0.15), ("flags", "runs")),
+             (sparse_tensor((512, 512), 0.01), ("runs",)), (rng.normal(0, 0.1, (64, 64)).astype(np.float32), ("flags",)))
+    for x, tried in cases:
         coded = {z: gpucabac.encode({"w": x}, qp=-32, dq=dq, zeros=z, slice_size=None) for z in ("flags", "runs", "auto")}
         meta = gpucabac.info(coded["auto"]).tensors[0]
-        assert meta.zeros == want
-        assert len(coded["auto"]) == min(len(coded["flags"]), len(coded["runs"]))
+        assert len(coded["auto"]) == min(len(coded[z]) for z in tried)
+        assert meta.zeros in tried
         ref = gpucabac.decode(coded["flags"])["w"]
         for data in coded.values():
             np.testing.assert_array_equal(gpucabac.decode(data)["w"], ref)
     # at 99.8% zeros runs are smaller, and the file says version 3
+    sparse = cases[0][0]
     assert len(coded_sparse := gpucabac.encode({"w": sparse}, qp=-32, dq=dq, slice_size=None)) < len(
         gpucabac.encode({"w": sparse}, qp=-32, dq=dq, slice_size=None, zeros="flags"))
     assert gpucabac.info(coded_sparse).version == 3
+
+
+def test_zero_codings_thresholds():
+    from gpucabac.settings import RUNS_MIN_ZERO_SHARE, RUNS_ONLY_MIN_LEVELS, RUNS_ONLY_ZERO_SHARE, TensorPlan
+
+    def plan(zeros):
+        return TensorPlan("urq", 1.0, 1000, "float32", zeros=zeros)
+
+    def levels(n, zero_share, less=0):  # the fewest zeros that make the share, less `less`
+        out = np.ones(n, np.int32)
+        out[: math.ceil(zero_share * n) - less] = 0
+        return out
+
+    auto, n = plan("auto"), RUNS_ONLY_MIN_LEVELS
+    assert auto.zero_codings(levels(n, RUNS_MIN_ZERO_SHARE, less=1)) == (False,)
+    assert auto.zero_codings(levels(n, RUNS_MIN_ZERO_SHARE)) == (False, True)
+    assert auto.zero_codings(levels(n, RUNS_ONLY_ZERO_SHARE, less=1)) == (False, True)
+    assert auto.zero_codings(levels(n, RUNS_ONLY_ZERO_SHARE)) == (True,)
+    assert auto.zero_codings(levels(n - 1, RUNS_ONLY_ZERO_SHARE)) == (False, True)  # small: both tried
+    assert auto.zero_codings(levels(n, 1.0)) == (True,)
+    assert auto.zero_codings(np.zeros(0, np.int32)) == (False,)
+    assert plan("flags").zero_codings(levels(n, 1.0)) == (False,)
+    assert plan("runs").zero_codings(np.ones(9, np.int32)) == (True,)
+

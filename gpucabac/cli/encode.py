@@ -42,7 +42,8 @@ from ._common import (SliceSize, SmallStep, check_output, count, device_option, 
                    "or per tensor whichever codes smaller (twice the work).")
 @click.option("--zeros", type=click.Choice(list(ZERO_CHOICES)), default="auto", show_default=True,
               help="How zero levels are coded: a flag each, runs of zeros (format version 3, far smaller for "
-                   "sparse tensors), or per tensor both ways when at least 75% of its levels are zero, the smaller kept.")
+                   "sparse tensors), or per tensor both ways when at least 75% of its levels are zero, the smaller kept "
+                   "(runs alone for tensors of 2^18 levels or more that are at least 95% zero).")
 @click.option("--gt-flags", type=click.IntRange(0, MAX_GT_FLAGS), default=api.DEFAULT_GT_FLAGS, show_default=True,
               help="Greater-than flags before the Exp-Golomb remainder.")
 @click.option("--small-step", type=SmallStep(), default=None,

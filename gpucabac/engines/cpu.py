@@ -415,10 +415,16 @@ def encode_job(job: EncodeJob, progress: Callable[[int], None] | None = None) ->
         offsets = slice_offsets(bounds[first : first + count])
         scratch = np.empty(int(ends[count - 1]), np.uint8)
         batch_lengths = np.zeros(count, np.int64)
-        encode_slices_into(levels, size, first, count, job.dq, job.num_gt_flags, init, scratch, offsets, batch_lengths,
-                           bool(job.runs))
-        out = np.empty(int(batch_lengths.sum()), np.uint8)
-        gather_slices(scratch, offsets, batch_lengths, out, slice_offsets(batch_lengths))
+        if count == 1:  # in this thread: a parallel launch costs more than a small slice
+            start = first * size
+            batch_lengths[0] = encode_slice(levels, start, min(n, start + size), int(job.dq), int(job.num_gt_flags),
+                                            init, scratch, 0, bool(job.runs))
+            out = scratch[: batch_lengths[0]].copy()
+        else:
+            encode_slices_into(levels, size, first, count, job.dq, job.num_gt_flags, init, scratch, offsets,
+                               batch_lengths, bool(job.runs))
+            out = np.empty(int(batch_lengths.sum()), np.uint8)
+            gather_slices(scratch, offsets, batch_lengths, out, slice_offsets(batch_lengths))
         pieces.append(out)
         lengths[first : first + count] = batch_lengths
         if progress is not None:
@@ -472,9 +478,14 @@ class CpuEngine:
                     if scratch is None or scratch.size < stop - first:
                         scratch = np.empty(min(n, per_batch * size), np.int32)
                     target = scratch[: stop - first]
-                decode_slices_into(table.payload, offsets[b0:b1], lengths[b0:b1], 0, b1 - b0, stop - first, size,
-                                   int(table.tensor_dq[t]), int(table.tensor_gt[t]), init, target, err[b0:b1],
-                                   bool(table.tensor_runs[t]))
+                dq, gt, runs = int(table.tensor_dq[t]), int(table.tensor_gt[t]), bool(table.tensor_runs[t])
+                if b1 - b0 == 1:  # in this thread, as encode_job does
+                    o = int(offsets[b0])
+                    err[b0] = decode_slice(table.payload, o, o + int(lengths[b0]), stop - first, dq, gt, init, target,
+                                           0, runs)
+                else:
+                    decode_slices_into(table.payload, offsets[b0:b1], lengths[b0:b1], 0, b1 - b0, stop - first, size,
+                                       dq, gt, init, target, err[b0:b1], runs)
                 if (err[b0:b1] != DECODE_OK).any():
                     break
                 if result is None:
