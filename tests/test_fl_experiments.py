@@ -80,7 +80,8 @@ def test_bidirectional_tiny_writes_json_table_and_figures(tmp_path):
 
 def test_partial_tiny_sends_only_the_last_block_and_the_classifier(tmp_path):
     _run("partial", "--size", "tiny", "--methods", "fedavg,stc", "--rounds", "1", out=tmp_path)
-    results = json.loads((tmp_path / "partial_vgg_fashion_mnist_iid_tiny.json").read_text())
+    # off the size's 2 rounds: the name says so
+    results = json.loads((tmp_path / "partial_vgg_fashion_mnist_iid_tiny_1rounds.json").read_text())
     assert results["settings"]["layers"] == "convs/3,fc1,fc2"
     assert set(results["methods"]) == {"fedavg", "stc"}
     from gpucabac.fl.config import FLConfig
@@ -145,3 +146,17 @@ def test_nncodec_codes_the_same_updates(tmp_path):
     first = same["rounds"][0]
     assert f"| sparse-ef | 1 | up | 2 | {first['sent-bytes']:,} |" in md and f"| {first['nncodec-bytes']:,} |" in md
     assert "same updates, round 2 down" in r.stdout
+
+
+def test_coding_time_tiny_writes_its_table(tmp_path):
+    script = ROOT / "experiments" / "fl" / "coding_time.py"
+    r = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", str(script), "--size", "tiny", "--out",
+                        str(tmp_path)], cwd=ROOT, env=dict(os.environ, MPLBACKEND="Agg"), capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, f"coding_time.py exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    results = json.loads((tmp_path / "coding_time_tiny.json").read_text())
+    (only,) = results["results"]
+    assert only["method"] == "sparse-ef" and [x["round"] for x in only["rounds"]] == [1, 2]
+    for x in only["rounds"]:
+        assert 0 < x["server-coding-seconds"] < x["coding-seconds"] and x["share"] == x["coding-seconds"] / x["train-seconds"]
+    assert (tmp_path / "coding_time_tiny.md").read_text().startswith("# FL coding time against local training time")

@@ -239,6 +239,13 @@ def test_another_base_is_an_input_error_and_the_base_stays():
     with pytest.raises(InputError, match="another base"):
         stc.read_stc(data, other)
     assert all(np.array_equal(before[k], other[k]) for k in other)
+    # a digest the caller holds: the same stream, the same check
+    ternary, _ = stc.ternarize(_update(), 0.1)
+    assert stc.encode_ternary(ternary, base, digest=base_digest(base)) == stc.encode_ternary(ternary, base)
+    with pytest.raises(InputError, match="another base"):
+        stc.read_stc(data, other, digest=base_digest(other))
+    with pytest.raises(InputError, match="digest must be"):
+        stc.read_stc(data, base, digest=b"short")
 
 
 def test_the_encoder_refuses_what_is_not_ternary_or_not_the_base():

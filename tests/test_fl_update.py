@@ -71,6 +71,25 @@ def test_the_base_is_named_by_its_digest_and_another_base_is_refused():
         decode_update(data, flipped)
 
 
+def test_a_digest_the_caller_holds_gives_the_same_bytes_and_checks():
+    base, other = _model(), _model(seed=5)
+    deltas = {k: v.astype(np.float32) - base[k].astype(np.float32)
+              for k, v in _trained(base).items() if v.dtype.kind == "f"}
+    digest = base_digest(base)
+    data = encode_deltas(deltas, base, qp=-40, digest=digest)
+    assert data == encode_deltas(deltas, base, qp=-40)
+    got = read_update(data, base, digest=digest)
+    want = read_update(data, base)
+    assert got.base_digest == want.base_digest and all(np.array_equal(got.deltas[k], want.deltas[k]) for k in want.deltas)
+    with pytest.raises(InputError, match="another base"):
+        read_update(data, other, digest=base_digest(other))
+    for bad in (digest[:31], digest.hex(), 7):
+        with pytest.raises(InputError, match="digest must be"):
+            encode_deltas(deltas, base, qp=-40, digest=bad)
+        with pytest.raises(InputError, match="digest must be"):
+            read_update(data, base, digest=bad)
+
+
 def test_a_partial_update_costs_only_what_it_sends():
     base = _model()
     new = _trained(base)

@@ -41,7 +41,9 @@ Without NNCodec's venv (or with GPUCABAC_NO_NNCODEC=1) NNCodec's part is skipped
 Sizes: tiny (the tests' smoke run, seconds: tiny VGG, 2 clients, 2 rounds, a few hundred
 samples), small (a 2-core CPU: VGG small, 10 clients, 3 of them per round, 600 samples each,
 15 rounds, the full test set), full (a GPU or a long CPU run: 10 clients, half of them per round,
-all training samples, 40 rounds). Results go to experiments/results/fl/ (tiny: a temp dir unless --out).
+all training samples, 40 rounds). Results go to experiments/results/fl/ (tiny: a temp dir unless --out),
+named <experiment>_<model>_<dataset>_<split>_<size>, with _<N>rounds and _fraction<F> added when
+--rounds or --fraction leave the size's schedule.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ TARGET_DROP = 0.01  # the target accuracy: dense FedAvg's final accuracy minus 1
 # accuracy of exactly 0.105 must reach
 TARGET_SLACK = 1e-9
 ROUND_KEYS = ("round", "accuracy", "loss", "upload-bytes", "download-bytes", "next-download-bytes",
-              "train-seconds", "coding-seconds", "seconds", "clients")
+              "train-seconds", "coding-seconds", "server-coding-seconds", "seconds", "clients")
 
 
 def base_config(experiment: str, size: str, *, model: str, dataset: str, split: str, fraction: float | None,
@@ -353,6 +355,11 @@ def main(argv=None) -> int:
                                              else RESULTS_DIR / "fl")
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{a.experiment}_{a.model}_{a.dataset}_{a.split}_{a.size}"
+    # a run off its size's schedule gets a name of its own, beside the size's results
+    if a.rounds is not None and a.rounds != SIZES[a.size]["num_rounds"]:
+        stem += f"_{a.rounds}rounds"
+    if a.fraction is not None and a.fraction != SIZES[a.size]["fraction_train"]:
+        stem += f"_fraction{a.fraction:g}"
     base = base_config(a.experiment, a.size, model=a.model, dataset=a.dataset, split=a.split, fraction=a.fraction,
                        rounds=a.rounds)
     from gpucabac.fl import xla_threads  # noqa: F401  (XLA's flags before JAX starts, as every FL process)

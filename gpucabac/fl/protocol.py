@@ -31,7 +31,8 @@ from .config import FLConfig
 from .feedback import ErrorFeedback
 from .sparsify import sparsify
 from .stc import encode_ternary, is_stc, read_stc, ternarize
-from .update import Update, apply_update, encode_deltas, encode_snapshot, is_snapshot, read_snapshot, read_update
+from .update import (Update, apply_update, base_digest, encode_deltas, encode_snapshot, is_snapshot, read_snapshot,
+                     read_update)
 
 Params = dict[str, np.ndarray]
 # (base params, the client's local-only variables such as BatchNorm statistics) -> (the params
@@ -41,9 +42,10 @@ TrainFn = Callable[[Params, Params], tuple[Params, Params]]
 ScaleFn = Callable[[Params, Params], Params]
 
 
-def read(data, base: Params) -> Update:
-    """A gpucabac update or an STC stream (by its magic), decoded for `base`."""
-    return read_stc(data, base) if is_stc(data) else read_update(data, base)
+def read(data, base: Params, digest: bytes | None = None) -> Update:
+    """A gpucabac update or an STC stream (by its magic), decoded for `base` (`digest`: its
+    base_digest, where the caller holds it)."""
+    return read_stc(data, base, digest=digest) if is_stc(data) else read_update(data, base, digest=digest)
 
 
 def chosen_clients(config: FLConfig, server_round: int) -> list[int]:
@@ -168,10 +170,11 @@ def client_round(state: ClientState, downloads: Sequence[bytes], config: FLConfi
     if config.method == "stc":  # ternarising is STC's sparsifier: not timed as coding, as sparsify is not
         ternary, _ = ternarize(intended, config.density)
         t0 = time.perf_counter()
-        upload = encode_ternary(ternary, base)
+        digest = base_digest(base)
+        upload = encode_ternary(ternary, base, digest=digest)
         t_encode = time.perf_counter() - t0
         t0 = time.perf_counter()
-        decoded = read_stc(upload, base).deltas
+        decoded = read_stc(upload, base, digest=digest).deltas
         t_decode = time.perf_counter() - t0
         if config.error_feedback:
             state.residual.keep(intended, decoded)
@@ -196,10 +199,11 @@ def client_round(state: ClientState, downloads: Sequence[bytes], config: FLConfi
         coded_base = with_unit_scales(base, scales_of)
         tensors |= {s: np.asarray(scales[s], np.float32) - np.float32(1) for k, s in scales_of.items() if k in sparse}
     t0 = time.perf_counter()
-    upload = encode_deltas(tensors, coded_base, coding_settings(config))
+    digest = base_digest(coded_base)  # once, for the encoder and the check of its own decode
+    upload = encode_deltas(tensors, coded_base, coding_settings(config), digest=digest)
     t_encode = time.perf_counter() - t0
     t0 = time.perf_counter()
-    decoded = read_update(upload, coded_base).deltas
+    decoded = read_update(upload, coded_base, digest=digest).deltas
     t_decode = time.perf_counter() - t0
     if config.error_feedback:
         state.residual.keep(intended, {n: decoded[n] for n in sparse if n in decoded})
@@ -259,42 +263,54 @@ def aggregate(server: ServerState, uploads: Sequence[tuple[bytes, float]], confi
     if not total > 0:
         raise InputError("the uploads' sample counts must sum to a positive number")
     t0 = time.perf_counter()
+    upload_digest = base_digest(coded_base)  # every uploader held this base: hashed once
     mean: dict[str, np.ndarray] = {}
     for data, weight in uploads:
-        effective = _effective(base, read(data, coded_base).deltas, config, scales_of)
+        effective = _effective(base, read(data, coded_base, upload_digest).deltas, config, scales_of)
         w = np.float32(weight / total)
         for name, d in effective.items():
             mean[name] = w * d if name not in mean else mean[name] + w * d
     t_decode = time.perf_counter() - t0
     coded = config.downstream == "coded" and config.method != "dense"
     intended = server.residual.add(mean) if config.error_feedback and coded else mean
+    # what the download sends, before it is coded: its sparsifying is the method's, not coding
+    # time, as on the clients
     t0 = time.perf_counter()
-    if not coded:
-        download = encode_deltas(intended, base, raw=True)
-    elif config.method == "stc":
-        download = encode_ternary(ternarize(intended, config.download_density())[0], base)
-    elif config.method == "coded":
-        download = encode_deltas(intended, base, coding_settings(config))
-    else:  # the mean of sparse updates, and under scaling the filters' rescaling: top-k of it
+    if coded and config.method == "stc":
+        sparse = ternarize(intended, config.download_density())[0]
+    elif coded and config.method != "coded":  # the mean of sparse updates, and under scaling the filters' rescaling
         sparse, _ = sparsify(intended, "topk", density=config.download_density())
-        download = encode_deltas(sparse, base, coding_settings(config))
+    else:
+        sparse = intended
+    t_sparsify = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    digest = base_digest(base)
+    if not coded:
+        download = encode_deltas(sparse, base, raw=True, digest=digest)
+    elif config.method == "stc":
+        download = encode_ternary(sparse, base, digest=digest)
+    else:
+        download = encode_deltas(sparse, base, coding_settings(config), digest=digest)
     t_encode = time.perf_counter() - t0
-    update = read(download, base)
+    update = read(download, base, digest)
     if config.error_feedback and coded:
         server.residual.keep(intended, update.deltas)
     server.model = apply_update(update, base)
     server.downloads.append(download)
     return {"upload-bytes": float(sum(len(d) for d, _ in uploads)), "download-bytes": float(len(download)),
-            "server-decode-seconds": t_decode, "server-encode-seconds": t_encode}
+            "server-decode-seconds": t_decode, "server-encode-seconds": t_encode, "server-sparsify-seconds": t_sparsify}
 
 
 def round_seconds(clients: Sequence[Mapping[str, float]], summary: Mapping[str, float]) -> dict[str, float]:
     """A round's times from its clients' metrics and aggregate's summary: "train-seconds" the
     slowest client's training (clients train in parallel), "coding-seconds" the slowest client's
-    encode + decode of its upload + decode of its downloads, plus the server's decode and encode."""
+    encode + decode of its upload + decode of its downloads, plus "server-coding-seconds", the
+    server's decode (with the averaging) and encode. Sparsifying is the method's work, not coding."""
+    server = summary["server-decode-seconds"] + summary["server-encode-seconds"]
     return {"train-seconds": max(c["train-seconds"] for c in clients),
             "coding-seconds": max(c["encode-seconds"] + c.get("decode-seconds", 0.0) + c["download-decode-seconds"]
-                                  for c in clients) + summary["server-decode-seconds"] + summary["server-encode-seconds"]}
+                                  for c in clients) + server,
+            "server-coding-seconds": server}
 
 
 def replay(initial: Params, downloads: Sequence[bytes]) -> Params:

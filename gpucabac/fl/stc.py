@@ -65,7 +65,7 @@ from ..dtypes import is_float
 from ..errors import FormatError, InputError
 from .pytree import flatten
 from .sparsify import _check_update, _fraction, _topk_flat, _wide, keep_count
-from .update import Update, base_digest
+from .update import Update, held_digest
 
 MAGIC = b"GSTC"
 VERSION = 1
@@ -154,13 +154,14 @@ def _gaps(flat_positions: np.ndarray) -> np.ndarray:
 # --- the stream ----------------------------------------------------------------------------------
 
 
-def encode_ternary(ternary: Mapping[str, np.ndarray], base: Any) -> bytes:
+def encode_ternary(ternary: Mapping[str, np.ndarray], base: Any, *, digest: bytes | None = None) -> bytes:
     """The STC stream of a ternary update: every tensor of `ternary` (a tensor of `base`, of its
-    shape, a float base tensor) holds only 0, +μ and −μ for one μ > 0 (finite, exact in float32)."""
+    shape, a float base tensor) holds only 0, +μ and −μ for one μ > 0 (finite, exact in float32).
+    `digest`: base_digest(base), where the caller holds it (update.encode_deltas)."""
     named = flatten(base)
     if len(ternary) > MAX_TENSORS:
         raise InputError(f"an STC update holds at most {MAX_TENSORS} tensors, got {len(ternary)}")
-    parts = [_HEAD.pack(MAGIC, VERSION, b"\0\0\0", base_digest(named), len(ternary))]
+    parts = [_HEAD.pack(MAGIC, VERSION, b"\0\0\0", held_digest(named, digest), len(ternary))]
     for name, t in ternary.items():
         if name not in named:
             raise InputError(f"tensor {name!r} is not in the base")
@@ -233,14 +234,15 @@ def _decode_codes(payload: memoryview, count: int, b: int, n: int, name: str) ->
     return positions, negative
 
 
-def read_stc(data, base: Any) -> Update:
+def read_stc(data, base: Any, *, digest: bytes | None = None) -> Update:
     """Decode an STC stream for `base` into an Update (float32 differences, no values):
-    FormatError for a corrupt or truncated stream, InputError for another base."""
+    FormatError for a corrupt or truncated stream, InputError for another base. `digest` as for
+    encode_ternary."""
     buf = memoryview(data).cast("B")
     size = len(buf)
     if size < _HEAD.size + 4:
         raise FormatError(f"not an STC update: {size} bytes, shorter than its header")
-    magic, version, reserved, digest, count = _HEAD.unpack_from(buf)
+    magic, version, reserved, want, count = _HEAD.unpack_from(buf)
     if magic != MAGIC:
         raise FormatError(f"not an STC update (magic {bytes(magic)!r}, expected {MAGIC!r})")
     if version != VERSION:
@@ -280,9 +282,10 @@ def read_stc(data, base: Any) -> Update:
     if zlib.crc32(buf[:end]) != crc:
         raise FormatError("STC update: checksum mismatch (corrupt)")
     named = flatten(base)
-    if bytes(digest) != base_digest(named):
-        raise InputError(f"the STC update applies to another base (digest {bytes(digest).hex()[:16]}…), not the one "
-                         f"held here ({base_digest(named).hex()[:16]}…)")
+    held = held_digest(named, digest)
+    if bytes(want) != held:
+        raise InputError(f"the STC update applies to another base (digest {bytes(want).hex()[:16]}…), not the one "
+                         f"held here ({held.hex()[:16]}…)")
     deltas: dict[str, np.ndarray] = {}
     for name, shape, nnz, mu, b, payload in records:
         if name in deltas:
@@ -305,7 +308,7 @@ def read_stc(data, base: Any) -> Update:
         flat = np.zeros(n, np.float32)
         flat[positions] = np.where(negative, -np.float32(mu), np.float32(mu))
         deltas[name] = flat.reshape(b_t.shape)
-    return Update(bytes(digest), deltas, {})
+    return Update(bytes(want), deltas, {})
 
 
 __all__ = ["MAGIC", "MAX_B", "VERSION", "encode_stc", "encode_ternary", "expected_bits", "golomb_parameter",

@@ -99,12 +99,14 @@ def raw_container(tensors: Mapping[str, np.ndarray]) -> bytes:
 
 def encode_deltas(deltas: Mapping[str, np.ndarray], base: Any, settings: CodingSettings | None = None, *,
                   values: Mapping[str, np.ndarray] | None = None, per_tensor: Mapping[str, CodingSettings] | None = None,
-                  importance: Mapping[str, np.ndarray] | None = None, raw: bool = False, **keywords) -> bytes:
+                  importance: Mapping[str, np.ndarray] | None = None, raw: bool = False, digest: bytes | None = None,
+                  **keywords) -> bytes:
     """An update from differences: `deltas` maps names of float tensors of `base` to their
     differences (same shapes), `values` names of integer tensors to their new values. `settings`,
     `per_tensor`, `importance` and the keywords are gpucabac.encode's (default QP -32; 1-D
     tensors at the small step); `raw` stores every tensor uncoded instead (float32 differences,
-    the dense baseline). Every name must be a tensor of the base."""
+    the dense baseline). Every name must be a tensor of the base. `digest`: base_digest(base),
+    where the caller already holds it (hashing a 1 M-parameter model takes ~2 ms); trusted as given."""
     named = flatten(base)
     values = dict(values or {})
     deltas = dict(deltas)
@@ -141,7 +143,7 @@ def encode_deltas(deltas: Mapping[str, np.ndarray], base: Any, settings: CodingS
     else:
         payload = encode(tensors, settings, per_tensor=per_tensor, importance=importance, **keywords) if tensors else b""
     kinds = bytes(KIND_DELTA if n in deltas else KIND_VALUE for n in tensors)
-    head = _HEAD.pack(MAGIC, VERSION, 0, 0, base_digest(named), len(tensors)) + kinds
+    head = _HEAD.pack(MAGIC, VERSION, 0, 0, held_digest(named, digest), len(tensors)) + kinds
     return head + struct.pack("<I", zlib.crc32(head)) + payload
 
 
@@ -204,15 +206,26 @@ def read_header(data) -> tuple[bytes, bytes, memoryview]:
     return bytes(digest), kinds, payload
 
 
-def read_update(data, base: Any, **keywords) -> Update:
+def held_digest(named: Mapping[str, np.ndarray], digest: bytes | None) -> bytes:
+    """`digest` (checked to be one) where the caller holds it, else base_digest(named)."""
+    if digest is None:
+        return base_digest(named)
+    if not isinstance(digest, bytes) or len(digest) != DIGEST_BYTES:
+        raise InputError(f"digest must be the {DIGEST_BYTES} bytes of base_digest(base)")
+    return digest
+
+
+def read_update(data, base: Any, *, digest: bytes | None = None, **keywords) -> Update:
     """Decode an update for `base`: InputError when it was made for another base, FormatError
-    for a corrupt or truncated one (the base is never modified). Keywords go to gpucabac.decode
-    (threads, device, max_output_bytes)."""
-    digest, kinds, payload = read_header(data)
+    for a corrupt or truncated one (the base is never modified). `digest` as for encode_deltas;
+    other keywords go to gpucabac.decode (threads, device, max_output_bytes)."""
+    want, kinds, payload = read_header(data)
     named = flatten(base)
-    if digest != base_digest(named):
-        raise InputError(f"the update applies to another base (digest {digest.hex()[:16]}…), not the one held here "
-                         f"({base_digest(named).hex()[:16]}…)")
+    held = held_digest(named, digest)
+    if want != held:
+        raise InputError(f"the update applies to another base (digest {want.hex()[:16]}…), not the one held here "
+                         f"({held.hex()[:16]}…)")
+    digest = want
     if not kinds:
         return Update(digest, {}, {})
     described = info(payload)
