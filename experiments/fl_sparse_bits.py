@@ -108,6 +108,14 @@ def minilm_update(seed: int) -> dict[str, np.ndarray]:
     return out
 
 
+def update_sources(tiny: bool) -> dict:
+    """label -> a function making that update: the module doc's sources (tiny: the small CNN's)."""
+    if tiny:
+        return {"cnn-gauss (tiny)": lambda: cnn_update(TINY_CNN, "gauss", 0)}
+    return {"cnn-gauss": lambda: cnn_update(CNN, "gauss", 0), "cnn-laplace": lambda: cnn_update(CNN, "laplace", 1),
+            "minilm-perturbed": lambda: minilm_update(2)}
+
+
 # --- the bound and the anchors ------------------------------------------------------------------
 
 def log2_binomial(n: int, k: int) -> float:
@@ -300,11 +308,7 @@ def main() -> None:
     args = ap.parse_args()
     info = machine_info()
     t0 = time.perf_counter()
-    if args.tiny:
-        sources = {"cnn-gauss (tiny)": lambda: cnn_update(TINY_CNN, "gauss", 0)}
-    else:
-        sources = {"cnn-gauss": lambda: cnn_update(CNN, "gauss", 0), "cnn-laplace": lambda: cnn_update(CNN, "laplace", 1),
-                   "minilm-perturbed": lambda: minilm_update(2)}
+    sources = update_sources(args.tiny)
     results = []
     sizes = {}
     for label, make in sources.items():

@@ -23,7 +23,7 @@ import _common  # noqa: F401  (sys.path)
 import numpy as np
 
 from _common import header_md, machine_info, md_table, out_dir, write_results
-from fl_sparse_bits import CNN, TINY_CNN, cnn_update, minilm_update
+from fl_sparse_bits import update_sources
 
 import gpucabac
 from gpucabac.fl.sparsify import topk
@@ -103,11 +103,7 @@ def main() -> None:
     args = ap.parse_args()
     info = machine_info()
     t0 = time.perf_counter()
-    if args.tiny:
-        sources = {"cnn-gauss (tiny)": lambda: cnn_update(TINY_CNN, "gauss", 0)}
-    else:
-        sources = {"cnn-gauss": lambda: cnn_update(CNN, "gauss", 0), "cnn-laplace": lambda: cnn_update(CNN, "laplace", 1),
-                   "minilm-perturbed": lambda: minilm_update(2)}
+    sources = update_sources(args.tiny)
     rows = []
     for label, make in sources.items():
         rows += measure(label, make(), 1 if args.tiny else args.repeats)
