@@ -299,7 +299,10 @@ def figures(results: dict, directory: pathlib.Path, stem: str, target: float | N
         else:
             ax.set_xlabel("round")
         ax.set_ylabel("test accuracy")
-        ax.set_title(f"{results['experiment']} ({results['size']}): accuracy vs {kind}")
+        st = results["settings"]
+        split = "IID" if st.get("alpha") in (None, "none") else f"non-IID α {st['alpha']}"
+        ax.set_title(f"{results['experiment']} ({results['size']}), {st['model']} on {st['dataset']}, {split}, "
+                     f"{st['num-rounds']} rounds: accuracy vs {kind}", fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
