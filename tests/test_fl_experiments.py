@@ -78,6 +78,15 @@ def test_bidirectional_tiny_writes_json_table_and_figures(tmp_path):
     assert (tmp_path / f"{stem}.md").read_text() == md
 
 
+def test_unidirectional_tiny_codes_uploads_and_sends_float32_downloads(tmp_path):
+    _run("unidirectional", "--size", "tiny", "--methods", "fedavg,sparse-ef", "--nncodec-methods", "none", out=tmp_path)
+    results = json.loads((tmp_path / "unidirectional_vgg_fashion_mnist_iid_tiny.json").read_text())
+    assert results["settings"]["downstream"] == "dense"
+    fedavg, sparse = (results["methods"][m]["rounds"] for m in ("fedavg", "sparse-ef"))
+    assert sparse[2]["download-bytes"] == fedavg[2]["download-bytes"] > 0  # the same raw float32 update
+    assert sparse[1]["upload-bytes"] < fedavg[1]["upload-bytes"] / 5
+
+
 def test_partial_tiny_sends_only_the_last_block_and_the_classifier(tmp_path):
     _run("partial", "--size", "tiny", "--methods", "fedavg,stc", "--rounds", "1", out=tmp_path)
     # off the size's 2 rounds: the name says so
