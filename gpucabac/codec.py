@@ -255,7 +255,8 @@ def _code_tensors(job: _Job, engine: Engine, progress: Progress | None, *, need_
                     progress(x.size)  # once for the tensor, however many codings were tried
             # the fewer bytes (payload and context-init nibbles, the record's only part that
             # differs); of equal ones the first (rows, flags)
-            coded = min(candidates, key=lambda c: 0 if c.payload is None else c.payload.size + (c.ctx_init.size + 1) // 2)
+            coded = min(candidates, key=lambda c: 0 if c.payload is None
+                        else c.payload.size + container.ctx_init_bytes(c.ctx_init.size))
         if progress is not None and (plan.mode == "raw" or not single):
             progress(x.size)
         yield name, x, plan, coded

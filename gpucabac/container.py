@@ -104,6 +104,11 @@ class TensorRecord:
 
 # --- writer ---------------------------------------------------------------------------------------
 
+def ctx_init_bytes(count: int) -> int:
+    """Bytes of a record's `count` context-init indices (a nibble each)."""
+    return (count + 1) // 2
+
+
 def _record_bytes(rec: TensorRecord) -> bytes:
     name = rec.name.encode("utf-8")
     parts = [
@@ -115,7 +120,7 @@ def _record_bytes(rec: TensorRecord) -> bytes:
         struct.pack("<fII", rec.step, rec.slice_size, rec.num_slices),
     ]
     if rec.mode != "raw":
-        nib = np.zeros(2 * ((len(rec.ctx_init) + 1) // 2), np.uint8)
+        nib = np.zeros(2 * ctx_init_bytes(len(rec.ctx_init)), np.uint8)
         nib[: len(rec.ctx_init)] = rec.ctx_init
         parts += [struct.pack("<B", len(rec.ctx_init)), (nib[0::2] | (nib[1::2] << 4)).tobytes()]
     parts += [

@@ -97,25 +97,20 @@ CTX_INIT_SAMPLE = 1 << 18
 
 
 @nb.njit(cache=True)
-def _preset_costs_serial(levels, slice_size, dq, num_gt_flags, every, runs, cost, group_cost):
+def _preset_costs_group(levels, slice_size, dq, num_gt_flags, first, stride, runs, cost, group_cost):
+    """Adds slices first, first + stride, … to cost and group_cost (_preset_costs_slice)."""
     n = levels.shape[0]
-    for s in range(0, (n + slice_size - 1) // slice_size, every):
+    for s in range(first, (n + slice_size - 1) // slice_size, stride):
         start = s * slice_size
         _preset_costs_slice(levels, start, min(n, start + slice_size), dq, num_gt_flags, cost, group_cost, runs)
 
 
-# only the loop over groups is parallel: numba makes every array expression of a parallel
-# function a parallel region of its own, and each launch costs 0.05-0.2 ms on the workqueue layer
-@nb.njit(parallel=True, cache=True)
+@nb.njit(parallel=True, cache=True)  # only its loop: see slices.py on parallel drivers
 def _preset_costs_parallel(levels, slice_size, dq, num_gt_flags, every, runs, partial, partial_group):
-    n = levels.shape[0]
-    nslices = (n + slice_size - 1) // slice_size
     ngroups = partial.shape[0]
     for g in nb.prange(ngroups):
-        for s in range(g * every, nslices, ngroups * every):
-            start = s * slice_size
-            _preset_costs_slice(levels, start, min(n, start + slice_size), dq, num_gt_flags, partial[g],
-                                partial_group[g], runs)
+        _preset_costs_group(levels, slice_size, dq, num_gt_flags, g * every, ngroups * every, runs, partial[g],
+                            partial_group[g])
 
 
 def preset_costs(levels, slice_size, dq, num_gt_flags, ngroups, every, runs=False):
@@ -124,11 +119,12 @@ def preset_costs(levels, slice_size, dq, num_gt_flags, ngroups, every, runs=Fals
     whole measurement)."""
     partial = np.zeros((ngroups, MAX_CONTEXTS * NUM_PRESETS), np.int64)
     partial_group = np.zeros((ngroups, MAX_CONTEXTS * _NUM_GROUPS), np.int64)
-    args = (levels, int(slice_size), int(dq), int(num_gt_flags), int(every), bool(runs))
     if ngroups == 1:
-        _preset_costs_serial(*args, partial[0], partial_group[0])
+        _preset_costs_group(levels, int(slice_size), int(dq), int(num_gt_flags), 0, int(every), bool(runs), partial[0],
+                            partial_group[0])
     else:
-        _preset_costs_parallel(*args, partial, partial_group)
+        _preset_costs_parallel(levels, int(slice_size), int(dq), int(num_gt_flags), int(every), bool(runs), partial,
+                               partial_group)
     cost = partial.sum(axis=0).reshape((MAX_CONTEXTS, NUM_PRESETS))
     group = partial_group.sum(axis=0).reshape((MAX_CONTEXTS, _NUM_GROUPS))
     return cost + group[:, _SHIFT_GROUP]

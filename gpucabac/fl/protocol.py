@@ -263,7 +263,8 @@ def aggregate(server: ServerState, uploads: Sequence[tuple[bytes, float]], confi
     if not total > 0:
         raise InputError("the uploads' sample counts must sum to a positive number")
     t0 = time.perf_counter()
-    upload_digest = base_digest(coded_base)  # every uploader held this base: hashed once
+    digest = base_digest(base)  # once, for the uploads (when they apply to the base itself) and the download
+    upload_digest = base_digest(coded_base) if scales_of else digest  # every uploader held this base
     mean: dict[str, np.ndarray] = {}
     for data, weight in uploads:
         effective = _effective(base, read(data, coded_base, upload_digest).deltas, config, scales_of)
@@ -284,7 +285,6 @@ def aggregate(server: ServerState, uploads: Sequence[tuple[bytes, float]], confi
         sparse = intended
     t_sparsify = time.perf_counter() - t0
     t0 = time.perf_counter()
-    digest = base_digest(base)
     if not coded:
         download = encode_deltas(sparse, base, raw=True, digest=digest)
     elif config.method == "stc":

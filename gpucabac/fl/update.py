@@ -225,9 +225,8 @@ def read_update(data, base: Any, *, digest: bytes | None = None, **keywords) -> 
     if want != held:
         raise InputError(f"the update applies to another base (digest {want.hex()[:16]}…), not the one held here "
                          f"({held.hex()[:16]}…)")
-    digest = want
     if not kinds:
-        return Update(digest, {}, {})
+        return Update(want, {}, {})
     described = info(payload)
     if len(described.tensors) != len(kinds):
         raise FormatError(f"update: its header lists {len(kinds)} tensors, its container holds {len(described.tensors)}")
@@ -244,7 +243,7 @@ def read_update(data, base: Any, *, digest: bytes | None = None, **keywords) -> 
     decoded = decode(payload, **keywords)
     deltas = {t.name: decoded[t.name] for t, k in zip(described.tensors, kinds) if k == KIND_DELTA}
     values = {t.name: decoded[t.name] for t, k in zip(described.tensors, kinds) if k == KIND_VALUE}
-    return Update(digest, deltas, values)
+    return Update(want, deltas, values)
 
 
 def apply_update(update: Update, base: Any) -> Any:
